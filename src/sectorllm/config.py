@@ -1,0 +1,54 @@
+"""ModelConfig: the shape of a Llama 2 model, with llama2.c's field names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int  # transformer width
+    hidden_dim: int  # feed-forward width
+    n_layers: int
+    n_heads: int  # query heads
+    n_kv_heads: int  # key/value heads (grouped-query attention when < n_heads)
+    vocab_size: int
+    seq_len: int  # context length
+    shared_classifier: bool = True  # classifier weights are the token embedding
+
+    @property
+    def head_size(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.dim * self.n_kv_heads // self.n_heads
+
+    @property
+    def kv_mul(self) -> int:
+        """Query heads that share one key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    def n_params(self) -> int:
+        """Number of weights, llama2.c layout (norms included, RoPE tables excluded)."""
+        d, h, l, kv = self.dim, self.hidden_dim, self.n_layers, self.kv_dim
+        per_layer = 2 * d + d * d + 2 * d * kv + d * d + 3 * d * h
+        classifier = 0 if self.shared_classifier else self.vocab_size * d
+        return self.vocab_size * d + l * per_layer + d + classifier
+
+    def validate(self) -> None:
+        """Refuse shapes no engine can run; raises CheckpointError naming the field."""
+        for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise CheckpointError(f"impossible model config: {name} = {value} (must be positive)")
+        if self.dim % self.n_heads:
+            raise CheckpointError(f"impossible model config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise CheckpointError(
+                f"impossible model config: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}"
+            )
+        if self.head_size % 2:
+            raise CheckpointError(f"impossible model config: head size {self.head_size} is odd (RoPE rotates pairs)")
