@@ -52,3 +52,12 @@ class ModelConfig:
             )
         if self.head_size % 2:
             raise CheckpointError(f"impossible model config: head size {self.head_size} is odd (RoPE rotates pairs)")
+
+
+# The published tinyllamas shapes (karpathy/tinyllamas), for random-weight stand-ins of models we cannot download.
+STORIES_SHAPES: dict[str, ModelConfig] = {
+    "stories260K": ModelConfig(64, 172, 5, 8, 4, 512, 512),
+    "stories15M": ModelConfig(288, 768, 6, 6, 6, 32000, 256),
+    "stories42M": ModelConfig(512, 1376, 8, 8, 8, 32000, 1024),
+    "stories110M": ModelConfig(768, 2048, 12, 12, 12, 32000, 1024),
+}

@@ -75,42 +75,45 @@ def rope(vec: np.ndarray, cos: np.ndarray, sin: np.ndarray, head_size: int) -> N
         vec[i + 1] = v0 * s + v1 * c
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=_MATVEC_MATH)
 def forward_token(token: int, pos: int, w: tuple, rope_cos: np.ndarray, rope_sin: np.ndarray,
                   key_cache: np.ndarray, value_cache: np.ndarray, buf: tuple) -> np.ndarray:
     """One position of the transformer, run.c's forward(): returns the logits buffer."""
     emb, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, wcls = w
-    x, xb, xb2, hb, hb2, q, att, logits = buf
-    n_layers, kv_dim = key_cache.shape[0], key_cache.shape[2]
-    dim, hidden_dim, head_size = x.shape[0], hb.shape[0], 2 * rope_cos.shape[1]
+    x, xb, xb2, hb, hb2, q, k, v, att, logits = buf
+    n_layers, n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[1], key_cache.shape[2]
+    dim, hidden_dim = x.shape[0], hb.shape[0]
     n_heads = dim // head_size
-    kv_mul = dim // kv_dim
+    kv_mul = n_heads // n_kv_heads
     x[:] = emb[token]
     for l in range(n_layers):
-        # attention: q, k, v of this position; k and v go straight into the cache
+        # attention: q, k, v of this position; k and v go into the cache, stored (kv head, i, t) so that
+        # the loops over positions t below run over contiguous memory
         rmsnorm(xb, x, rms_att[l])
-        k = key_cache[l, pos]
-        v = value_cache[l, pos]
         matvec(q, wq[l], xb)
         matvec(k, wk[l], xb)
         matvec(v, wv[l], xb)
         rope(q, rope_cos[pos], rope_sin[pos], head_size)
         rope(k, rope_cos[pos], rope_sin[pos], head_size)
+        key_cache[l, :, :, pos] = k.reshape(n_kv_heads, head_size)
+        value_cache[l, :, :, pos] = v.reshape(n_kv_heads, head_size)
         for h in range(n_heads):
-            qh = q[h * head_size:(h + 1) * head_size]
-            kv_off = (h // kv_mul) * head_size
-            for t in range(pos + 1):
-                score = np.float32(0.0)
-                for i in range(head_size):
-                    score += qh[i] * key_cache[l, t, kv_off + i]
-                att[t] = score / np.sqrt(np.float32(head_size))
-            softmax(att[:pos + 1])
-            out = xb[h * head_size:(h + 1) * head_size]
-            out[:] = 0
-            for t in range(pos + 1):
-                a = att[t]
-                for i in range(head_size):
-                    out[i] += a * value_cache[l, t, kv_off + i]
+            kv_head = h // kv_mul
+            scores = att[:pos + 1]
+            scores[:] = 0
+            for i in range(head_size):
+                qi = q[h * head_size + i]
+                keys = key_cache[l, kv_head, i]
+                for t in range(pos + 1):
+                    scores[t] += qi * keys[t]
+            scores /= np.sqrt(np.float32(head_size))
+            softmax(scores)
+            for i in range(head_size):
+                values = value_cache[l, kv_head, i]
+                acc = np.float32(0.0)
+                for t in range(pos + 1):
+                    acc += scores[t] * values[t]
+                xb[h * head_size + i] = acc
         matvec(xb2, wo[l], xb)
         for i in range(dim):
             x[i] += xb2[i]
@@ -146,12 +149,12 @@ class FloatEngine:
         self._w = (w.token_embedding_table, w.rms_att_weight, w.wq, w.wk, w.wv, w.wo,
                    w.rms_ffn_weight, w.w1, w.w2, w.w3, w.rms_final_weight, w.wcls)
         self.rope_cos, self.rope_sin = rope_tables(c.seq_len, c.head_size)
-        self.key_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), dtype=np.float32)
+        self.key_cache = np.zeros((c.n_layers, c.n_kv_heads, c.head_size, c.seq_len), dtype=np.float32)
         self.value_cache = np.zeros_like(self.key_cache)
         f32 = lambda n: np.zeros(n, dtype=np.float32)  # noqa: E731
-        # x, xb, xb2, hb, hb2, q, att, logits
+        # x, xb, xb2, hb, hb2, q, k, v, att, logits
         self._buf = (f32(c.dim), f32(c.dim), f32(c.dim), f32(c.hidden_dim), f32(c.hidden_dim),
-                     f32(c.dim), f32(c.seq_len), f32(c.vocab_size))
+                     f32(c.dim), f32(c.kv_dim), f32(c.kv_dim), f32(c.seq_len), f32(c.vocab_size))
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         return forward_token(token, pos, self._w, self.rope_cos, self.rope_sin,
@@ -169,8 +172,8 @@ class FloatEngine:
             q = _rope_rows((xb @ w.wq[l].T).reshape(T, c.n_heads, hs), cos, sin)
             k = _rope_rows((xb @ w.wk[l].T).reshape(T, c.n_kv_heads, hs), cos, sin)
             v = (xb @ w.wv[l].T).reshape(T, c.n_kv_heads, hs)
-            self.key_cache[l, :T] = k.reshape(T, c.kv_dim)
-            self.value_cache[l, :T] = v.reshape(T, c.kv_dim)
+            self.key_cache[l, :, :, :T] = k.transpose(1, 2, 0)
+            self.value_cache[l, :, :, :T] = v.transpose(1, 2, 0)
             # (heads, T, hs): each query head reads kv head h // kv_mul
             qh = q.transpose(1, 0, 2)
             kh = np.repeat(k.transpose(1, 0, 2), c.kv_mul, axis=0)

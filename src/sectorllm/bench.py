@@ -1,0 +1,55 @@
+"""Speed measurement: decode and prefill tokens per second of an engine, best of a few warm runs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .engines import Engine
+from .tokenizer import BOS
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    engine: str
+    decode_tokens: int  # greedy positions 0..n-1 from BOS, one forward pass + argmax each
+    decode_tok_per_s: float
+    prefill_tokens: int  # one batched pass over a prompt of this length
+    prefill_tok_per_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _best_seconds(run, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def greedy_decode(engine: Engine, n_tokens: int) -> list[int]:
+    """n_tokens greedy steps from BOS, never stopping early: the decode workload."""
+    tokens = [BOS]
+    for pos in range(n_tokens):
+        tokens.append(int(np.argmax(engine.forward(tokens[-1], pos))))
+    return tokens
+
+
+def bench_engine(engine: Engine, model: str, engine_name: str, decode_tokens: int = 256,
+                 prefill_tokens: int = 200, repeats: int = 3) -> BenchResult:
+    seq_len = engine.config.seq_len
+    decode_tokens = min(decode_tokens, seq_len)
+    prefill_tokens = min(prefill_tokens, seq_len)
+    greedy_decode(engine, 2)  # compile and warm up outside the timed runs
+    decode_s = _best_seconds(lambda: greedy_decode(engine, decode_tokens), repeats)
+    prompt = (greedy_decode(engine, decode_tokens) * (prefill_tokens // decode_tokens + 1))[:prefill_tokens]
+    engine.prefill(prompt)
+    prefill_s = _best_seconds(lambda: engine.prefill(prompt), repeats)
+    return BenchResult(model, engine_name, decode_tokens, decode_tokens / decode_s,
+                       prefill_tokens, prefill_tokens / prefill_s)
