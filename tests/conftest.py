@@ -1,0 +1,65 @@
+"""Shared fixtures: where the real model files and run.c's reference outputs are, and random-weight checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sectorllm.checkpoint import random_weights, write_checkpoint
+from sectorllm.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        message = f"{what} not found at {path} (set SECTORLLM_MODELS to ../shared/models)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return Path(os.environ.get("SECTORLLM_MODELS", ROOT.parent / "shared" / "models"))
+
+
+@pytest.fixture(scope="session")
+def stories260k(models_dir: Path) -> Path:
+    return _require(models_dir / "stories260K.bin", "stories260K.bin")
+
+
+@pytest.fixture(scope="session")
+def tok512(models_dir: Path) -> Path:
+    return _require(models_dir / "tok512.bin", "tok512.bin")
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(models_dir: Path) -> Path:
+    return _require(models_dir / "tokenizer.bin", "tokenizer.bin")
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict:
+    path = Path(os.environ.get("SECTORLLM_REFERENCE", ROOT.parent / "shared" / "reference"))
+    return json.loads(_require(path / "run_c_stories260K.json", "run.c reference outputs").read_text())
+
+
+def make_checkpoint(directory: Path, config: ModelConfig, version: int = 0, seed: int = 0) -> Path:
+    """A random-weight llama2.c checkpoint of the given shape, written as export.py would."""
+    path = directory / f"random_v{version}_d{config.dim}_l{config.n_layers}_v{config.vocab_size}.bin"
+    write_checkpoint(path, config, random_weights(config, seed), version=version)
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m sectorllm ARGS` in a child process, as a user would run it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sectorllm", *args], capture_output=True, env=full_env, timeout=600)

@@ -1,0 +1,83 @@
+"""The command line as a user meets it: bad input gets one line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from .conftest import run_cli
+
+
+def _assert_one_line_error(proc, *words: str) -> None:
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sectorllm"), err
+    for word in words:
+        assert word in lines[0], err
+
+
+def test_truncated_checkpoint(tmp_path, stories260k, tok512):
+    bad = tmp_path / "cut.bin"
+    bad.write_bytes(stories260k.read_bytes()[:-100])
+    _assert_one_line_error(run_cli("run", str(bad), "-z", str(tok512)), "truncated")
+
+
+def test_random_bytes_checkpoint(tmp_path, tok512):
+    bad = tmp_path / "noise.bin"
+    bad.write_bytes(np.random.default_rng(1).bytes(4096))
+    _assert_one_line_error(run_cli("run", str(bad), "-z", str(tok512)))
+
+
+def test_wrong_tokenizer(stories260k, llama_tokenizer):
+    _assert_one_line_error(run_cli("run", str(stories260k), "-z", str(llama_tokenizer)), "tok512.bin")
+
+
+def test_prompt_longer_than_context(stories260k, tok512):
+    _assert_one_line_error(run_cli("run", str(stories260k), "-z", str(tok512), "-i", "word " * 2000), "context")
+
+
+@pytest.mark.parametrize("flags, word", [(["-t", "-0.5"], "temperature"), (["-p", "0"], "top-p"),
+                                          (["-p", "1.2"], "top-p"), (["-n", "-3"], "steps"), (["-k", "-1"], "top-k")])
+def test_out_of_range_flags(stories260k, tok512, flags, word):
+    _assert_one_line_error(run_cli("run", str(stories260k), "-z", str(tok512), *flags), word)
+
+
+def test_unknown_model_name():
+    _assert_one_line_error(run_cli("run", "stories7B"), "stories260K")
+
+
+def test_unknown_flag_is_one_line():
+    _assert_one_line_error(run_cli("run", "--frobnicate"), "--help")
+
+
+def test_steps_beyond_context_are_clamped_with_a_note(stories260k, tok512):
+    proc = run_cli("run", str(stories260k), "-z", str(tok512), "-t", "0", "-n", "5000", "-i", "Lily", "--json")
+    assert proc.returncode == 0
+    assert b"beyond the model's 512-token context" in proc.stderr
+    assert json.loads(proc.stdout)["stop_reason"] in ("bos", "eos", "context")
+
+
+def test_plain_run_streams_text_and_reports_speed(stories260k, tok512):
+    proc = run_cli("run", str(stories260k), "-z", str(tok512), "-t", "0", "-n", "30")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(b"Once upon a time") and proc.stdout.endswith(b"\n")
+    assert b"achieved tok/s:" in proc.stderr
+
+
+def test_info(stories260k):
+    proc = run_cli("info", str(stories260k))
+    assert proc.returncode == 0
+    out = proc.stdout.decode()
+    assert "260,032" in out and "n_kv_heads  4" in out
+
+
+def test_bench_json(stories260k):
+    proc = run_cli("bench", str(stories260k), "--decode", "16", "--prefill", "16", "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    (result,) = json.loads(proc.stdout)
+    assert result["engine"] == "float" and result["decode_tokens"] == 16
+    assert result["decode_tok_per_s"] > 0 and result["prefill_tok_per_s"] > 0
