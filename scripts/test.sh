@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite on a machine that may have nothing: installs nasm and QEMU (apt) and sectorllm with its
+# test extras (pip, into .venv unless a virtualenv is active), then runs pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+command -v nasm >/dev/null || missing+=(nasm)
+command -v qemu-system-i386 >/dev/null || missing+=(qemu-system-x86)
+python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} (apt)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+  python=python
+else
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  python=.venv/bin/python
+fi
+"$python" -m pip install -q --disable-pip-version-check -e '.[test]'
+
+export SECTORLLM_MODELS="${SECTORLLM_MODELS:-$(cd .. && pwd)/shared/models}"
+"$python" -m pytest "$@"
