@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from ..checkpoint import Checkpoint, Weights
 from ..config import ModelConfig
 
+# Below this width, BLAS threads cost more than they save (and stall when the other core is busy).
+_SINGLE_THREAD_BLAS_BELOW_DIM = 256
 # Only the matrix-vector products may be reassociated (vectorized); everything else keeps run.c's float32 order.
 _MATVEC_MATH = {"reassoc", "nsz", "contract"}
 
@@ -76,6 +79,43 @@ def rope(vec: np.ndarray, cos: np.ndarray, sin: np.ndarray, head_size: int) -> N
 
 
 @numba.njit(cache=True, fastmath=_MATVEC_MATH)
+def attention(out: np.ndarray, q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, pos: int,
+              att: np.ndarray) -> None:
+    """Each query head of q (dim,) attends over positions 0..pos of one layer's cache (n_kv_heads, head_size, seq_len).
+
+    The cache is stored (kv head, i, t) so that the loops over positions t run over contiguous memory.
+    """
+    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[1]
+    n_heads = q.shape[0] // head_size
+    kv_mul = n_heads // n_kv_heads
+    for h in range(n_heads):
+        kv_head = h // kv_mul
+        scores = att[:pos + 1]
+        scores[:] = 0
+        for i in range(head_size):
+            qi = q[h * head_size + i]
+            keys = key_cache[kv_head, i]
+            for t in range(pos + 1):
+                scores[t] += qi * keys[t]
+        scores /= np.sqrt(np.float32(head_size))
+        softmax(scores)
+        for i in range(head_size):
+            values = value_cache[kv_head, i]
+            acc = np.float32(0.0)
+            for t in range(pos + 1):
+                acc += scores[t] * values[t]
+            out[h * head_size + i] = acc
+
+
+@numba.njit(cache=True)
+def causal_attention(out: np.ndarray, q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray,
+                     att: np.ndarray) -> None:
+    """attention() for every prompt position: row t of q (T, dim) sees positions 0..t."""
+    for t in range(q.shape[0]):
+        attention(out[t], q[t], key_cache, value_cache, t, att)
+
+
+@numba.njit(cache=True, fastmath=_MATVEC_MATH)
 def forward_token(token: int, pos: int, w: tuple, rope_cos: np.ndarray, rope_sin: np.ndarray,
                   key_cache: np.ndarray, value_cache: np.ndarray, buf: tuple) -> np.ndarray:
     """One position of the transformer, run.c's forward(): returns the logits buffer."""
@@ -83,12 +123,9 @@ def forward_token(token: int, pos: int, w: tuple, rope_cos: np.ndarray, rope_sin
     x, xb, xb2, hb, hb2, q, k, v, att, logits = buf
     n_layers, n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[1], key_cache.shape[2]
     dim, hidden_dim = x.shape[0], hb.shape[0]
-    n_heads = dim // head_size
-    kv_mul = n_heads // n_kv_heads
     x[:] = emb[token]
     for l in range(n_layers):
-        # attention: q, k, v of this position; k and v go into the cache, stored (kv head, i, t) so that
-        # the loops over positions t below run over contiguous memory
+        # attention: q, k, v of this position; k and v go into the cache
         rmsnorm(xb, x, rms_att[l])
         matvec(q, wq[l], xb)
         matvec(k, wk[l], xb)
@@ -97,23 +134,7 @@ def forward_token(token: int, pos: int, w: tuple, rope_cos: np.ndarray, rope_sin
         rope(k, rope_cos[pos], rope_sin[pos], head_size)
         key_cache[l, :, :, pos] = k.reshape(n_kv_heads, head_size)
         value_cache[l, :, :, pos] = v.reshape(n_kv_heads, head_size)
-        for h in range(n_heads):
-            kv_head = h // kv_mul
-            scores = att[:pos + 1]
-            scores[:] = 0
-            for i in range(head_size):
-                qi = q[h * head_size + i]
-                keys = key_cache[l, kv_head, i]
-                for t in range(pos + 1):
-                    scores[t] += qi * keys[t]
-            scores /= np.sqrt(np.float32(head_size))
-            softmax(scores)
-            for i in range(head_size):
-                values = value_cache[l, kv_head, i]
-                acc = np.float32(0.0)
-                for t in range(pos + 1):
-                    acc += scores[t] * values[t]
-                xb[h * head_size + i] = acc
+        attention(xb, q, key_cache[l], value_cache[l], pos, att)
         matvec(xb2, wo[l], xb)
         for i in range(dim):
             x[i] += xb2[i]
@@ -155,6 +176,7 @@ class FloatEngine:
         # x, xb, xb2, hb, hb2, q, k, v, att, logits
         self._buf = (f32(c.dim), f32(c.dim), f32(c.dim), f32(c.hidden_dim), f32(c.hidden_dim),
                      f32(c.dim), f32(c.kv_dim), f32(c.kv_dim), f32(c.seq_len), f32(c.vocab_size))
+        self._blas = ThreadpoolController() if c.dim < _SINGLE_THREAD_BLAS_BELOW_DIM else None
         self.forward(0, 0)  # load (or compile) the jitted code now, so it is not timed as decoding
 
     def forward(self, token: int, pos: int) -> np.ndarray:
@@ -162,12 +184,18 @@ class FloatEngine:
                              self.key_cache, self.value_cache, self._buf)
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
-        """All prompt positions at once: the same math as forward_token, as matrix products with a causal mask."""
+        """All prompt positions at once: the same math as forward_token, with matrix-matrix products."""
+        if self._blas is not None:
+            with self._blas.limit(limits=1, user_api="blas"):
+                return self._prefill(tokens)
+        return self._prefill(tokens)
+
+    def _prefill(self, tokens: list[int]) -> np.ndarray:
         c, w = self.config, self.weights
         T, hs = len(tokens), c.head_size
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = w.token_embedding_table[np.asarray(tokens)].astype(np.float32)
-        causal = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
+        attended = np.empty((T, c.dim), dtype=np.float32)
         for l in range(c.n_layers):
             xb = _rmsnorm_rows(x, w.rms_att_weight[l])
             q = _rope_rows((xb @ w.wq[l].T).reshape(T, c.n_heads, hs), cos, sin)
@@ -175,14 +203,8 @@ class FloatEngine:
             v = (xb @ w.wv[l].T).reshape(T, c.n_kv_heads, hs)
             self.key_cache[l, :, :, :T] = k.transpose(1, 2, 0)
             self.value_cache[l, :, :, :T] = v.transpose(1, 2, 0)
-            # (heads, T, hs): each query head reads kv head h // kv_mul
-            qh = q.transpose(1, 0, 2)
-            kh = np.repeat(k.transpose(1, 0, 2), c.kv_mul, axis=0)
-            vh = np.repeat(v.transpose(1, 0, 2), c.kv_mul, axis=0)
-            scores = qh @ kh.transpose(0, 2, 1) / np.sqrt(np.float32(hs)) + causal
-            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            scores /= scores.sum(axis=-1, keepdims=True)
-            x = x + (scores @ vh).transpose(1, 0, 2).reshape(T, c.dim) @ w.wo[l].T
+            causal_attention(attended, q.reshape(T, c.dim), self.key_cache[l], self.value_cache[l], self._buf[-2])
+            x = x + attended @ w.wo[l].T
             xb = _rmsnorm_rows(x, w.rms_ffn_weight[l])
             gate = xb @ w.w1[l].T
             x = x + (gate / (np.float32(1.0) + np.exp(-gate)) * (xb @ w.w3[l].T)) @ w.w2[l].T
