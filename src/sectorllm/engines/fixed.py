@@ -1,0 +1,353 @@
+"""Fixed-point engine: the boot engine's golden model, integers only from the packed file to the sampled token.
+
+Every function here is one routine of docs/arithmetic.md, step for step. Values are held in int64 while numba
+computes; wrap32 marks exactly the places where the 32-bit x86 code wraps, everything else provably fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import UsageError
+from ..packed import PackedModel
+from ..sampling import SamplerConfig, XorShiftRng, clock_seed
+
+# A cached value c stands for c * D / 2**shift in Q16.16, D being its (position, kv head) divisor. Keys are int16:
+# int8 keys cost 4x the KL of every other integer step together (scores are large, softmax amplifies their error).
+KEY_SHIFT = 15
+VALUE_SHIFT = 7
+ONE_Q16 = 1 << 16
+
+
+@numba.njit(cache=True, inline="always")
+def wrap32(v: int) -> int:
+    """The low 32 bits of v as a signed integer: what a 32-bit register holds."""
+    return ((v + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+
+
+@numba.njit(cache=True, inline="always")
+def bit_length(v: int) -> int:
+    """Bits needed for v >= 0 (0 for 0): bsr + 1."""
+    n = 0
+    while v:
+        v >>= 1
+        n += 1
+    return n
+
+
+@numba.njit(cache=True)
+def quantize_act(out: np.ndarray, v: np.ndarray, bits: int) -> int:
+    """out = v >> k with the smallest k >= 0 that leaves every |out| <= 2**bits; returns k."""
+    mask = 0
+    for j in range(v.shape[0]):
+        a = np.int64(v[j])
+        mask |= a if a >= 0 else -a  # the OR of the magnitudes has the bit length of the largest
+    k = max(0, bit_length(mask) - bits)
+    for j in range(v.shape[0]):
+        out[j] = v[j] >> k
+    return k
+
+
+@numba.njit(cache=True)
+def matvec(out: np.ndarray, w_q: np.ndarray, w_s: np.ndarray, shift: int, a: np.ndarray, k: int) -> None:
+    """out[i] = (sum_j w_q[i, j] * a[j]) * w_s[i] >> (shift - k): int8 x int16-range, 32-bit sum, Q16.16 out."""
+    sh = shift - k
+    for i in range(w_q.shape[0]):
+        acc = 0
+        for j in range(w_q.shape[1]):
+            acc += w_q[i, j] * a[j]
+        out[i] = wrap32((wrap32(acc) * np.int64(w_s[i])) >> sh)
+
+
+@numba.njit(cache=True)
+def isqrt62(m: int) -> int:
+    """floor(sqrt(m)) for 2**60 <= m < 2**62, by Newton's method from 2**31 (which is above the root)."""
+    x = np.int64(1) << 31
+    while True:
+        y = (x + m // x) >> 1
+        if y >= x:
+            return x
+        x = y
+
+
+@numba.njit(cache=True)
+def rmsnorm(out: np.ndarray, x: np.ndarray, g: np.ndarray, eps: int, norm_shift: int) -> None:
+    """out = x / sqrt(sum(x^2) + eps) * g, with g = weight * sqrt(dim) in Q(norm_shift): Q16.16 in and out."""
+    ss = np.int64(0)
+    for j in range(x.shape[0]):
+        xj = np.int64(x[j])
+        ss += xj * xj  # a 64-bit (add, adc) sum
+    ss += eps
+    if ss < 0 or ss >= np.int64(1) << 62:  # past 2**62 only when x is garbage: saturate, never fault
+        ss = (np.int64(1) << 62) - 1
+    h = (62 - bit_length(ss)) >> 1
+    inv = ((np.int64(1) << 61) - 1) // isqrt62(ss << (2 * h))
+    for j in range(x.shape[0]):
+        u = wrap32((np.int64(x[j]) * inv) >> (31 - h))  # x / sqrt(ss) in Q2.30
+        out[j] = wrap32((u * np.int64(g[j])) >> (norm_shift + 14))
+
+
+@numba.njit(cache=True)
+def rope(vec: np.ndarray, table: np.ndarray, head_size: int, shift: int) -> None:
+    """Rotate each (even, odd) pair of every head by this position's Q14 cos and sin."""
+    for i in range(0, vec.shape[0], 2):
+        c = np.int64(table[(i % head_size) // 2, 0])
+        s = np.int64(table[(i % head_size) // 2, 1])
+        v0 = np.int64(vec[i])
+        v1 = np.int64(vec[i + 1])
+        vec[i] = wrap32((v0 * c - v1 * s) >> shift)
+        vec[i + 1] = wrap32((v0 * s + v1 * c) >> shift)
+
+
+@numba.njit(cache=True)
+def store_kv(out_q: np.ndarray, v: np.ndarray, shift: int) -> int:
+    """Round one head's keys or values to |c| <= 2**shift - 1; returns the divisor D (the scale is D / 2**shift)."""
+    m = 0
+    for i in range(v.shape[0]):
+        a = abs(np.int64(v[i]))
+        if a > m:
+            m = a
+    m = min(m, 1 << 30)
+    if m == 0:
+        out_q[:] = 0
+        return 0
+    top = (1 << shift) - 1
+    d = m + (m + top - 1) // top  # M * 2**shift / D <= top: the largest value maps to at most top
+    half = d >> 1
+    for i in range(v.shape[0]):
+        n = np.int64(v[i]) << shift
+        q = (n + half) // d if n >= 0 else -((half - n) // d)  # idiv truncates towards zero
+        out_q[i] = max(-top, min(top, q))
+    return d
+
+
+@numba.njit(cache=True)
+def exp_lookup(d: int, table: np.ndarray, shift: int) -> int:
+    """exp(-d) in Q16 for a Q16.16 distance 0 <= d < 2**32, linearly interpolated; 0 past the table."""
+    i = d >> shift
+    if i >= table.shape[0] - 1:
+        return 0
+    t0 = np.int64(table[i])
+    return t0 + (((np.int64(table[i + 1]) - t0) * (d & ((1 << shift) - 1))) >> shift)
+
+
+@numba.njit(cache=True)
+def silu_lookup(x: int, table: np.ndarray, shift: int, lo: int) -> int:
+    """silu(x) for Q16.16 x, linearly interpolated; 0 below the table, x above it."""
+    if x < lo:
+        return 0
+    u = x - lo
+    i = u >> shift
+    if i >= table.shape[0] - 1:
+        return x
+    t0 = np.int64(table[i])
+    return t0 + (((np.int64(table[i + 1]) - t0) * (u & ((1 << shift) - 1))) >> shift)
+
+
+@numba.njit(cache=True)
+def attention(out: np.ndarray, q: np.ndarray, key_q: np.ndarray, key_d: np.ndarray, value_q: np.ndarray,
+              value_d: np.ndarray, pos: int, bits: int, exp_table: np.ndarray, exp_shift: int,
+              qa: np.ndarray, att: np.ndarray) -> None:
+    """One query head (already scaled by 1/sqrt(head_size)) against its kv head's cache rows 0..pos."""
+    head_size = q.shape[0]
+    k = quantize_act(qa, q, bits)
+    sh = 16 + KEY_SHIFT - k
+    top = np.int64(-(1 << 31))
+    for t in range(pos + 1):
+        dot = 0
+        for i in range(head_size):
+            dot += qa[i] * key_q[t, i]
+        score = wrap32((wrap32(dot) * np.int64(key_d[t])) >> sh)
+        att[t] = score
+        top = max(top, score)
+    total = 0
+    for t in range(pos + 1):
+        e = exp_lookup(top - att[t], exp_table, exp_shift)
+        att[t] = e
+        total += e
+    recip = ((np.int64(1) << 48) - 1) // total  # total >= 65536 (the top score's own weight)
+    for t in range(pos + 1):
+        p = (att[t] * recip) >> 32  # the softmax weight in Q16: EDX after mul
+        att[t] = (p * np.int64(value_d[t])) >> 16
+    for i in range(head_size):
+        acc = 0
+        for t in range(pos + 1):
+            acc += att[t] * value_q[t, i]
+        out[i] = wrap32(acc) >> VALUE_SHIFT
+
+
+@numba.njit(cache=True)
+def forward_token(token: int, pos: int, w: tuple, params: tuple, key_q: np.ndarray, key_d: np.ndarray,
+                  value_q: np.ndarray, value_d: np.ndarray, buf: tuple) -> np.ndarray:
+    """One position of the transformer in integers (docs/arithmetic.md, "forward"): returns Q16.16 logits."""
+    (emb_q, emb_s, rms_att, wqkv_q, wqkv_s, wo_q, wo_s, rms_ffn, w13_q, w13_s, w2_q, w2_s, rms_final,
+     wcls_q, wcls_s, rope_table, exp_table, silu_table) = w
+    (emb_shift, wqkv_shift, wo_shift, w13_shift, w2_shift, wcls_shift, bits_dim, bits_hidden, bits_head,
+     norm_shift, rope_shift, eps, exp_shift, silu_shift, silu_lo) = params
+    x, xb, xb2, act, qkv, hb, qa, att, logits = buf
+    n_layers, n_kv_heads, head_size = key_q.shape[0], key_q.shape[1], key_q.shape[3]
+    dim, hidden_dim = x.shape[0], hb.shape[0] // 2
+    kv_dim = n_kv_heads * head_size
+    kv_mul = dim // kv_dim
+    for j in range(dim):
+        x[j] = wrap32((np.int64(emb_q[token, j]) * np.int64(emb_s[token])) >> (emb_shift - 16))
+    for l in range(n_layers):
+        rmsnorm(xb, x, rms_att[l], eps, norm_shift)
+        k = quantize_act(act[:dim], xb, bits_dim)
+        matvec(qkv, wqkv_q[l], wqkv_s[l], wqkv_shift, act[:dim], k)
+        rope(qkv[:dim + kv_dim], rope_table[pos], head_size, rope_shift)  # q and k, never v
+        for h in range(n_kv_heads):
+            lo = dim + h * head_size
+            key_d[l, h, pos] = store_kv(key_q[l, h, pos], qkv[lo:lo + head_size], KEY_SHIFT)
+            value_d[l, h, pos] = store_kv(value_q[l, h, pos], qkv[lo + kv_dim:lo + kv_dim + head_size],
+                                         VALUE_SHIFT)
+        for h in range(dim // head_size):
+            kvh = h // kv_mul
+            attention(xb[h * head_size:(h + 1) * head_size], qkv[h * head_size:(h + 1) * head_size],
+                      key_q[l, kvh], key_d[l, kvh], value_q[l, kvh], value_d[l, kvh], pos, bits_head,
+                      exp_table, exp_shift, qa, att)
+        k = quantize_act(act[:dim], xb, bits_dim)
+        matvec(xb2, wo_q[l], wo_s[l], wo_shift, act[:dim], k)
+        for j in range(dim):
+            x[j] = wrap32(np.int64(x[j]) + xb2[j])
+        rmsnorm(xb, x, rms_ffn[l], eps, norm_shift)
+        k = quantize_act(act[:dim], xb, bits_dim)
+        matvec(hb, w13_q[l], w13_s[l], w13_shift, act[:dim], k)
+        for i in range(hidden_dim):
+            gate = silu_lookup(np.int64(hb[i]), silu_table, silu_shift, silu_lo)
+            hb[i] = wrap32((gate * np.int64(hb[hidden_dim + i])) >> 16)
+        k = quantize_act(act[:hidden_dim], hb[:hidden_dim], bits_hidden)
+        matvec(xb2, w2_q[l], w2_s[l], w2_shift, act[:hidden_dim], k)
+        for j in range(dim):
+            x[j] = wrap32(np.int64(x[j]) + xb2[j])
+    rmsnorm(xb, x, rms_final, eps, norm_shift)
+    k = quantize_act(act[:dim], xb, bits_dim)
+    matvec(logits, wcls_q, wcls_s, wcls_shift, act[:dim], k)
+    return logits
+
+
+class FixedEngine:
+    """The integer transformer: packed weights, int16 keys and int8 values cached with a divisor per (position, kv head)."""
+
+    def __init__(self, packed: PackedModel) -> None:
+        c: ModelConfig = packed.config
+        p = packed.quant
+        self.config = c
+        self.packed = packed
+        m = packed
+        self._w = (m.token_embedding.q, m.token_embedding.s, m.rms_att_weight, m.wqkv.q, m.wqkv.s, m.wo.q, m.wo.s,
+                   m.rms_ffn_weight, m.w13.q, m.w13.s, m.w2.q, m.w2.s, m.rms_final_weight, m.wcls.q, m.wcls.s,
+                   m.rope, m.exp_table, m.silu_table)
+        self._params = (m.token_embedding.shift, m.wqkv.shift, m.wo.shift, m.w13.shift, m.w2.shift, m.wcls.shift,
+                        p.act_bits_dim, p.act_bits_hidden, p.act_bits_head, p.norm_shift, p.rope_shift, p.rms_eps,
+                        p.exp_shift, p.silu_shift, p.silu_lo)
+        cache_shape = (c.n_layers, c.n_kv_heads, c.seq_len, c.head_size)
+        self.key_q = np.zeros(cache_shape, dtype=np.int16)
+        self.value_q = np.zeros(cache_shape, dtype=np.int8)
+        self.key_d = np.zeros(cache_shape[:-1], dtype=np.int32)
+        self.value_d = np.zeros(cache_shape[:-1], dtype=np.int32)
+        i32 = lambda n: np.zeros(n, dtype=np.int32)  # noqa: E731
+        # x, xb, xb2, act (matmul input), qkv, hb (gate then up), qa (one query head), att, logits
+        self._buf = (i32(c.dim), i32(c.dim), i32(c.dim), i32(max(c.dim, c.hidden_dim)),
+                     i32(c.dim + 2 * c.kv_dim), i32(2 * c.hidden_dim), i32(c.head_size), i32(c.seq_len),
+                     i32(c.vocab_size))
+        self.forward(0, 0)  # load (or compile) the jitted code now, so it is not timed as decoding
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        """Logits (vocab_size,) int32 in Q16.16: compare or argmax them, never treat them as floats."""
+        return forward_token(token, pos, self._w, self._params, self.key_q, self.key_d,
+                             self.value_q, self.value_d, self._buf)
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        """The prompt one position at a time: the boot engine has no batched path, so neither has its model."""
+        logits = self._buf[-1]
+        for pos, token in enumerate(tokens):
+            logits = self.forward(token, pos)
+        return logits
+
+
+@dataclass(frozen=True)
+class FixedSamplerConfig:
+    """The sampler's settings as the integers docs/arithmetic.md uses."""
+
+    inv_temperature_q16: int  # round(65536 / temperature); 0 means greedy argmax
+    topp_q16: int = ONE_Q16  # round(65536 * top-p); 65536 turns top-p off
+    topk: int = 0  # 0 turns top-k off
+    seed: int = 0  # 0 takes the seed from the clock
+
+    @classmethod
+    def from_sampler_config(cls, config: SamplerConfig) -> FixedSamplerConfig:
+        """Round the float settings once, outside the engine: temperature and top-p become Q16 integers."""
+        config.validate()
+        if config.minp > 0:
+            raise UsageError("min-p is not implemented by the fixed-point sampler: use --minp 0 with this engine")
+        if config.temperature == 0:
+            return cls(0, ONE_Q16, config.topk, config.seed)
+        inv_t = round(ONE_Q16 / config.temperature)
+        if not 1 <= inv_t < 1 << 31:
+            raise UsageError(f"temperature {config.temperature} is outside what the fixed-point sampler holds "
+                             "(1/65536 .. 65536): use a value in that range")
+        return cls(inv_t, max(1, round(ONE_Q16 * config.topp)), config.topk, config.seed)
+
+
+@numba.njit(cache=True)
+def sample_fixed(logits: np.ndarray, exp_table: np.ndarray, exp_shift: int, inv_temperature: int,
+                 topp: int, topk: int, coin: int) -> int:
+    """docs/arithmetic.md "sample": exp-table weights of the scaled logits, top-k/top-p cut, one 24-bit coin."""
+    n = logits.shape[0]
+    top = np.int64(logits[0])
+    for i in range(n):
+        top = max(top, np.int64(logits[i]))
+    e = np.empty(n, dtype=np.int64)
+    total = 0
+    for i in range(n):
+        e[i] = exp_lookup(((top - logits[i]) * inv_temperature) >> 16, exp_table, exp_shift)
+        total += e[i]
+    n_keep = n
+    if topk == 0 and topp >= ONE_Q16:
+        order = np.arange(n)
+    else:
+        keys = ((ONE_Q16 - e) << 16) | np.arange(n)  # weight descending, then index ascending
+        order = np.sort(keys) & 0xFFFF
+        if 0 < topk < n:
+            n_keep = topk
+        if topp < ONE_Q16:
+            threshold = (total * topp) >> 16
+            cumulative = 0
+            for j in range(n_keep):
+                cumulative += e[order[j]]
+                if cumulative > threshold:
+                    n_keep = j + 1
+                    break
+    kept = 0
+    for j in range(n_keep):
+        kept += e[order[j]]
+    target = (coin * kept) >> 24
+    j = 0
+    cdf = e[order[0]]
+    while target >= cdf:
+        j += 1
+        cdf += e[order[j]]
+    return order[j]
+
+
+class FixedSampler:
+    """Greedy or seeded sampling in integers over FixedEngine logits, with run.c's xorshift64* coins."""
+
+    def __init__(self, config: FixedSamplerConfig, packed: PackedModel) -> None:
+        self.config = config
+        self.seed = config.seed or clock_seed()
+        self.rng = XorShiftRng(self.seed)
+        self._exp_table, self._exp_shift = packed.exp_table, packed.quant.exp_shift
+
+    def sample(self, logits: np.ndarray) -> int:
+        c = self.config
+        if c.inv_temperature_q16 == 0:
+            return int(np.argmax(logits))  # the first index on ties
+        coin = self.rng.next_u32() >> 8  # 24 bits, as run.c's random_f32 takes them
+        return int(sample_fixed(logits, self._exp_table, self._exp_shift, c.inv_temperature_q16,
+                                c.topp_q16, c.topk, coin))

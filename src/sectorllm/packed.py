@@ -1,0 +1,374 @@
+"""The packed .sllm format: one self-describing little-endian file holding an integer model and its tokenizer."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import CheckpointError, PackedFormatError, QuantizeError
+from .tokenizer import EOS, Tokenizer
+
+MAGIC = b"SLLM"
+VERSION = 1
+ALIGN = 16  # every section starts on a paragraph, so 16-bit code can point a segment register at it
+HEADER = struct.Struct("<4s3I 8I 9I i I 2I 28x")  # 128 bytes, see docs/format.md
+ENTRY = struct.Struct("<4I")  # kind, offset, length, param: one paragraph per section
+CRC_START = 16  # the CRC covers everything after magic, version, file_bytes and the CRC itself
+SCHEMES = ("tensor", "row")  # stored as the index into this tuple
+MAX_FILE_BYTES = 0xFFFFFFFF  # offsets are u32 from the start of the file
+MAX_VOCAB = 0xFFFF  # the sampler sums vocab_size Q16 exp values (each <= 2**16) in 32 bits
+
+
+class Section(IntEnum):
+    """Section kinds; the file stores them in this order."""
+
+    TOKEN_EMBEDDING_Q = 1
+    TOKEN_EMBEDDING_S = 2
+    RMS_ATT_WEIGHT = 3
+    WQKV_Q = 4
+    WQKV_S = 5
+    WO_Q = 6
+    WO_S = 7
+    RMS_FFN_WEIGHT = 8
+    W13_Q = 9
+    W13_S = 10
+    W2_Q = 11
+    W2_S = 12
+    RMS_FINAL_WEIGHT = 13
+    WCLS_Q = 14
+    WCLS_S = 15
+    ROPE = 16
+    EXP_TABLE = 17
+    SILU_TABLE = 18
+    PIECES = 19
+    PRINTED = 20
+    SCORES = 21
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """The integer formats the engine needs besides the model's shape (docs/arithmetic.md gives their use)."""
+
+    scheme: str  # "row" or "tensor": how the weight scales were chosen; the engine treats both alike
+    act_bits_dim: int  # matmul inputs of width dim are shifted down to at most this many magnitude bits
+    act_bits_hidden: int  # the same for the w2 input (width hidden_dim)
+    act_bits_head: int  # the same for each query head before q.k
+    norm_shift: int  # RMSNorm weights are g * sqrt(dim) * 2**norm_shift
+    rope_shift: int  # RoPE cos and sin are Q(rope_shift)
+    rms_eps: int  # round(1e-5 * dim * 2**32): epsilon added to the sum of squares of Q16.16 values
+    exp_shift: int  # exp table index = d >> exp_shift for a Q16.16 distance d >= 0
+    silu_shift: int  # SiLU table step is 2**silu_shift in Q16.16 units
+    silu_lo: int  # the Q16.16 input of SiLU table entry 0
+
+
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    """int8 rows with one scale each: row i of the real matrix is q[i] * s[i] / 2**shift."""
+
+    q: np.ndarray  # int8 (..., rows, cols)
+    s: np.ndarray  # int32 (..., rows), >= 0
+    shift: int  # the same for every row of the matrix
+
+
+@dataclass(frozen=True)
+class PackedModel:
+    config: ModelConfig
+    quant: QuantParams
+    token_embedding: QuantizedMatrix  # (vocab_size, dim)
+    rms_att_weight: np.ndarray  # int32 (n_layers, dim)
+    wqkv: QuantizedMatrix  # (n_layers, dim + 2 * kv_dim, dim): wq rows (times 1/sqrt(head_size)), wk rows, wv rows
+    wo: QuantizedMatrix  # (n_layers, dim, dim)
+    rms_ffn_weight: np.ndarray  # int32 (n_layers, dim)
+    w13: QuantizedMatrix  # (n_layers, 2 * hidden_dim, dim): w1 rows, then w3 rows
+    w2: QuantizedMatrix  # (n_layers, dim, hidden_dim)
+    rms_final_weight: np.ndarray  # int32 (dim,)
+    wcls: QuantizedMatrix  # (vocab_size, dim): token_embedding itself when config.shared_classifier
+    rope: np.ndarray  # int16 (seq_len, head_size // 2, 2): cos, sin
+    exp_table: np.ndarray  # int32 (n,): exp(-i * 2**exp_shift / 65536) in Q16, last entry 0
+    silu_table: np.ndarray  # int32 (n,): silu at silu_lo + i * 2**silu_shift, Q16.16
+    tokenizer: Tokenizer
+
+
+@dataclass(frozen=True)
+class SectionEntry:
+    kind: int
+    offset: int  # from the start of the file, a multiple of ALIGN
+    length: int  # bytes, without padding
+    param: int  # the scale shift for the *_S sections, 0 otherwise
+
+
+_MATRICES = {  # matrix field -> its (values, scales) sections
+    "token_embedding": (Section.TOKEN_EMBEDDING_Q, Section.TOKEN_EMBEDDING_S),
+    "wqkv": (Section.WQKV_Q, Section.WQKV_S),
+    "wo": (Section.WO_Q, Section.WO_S),
+    "w13": (Section.W13_Q, Section.W13_S),
+    "w2": (Section.W2_Q, Section.W2_S),
+    "wcls": (Section.WCLS_Q, Section.WCLS_S),
+}
+_NORMS = {"rms_att_weight": Section.RMS_ATT_WEIGHT, "rms_ffn_weight": Section.RMS_FFN_WEIGHT,
+          "rms_final_weight": Section.RMS_FINAL_WEIGHT}
+
+
+def _matrix_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    L, d, h = c.n_layers, c.dim, c.hidden_dim
+    return {"token_embedding": (c.vocab_size, d), "wqkv": (L, d + 2 * c.kv_dim, d), "wo": (L, d, d),
+            "w13": (L, 2 * h, d), "w2": (L, d, h), "wcls": (c.vocab_size, d)}
+
+
+def _fixed_sections(c: ModelConfig) -> dict[Section, tuple[np.dtype, tuple[int, ...]]]:
+    """dtype and shape of every section whose size the config fixes."""
+    out: dict[Section, tuple[np.dtype, tuple[int, ...]]] = {}
+    for name, shape in _matrix_shapes(c).items():
+        if name == "wcls" and c.shared_classifier:
+            continue
+        q_kind, s_kind = _MATRICES[name]
+        out[q_kind] = (np.dtype(np.int8), shape)
+        out[s_kind] = (np.dtype("<i4"), shape[:-1])
+    out[Section.RMS_ATT_WEIGHT] = out[Section.RMS_FFN_WEIGHT] = (np.dtype("<i4"), (c.n_layers, c.dim))
+    out[Section.RMS_FINAL_WEIGHT] = (np.dtype("<i4"), (c.dim,))
+    out[Section.ROPE] = (np.dtype("<i2"), (c.seq_len, c.head_size // 2, 2))
+    out[Section.SCORES] = (np.dtype("<f4"), (c.vocab_size,))
+    return out
+
+
+def check_shape(config: ModelConfig) -> None:
+    """Refuse a shape this format (or the arithmetic it carries) cannot hold; raises QuantizeError with the reason."""
+    if config.vocab_size > MAX_VOCAB:
+        raise QuantizeError(f"vocab_size {config.vocab_size} > {MAX_VOCAB}: the sampler's 32-bit sum of "
+                            "Q16 probabilities would overflow")
+    if config.seq_len > 0x7FFF:
+        raise QuantizeError(f"seq_len {config.seq_len} > 32767: attention's 32-bit sum of Q16 weights would overflow")
+    if config.dim * 42950 >= 1 << 32:
+        raise QuantizeError(f"dim {config.dim} is too wide: RMSNorm's epsilon term would not fit 32 bits")
+
+
+def _string_table(strings: list[bytes]) -> bytes:
+    """(n + 1) u32 offsets from the section start, then the bytes: string i is [off[i], off[i+1])."""
+    base = 4 * (len(strings) + 1)
+    ends = np.cumsum([0] + [len(s) for s in strings], dtype=np.int64) + base
+    return ends.astype("<u4").tobytes() + b"".join(strings)
+
+
+def _read_string_table(data: memoryview, count: int, what: str) -> list[bytes]:
+    if len(data) < 4 * (count + 1):
+        raise PackedFormatError(f"the {what} section is too short for {count} offsets: the file is damaged")
+    ends = np.frombuffer(data, dtype="<u4", count=count + 1)
+    if ends[0] != 4 * (count + 1) or ends[-1] != len(data) or np.any(np.diff(ends.astype(np.int64)) < 0):
+        raise PackedFormatError(f"the {what} section's offsets are inconsistent: the file is damaged")
+    raw = bytes(data)
+    return [raw[ends[i]:ends[i + 1]] for i in range(count)]
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _payloads(model: PackedModel) -> list[tuple[Section, bytes, int]]:
+    c = model.config
+    expected = _fixed_sections(c)
+    parts: dict[Section, tuple[bytes, int]] = {}
+
+    def put(kind: Section, array: np.ndarray, param: int = 0) -> None:
+        dtype, shape = expected[kind]
+        if array.shape != shape:
+            raise QuantizeError(f"section {kind.name} has shape {array.shape}, the format needs {shape}")
+        parts[kind] = (np.ascontiguousarray(array, dtype=dtype).tobytes(), param)
+
+    for name, (q_kind, s_kind) in _MATRICES.items():
+        if name == "wcls" and c.shared_classifier:
+            continue
+        matrix: QuantizedMatrix = getattr(model, name)
+        put(q_kind, matrix.q)
+        put(s_kind, matrix.s, matrix.shift)
+    for name, kind in _NORMS.items():
+        put(kind, getattr(model, name))
+    put(Section.ROPE, model.rope)
+    put(Section.SCORES, np.asarray(model.tokenizer.scores))
+    parts[Section.EXP_TABLE] = (np.ascontiguousarray(model.exp_table, dtype="<i4").tobytes(), 0)
+    parts[Section.SILU_TABLE] = (np.ascontiguousarray(model.silu_table, dtype="<i4").tobytes(), 0)
+    parts[Section.PIECES] = (_string_table(model.tokenizer.pieces), 0)
+    # what run.c prints for each token after any token but BOS (the engine applies the after-BOS rule itself)
+    tok = model.tokenizer
+    parts[Section.PRINTED] = (_string_table([tok.piece_bytes(EOS, i) for i in range(tok.vocab_size)]), 0)
+    return [(kind, *parts[kind]) for kind in Section if kind in parts]
+
+
+def _header(model: PackedModel, file_bytes: int, crc: int, n_sections: int) -> bytes:
+    c, p = model.config, model.quant
+    return HEADER.pack(MAGIC, VERSION, file_bytes, crc,
+                       c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len,
+                       int(c.shared_classifier),
+                       SCHEMES.index(p.scheme), p.act_bits_dim, p.act_bits_hidden, p.act_bits_head, p.norm_shift,
+                       p.rope_shift, p.rms_eps, p.exp_shift, p.silu_shift, p.silu_lo, model.tokenizer.max_token_length,
+                       n_sections, HEADER.size)
+
+
+def _layout(payloads: list[tuple[Section, bytes, int]]) -> tuple[list[SectionEntry], int]:
+    """Each section's place (paragraph-aligned, in kind order after the table) and the file size."""
+    offset = _align(HEADER.size + ENTRY.size * len(payloads))
+    entries = []
+    for kind, data, param in payloads:
+        entries.append(SectionEntry(kind, offset, len(data), param))
+        offset = _align(offset + len(data))
+    return entries, offset
+
+
+def packed_bytes(model: PackedModel) -> int:
+    """The size write_packed would give the file."""
+    return _layout(_payloads(model))[1]
+
+
+def write_packed(path: str | os.PathLike, model: PackedModel) -> None:
+    """Write a packed model atomically (a temporary file, then os.replace)."""
+    check_shape(model.config)
+    if model.tokenizer.vocab_size != model.config.vocab_size:
+        raise QuantizeError(f"the tokenizer has {model.tokenizer.vocab_size} pieces but the model's vocabulary "
+                            f"is {model.config.vocab_size}")
+    payloads = _payloads(model)
+    entries, file_bytes = _layout(payloads)
+    if file_bytes > MAX_FILE_BYTES:
+        raise QuantizeError(f"the packed model would be {file_bytes} bytes: u32 offsets reach only 4 GiB")
+    image = bytearray(file_bytes)
+    for i, (entry, (_, data, _)) in enumerate(zip(entries, payloads)):
+        ENTRY.pack_into(image, HEADER.size + ENTRY.size * i, entry.kind, entry.offset, entry.length, entry.param)
+        image[entry.offset:entry.offset + entry.length] = data
+    image[:HEADER.size] = _header(model, file_bytes, 0, len(payloads))
+    crc = zlib.crc32(memoryview(image)[CRC_START:])
+    image[:HEADER.size] = _header(model, file_bytes, crc, len(payloads))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(image)
+    os.replace(tmp, path)
+
+
+def is_packed(path: str | os.PathLike) -> bool:
+    """True when the file starts with the packed magic (whatever its version or state)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def read_sections(data: bytes | mmap.mmap, name: str = "packed file") -> tuple[tuple, dict[int, SectionEntry]]:
+    """Check magic, version, size, CRC and the section table; returns (header fields, kind -> entry)."""
+    size = len(data)
+    if size < HEADER.size:
+        if size >= len(MAGIC) and data[:len(MAGIC)] != MAGIC:
+            raise PackedFormatError(f"{name} is not a packed sectorllm model (no SLLM magic)")
+        raise PackedFormatError(f"{name} is truncated: {size} bytes, shorter than the {HEADER.size}-byte header")
+    header = HEADER.unpack_from(data, 0)
+    magic, version, file_bytes, crc = header[:4]
+    if magic != MAGIC:
+        raise PackedFormatError(f"{name} is not a packed sectorllm model (no SLLM magic)")
+    if version != VERSION:
+        raise PackedFormatError(f"{name} has format version {version}; this sectorllm reads version {VERSION}: "
+                                "re-pack the model with this version")
+    if size < file_bytes:
+        raise PackedFormatError(f"{name} is truncated: {size} bytes, its header says {file_bytes}")
+    if size > file_bytes:
+        raise PackedFormatError(f"{name} is {size} bytes, its header says {file_bytes}: trailing data, damaged")
+    if zlib.crc32(memoryview(data)[CRC_START:]) != crc:
+        raise PackedFormatError(f"{name} has a bad CRC: the file is corrupt, re-pack or re-download it")
+    n_sections, table_offset = header[-2:]
+    if table_offset + ENTRY.size * n_sections > size:
+        raise PackedFormatError(f"{name}'s section table ({n_sections} entries at {table_offset}) lies outside "
+                                "the file: the file is damaged")
+    entries: dict[int, SectionEntry] = {}
+    for i in range(n_sections):
+        entry = SectionEntry(*ENTRY.unpack_from(data, table_offset + ENTRY.size * i))
+        if entry.offset + entry.length > size or entry.offset < table_offset + ENTRY.size * n_sections:
+            raise PackedFormatError(f"{name}: section {entry.kind} ({entry.length} bytes at {entry.offset}) "
+                                    "points outside the file's data: the file is damaged")
+        if entry.offset % ALIGN:
+            raise PackedFormatError(f"{name}: section {entry.kind} at {entry.offset} is not paragraph-aligned")
+        if entry.kind not in Section.__members__.values() or entry.kind in entries:
+            raise PackedFormatError(f"{name}: section kind {entry.kind} is unknown or repeated: the file is damaged")
+        entries[entry.kind] = entry
+    return header, entries
+
+
+def read_packed(path: str | os.PathLike) -> PackedModel:
+    """Memory-map a packed model: every array is a read-only view of the file, nothing is copied."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise PackedFormatError(f"{path} is empty (truncated): not a packed model")
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise PackedFormatError(f"cannot read packed model {path}: {e.strerror}") from None
+    header, entries = read_sections(data, str(path))
+    (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len, flags,
+     scheme, *quant, max_token_length) = header[4:-2]
+    config = ModelConfig(dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len, bool(flags & 1))
+    try:
+        config.validate()
+    except CheckpointError as e:
+        raise PackedFormatError(f"{path}: {e}") from None
+    if scheme >= len(SCHEMES):
+        raise PackedFormatError(f"{path}: unknown quantization scheme {scheme}: the file is damaged")
+    params = QuantParams(SCHEMES[scheme], *quant)
+
+    def section(kind: Section) -> SectionEntry:
+        if kind not in entries:
+            raise PackedFormatError(f"{path} has no {kind.name} section: the file is damaged or incomplete")
+        return entries[kind]
+
+    arrays: dict[Section, np.ndarray] = {}
+    for kind, (dtype, shape) in _fixed_sections(config).items():
+        entry = section(kind)
+        count = int(np.prod(shape, dtype=np.int64))
+        if entry.length != count * dtype.itemsize:
+            raise PackedFormatError(f"{path}: section {kind.name} is {entry.length} bytes, the config needs "
+                                    f"{count * dtype.itemsize}: the file is damaged")
+        arrays[kind] = np.frombuffer(data, dtype=dtype, count=count, offset=entry.offset).reshape(shape)
+    tables = {}
+    for kind in (Section.EXP_TABLE, Section.SILU_TABLE):
+        entry = section(kind)
+        if entry.length < 8 or entry.length % 4:
+            raise PackedFormatError(f"{path}: section {kind.name} is {entry.length} bytes: the file is damaged")
+        tables[kind] = np.frombuffer(data, dtype="<i4", count=entry.length // 4, offset=entry.offset)
+    pieces_entry = section(Section.PIECES)
+    section(Section.PRINTED)
+    view = memoryview(data)[pieces_entry.offset:pieces_entry.offset + pieces_entry.length]
+    pieces = _read_string_table(view, vocab_size, "PIECES")
+    ids: dict[bytes, int] = {}
+    for i, piece in enumerate(pieces):
+        ids.setdefault(piece, i)
+    tokenizer = Tokenizer(pieces, arrays[Section.SCORES], max_token_length, ids)
+
+    matrices = {}
+    for name, (q_kind, s_kind) in _MATRICES.items():
+        if name == "wcls" and config.shared_classifier:
+            matrices[name] = matrices["token_embedding"]
+        else:
+            matrices[name] = QuantizedMatrix(arrays[q_kind], arrays[s_kind], entries[s_kind].param)
+    norms = {name: arrays[kind] for name, kind in _NORMS.items()}
+    _check_params(params, matrices, str(path))
+    return PackedModel(config, params, rope=arrays[Section.ROPE], exp_table=tables[Section.EXP_TABLE],
+                       silu_table=tables[Section.SILU_TABLE], tokenizer=tokenizer, **matrices, **norms)
+
+
+def _check_params(p: QuantParams, matrices: dict[str, QuantizedMatrix], name: str) -> None:
+    """Refuse parameters that would make a shift negative or a table lookup read outside its table."""
+    bits = (p.act_bits_dim, p.act_bits_hidden, p.act_bits_head)
+    problems = []
+    if not all(1 <= b <= 15 for b in bits):
+        problems.append(f"activation bits {bits} outside 1..15")
+    if not (0 < p.norm_shift < 32 and 0 < p.rope_shift < 16 and 0 < p.exp_shift < 16 and 0 < p.silu_shift < 16):
+        problems.append("a table or weight shift is outside its range")
+    for mname, m in matrices.items():
+        if not 33 - min(bits) <= m.shift <= 31:
+            problems.append(f"{mname} scale shift {m.shift} outside {33 - min(bits)}..31")
+    if problems:
+        raise PackedFormatError(f"{name}: {'; '.join(problems)}: the file is damaged or from another packer")
