@@ -1,4 +1,4 @@
-"""The Python API: load a model by name or path, then generate text from it."""
+"""The Python API: load a model by name or path onto an engine, then generate text from it."""
 
 from __future__ import annotations
 
@@ -6,17 +6,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .engines import Engine
+from .engines.fixed import FixedEngine, FixedSampler, FixedSamplerConfig
 from .engines.float32 import FloatEngine
 from .errors import UsageError
-from .generate import Generation
+from .generate import Generation, TokenSampler
 from .hub import resolve_model, resolve_tokenizer
+from .packed import PackedModel, is_packed, read_packed
+from .quantize import quantize
 from .sampling import Sampler, SamplerConfig
 from .tokenizer import Tokenizer, load_tokenizer
 
-ENGINES = ("float",)
+ENGINES = ("float", "fixed")
 
 
 @dataclass
@@ -27,6 +30,7 @@ class Model:
     tokenizer: Tokenizer
     engine: Engine
     path: Path
+    packed: PackedModel | None = None  # set when the engine is the fixed-point one
 
     def generate(self, prompt: str = "", *, steps: int = 256, temperature: float = 1.0, topp: float = 0.9,
                  topk: int = 0, minp: float = 0.0, seed: int = 0) -> Generation:
@@ -34,21 +38,36 @@ class Model:
 
         Defaults are run.c's: temperature 1, top-p 0.9, 256 steps (prompt included), seed from the clock.
         """
-        sampler = Sampler(SamplerConfig(temperature, topp, topk, minp, seed))
+        config = SamplerConfig(temperature, topp, topk, minp, seed)
+        sampler: TokenSampler
+        if self.packed is None:
+            sampler = Sampler(config)
+        else:
+            sampler = FixedSampler(FixedSamplerConfig.from_sampler_config(config), self.packed)
         return Generation(self.engine, self.tokenizer, prompt, steps, sampler)
 
 
 def load(model: str | os.PathLike = "stories260K", tokenizer: str | os.PathLike | None = None,
-         engine: str = "float", download: bool = True) -> Model:
-    """Load a llama2.c checkpoint (a path or a name such as "stories15M") and its tokenizer."""
-    if engine not in ENGINES:
+         engine: str | None = None, scheme: str = "row", download: bool = True) -> Model:
+    """Load a llama2.c checkpoint (a path or a name such as "stories15M") or a packed .sllm file.
+
+    engine: "float" (the default for checkpoints) or "fixed" (the default, and the only choice, for packed files;
+    a checkpoint is quantized in memory with `scheme`).
+    """
+    if engine is not None and engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     path = resolve_model(str(model), download=download)
+    if is_packed(path):
+        if engine == "float":
+            raise UsageError(f"{path} is a packed integer model: run it with the fixed engine (drop --engine float)")
+        if tokenizer is not None:
+            raise UsageError(f"{path} carries its own tokenizer: drop -z")
+        packed = read_packed(path)
+        return Model(packed.config, packed.tokenizer, FixedEngine(packed), path, packed)
     checkpoint = load_checkpoint(path)
     vocab = checkpoint.config.vocab_size
     tok = load_tokenizer(resolve_tokenizer(None if tokenizer is None else str(tokenizer), path, vocab), vocab)
-    return Model(checkpoint.config, tok, make_engine(checkpoint, engine), path)
-
-
-def make_engine(checkpoint: Checkpoint, engine: str) -> Engine:
-    return FloatEngine(checkpoint)
+    if engine == "fixed":
+        packed, _ = quantize(checkpoint, tok, scheme)
+        return Model(checkpoint.config, tok, FixedEngine(packed), path, packed)
+    return Model(checkpoint.config, tok, FloatEngine(checkpoint), path)

@@ -10,9 +10,12 @@ import numpy as np
 from .checkpoint import Checkpoint, load_checkpoint, random_weights
 from .config import STORIES_SHAPES
 from .engines import Engine
+from .engines.fixed import FixedEngine
+from .engines.float32 import FloatEngine
 from .errors import UsageError
-from .hub import resolve_model
-from .tokenizer import BOS
+from .hub import resolve_model, resolve_tokenizer
+from .quantize import quantize
+from .tokenizer import BOS, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,11 @@ def load_bench_model(model: str) -> Checkpoint:
 
 
 def bench_model(model: str, engine: str, decode_tokens: int = 256, prefill_tokens: int = 200) -> BenchResult:
-    from .api import make_engine
-
-    return bench_engine(make_engine(load_bench_model(model), engine), model, engine, decode_tokens, prefill_tokens)
+    """Bench one engine on a model; the fixed engine runs the model quantized in memory (default scheme)."""
+    checkpoint = load_bench_model(model)
+    if engine == "float":
+        return bench_engine(FloatEngine(checkpoint), model, engine, decode_tokens, prefill_tokens)
+    vocab = checkpoint.config.vocab_size
+    tokenizer = load_tokenizer(resolve_tokenizer(None, model.removeprefix("random:"), vocab), vocab)
+    packed, _ = quantize(checkpoint, tokenizer)
+    return bench_engine(FixedEngine(packed), model, engine, decode_tokens, prefill_tokens)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from tqdm import tqdm
 from . import __version__
-from .errors import SectorLLMError
+from .errors import SectorLLMError, UsageError
+from .packed import SCHEMES
 
 DEFAULT_MODEL = "stories260K"
 
@@ -25,7 +29,7 @@ def _note(message: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .api import load
 
-    model = load(args.checkpoint, args.tokenizer, engine=args.engine)
+    model = load(args.checkpoint, args.tokenizer, engine=args.engine, scheme=args.scheme)
     seq_len = model.config.seq_len
     if args.steps > seq_len:
         _note(f"-n {args.steps} is beyond the model's {seq_len}-token context: generating up to {seq_len}")
@@ -96,6 +100,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .hub import resolve_model, resolve_tokenizer
+    from .packed import write_packed
+    from .quantize import quantize
+    from .tokenizer import load_tokenizer
+
+    path = resolve_model(args.checkpoint)
+    checkpoint = load_checkpoint(path)
+    vocab = checkpoint.config.vocab_size
+    tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, path, vocab), vocab)
+    packed, report = quantize(checkpoint, tokenizer, args.scheme)
+    write_packed(args.output, packed)
+    print(report.format_table())
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .evaluate import BUILTIN_PROMPTS, evaluate, plot_report
+    from .hub import resolve_model, resolve_tokenizer
+    from .tokenizer import load_tokenizer
+
+    prompts = BUILTIN_PROMPTS if args.prompts is None else _read_prompts(args.prompts)
+    path = resolve_model(args.checkpoint)
+    checkpoint = load_checkpoint(path)
+    vocab = checkpoint.config.vocab_size
+    tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, path, vocab), vocab)
+    reports = []
+    for scheme in args.scheme or ["row"]:
+        with tqdm(total=len(prompts), desc=f"eval {scheme}", unit="prompt", disable=args.json or None,
+                  file=sys.stderr) as bar:
+            reports.append(evaluate(checkpoint, tokenizer, scheme, prompts, args.positions, progress=bar.update))
+    if args.plot:
+        plot_report(reports[0], args.plot)
+    if args.json:
+        payloads = [r.as_dict() for r in reports]
+        print(json.dumps(payloads[0] if len(payloads) == 1 else payloads))
+        return 0
+    print(f"{'scheme':<8}{'top-1 agree':>12}{'mean KL':>10}{'greedy BOS':>12}{'greedy mean':>13}"
+          f"{'ppl float':>11}{'ppl fixed':>11}{'packed bytes':>14}{'of float':>10}")
+    for r in reports:
+        print(f"{r.scheme:<8}{r.top1_agreement:>12.2%}{r.mean_kl:>10.4f}{r.greedy_prefix_bos:>8}/{r.greedy_tokens_bos:<3}"
+              f"{r.greedy_prefix_mean:>13.1f}{r.ppl_float:>11.3f}{r.ppl_fixed:>11.3f}{r.packed_bytes:>14,}"
+              f"{r.packed_bytes / r.float_bytes:>10.1%}")
+    if args.plot:
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read prompts from {path}: {e}: give a UTF-8 text file, one prompt per line") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise UsageError(f"{path} holds no prompts: write one prompt per line")
+    return prompts
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from .hub import download
 
@@ -124,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-n", "--steps", type=int, default=256,
                      help="forward passes, prompt included; 0 = the whole context (default 256)")
     run.add_argument("-i", "--prompt", default="", help="prompt text (default: start from BOS)")
-    run.add_argument("--engine", default="float", choices=["float"], help="inference engine (default float)")
+    run.add_argument("--engine", choices=["float", "fixed"],
+                     help="float (default for checkpoints) or fixed: the integer engine, quantizing a checkpoint in "
+                          "memory (the only engine for a packed .sllm file)")
+    run.add_argument("--scheme", default="row", choices=SCHEMES, help="quantization scheme for --engine fixed")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.add_argument("-v", "--verbose", action="store_true", help="report the seed taken from the clock")
     run.set_defaults(func=cmd_run)
@@ -138,12 +207,35 @@ def build_parser() -> argparse.ArgumentParser:
                                        "'random:NAME' is a random-weight model of NAME's shape.")
     bench.add_argument("models", nargs="*", default=[DEFAULT_MODEL, "random:stories15M"],
                        help="model names, paths or random:NAME (default: stories260K random:stories15M)")
-    bench.add_argument("--engine", action="append", choices=["float"],
+    bench.add_argument("--engine", action="append", choices=["float", "fixed"],
                        help="engine to measure (repeatable; default float)")
     bench.add_argument("--decode", type=int, default=256, help="decode steps (default 256)")
     bench.add_argument("--prefill", type=int, default=200, help="prompt length for prefill (default 200)")
     bench.add_argument("--json", action="store_true", help="print a JSON list of results")
     bench.set_defaults(func=cmd_bench)
+
+    quant = sub.add_parser("quantize", help="write a packed integer model (.sllm) from a checkpoint",
+                           description="Quantize a llama2.c checkpoint into sectorllm's packed format (docs/format.md) "
+                                       "and print the error of every tensor.")
+    quant.add_argument("checkpoint", help="checkpoint path or model name")
+    quant.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
+    quant.add_argument("-o", "--output", required=True, help="packed file to write (e.g. stories260K.sllm)")
+    quant.add_argument("--scheme", default="row", choices=SCHEMES,
+                       help="row: one int8 scale per output row (default); tensor: one per tensor, as the original")
+    quant.set_defaults(func=cmd_quantize)
+
+    ev = sub.add_parser("eval", help="precision of the fixed-point engine against the float engine",
+                        description="Teacher-forced top-1 agreement and KL on each prompt's float greedy continuation "
+                                    "and a sampled one, greedy common prefixes (from BOS and from each prompt), and "
+                                    "perplexity of both engines on the same texts.")
+    ev.add_argument("checkpoint", nargs="?", default=DEFAULT_MODEL, help="checkpoint path or model name")
+    ev.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
+    ev.add_argument("--scheme", action="append", choices=SCHEMES, help="scheme(s) to compare (repeatable; default row)")
+    ev.add_argument("--prompts", help="text file, one prompt per line (default: 50 built-in story openings)")
+    ev.add_argument("--positions", type=int, default=128, help="positions scored after each prompt (default 128)")
+    ev.add_argument("--json", action="store_true", help="print JSON (one object, or a list for several schemes)")
+    ev.add_argument("--plot", help="draw agreement and KL against position into this PNG")
+    ev.set_defaults(func=cmd_eval)
 
     download = sub.add_parser("download", help="fetch a model and its tokenizer from the Hugging Face hub")
     download.add_argument("name", help="stories260K, stories15M, stories42M or stories110M")
@@ -158,9 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     except SectorLLMError as e:
         print(f"sectorllm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`): not an error worth a traceback
         return 0
+    except OSError as e:  # a path we were given cannot be read or written
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"sectorllm: error: {e.strerror or e}{where}: check the path and its permissions", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
