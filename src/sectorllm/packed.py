@@ -45,12 +45,14 @@ class Section(IntEnum):
     RMS_FINAL_WEIGHT = 13
     WCLS_Q = 14
     WCLS_S = 15
-    ROPE = 16
-    EXP_TABLE = 17
-    SILU_TABLE = 18
-    PIECES = 19
-    PRINTED = 20
-    SCORES = 21
+    WCLS_RESIDUAL_Q = 16
+    WCLS_RESIDUAL_S = 17
+    ROPE = 18
+    EXP_TABLE = 19
+    SILU_TABLE = 20
+    PIECES = 21
+    PRINTED = 22
+    SCORES = 23
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class PackedModel:
     w2: QuantizedMatrix  # (n_layers, dim, hidden_dim)
     rms_final_weight: np.ndarray  # int32 (dim,)
     wcls: QuantizedMatrix  # (vocab_size, dim): token_embedding itself when config.shared_classifier
+    wcls_residual: QuantizedMatrix  # (vocab_size, dim): the classifier minus wcls, in int8 again
     rope: np.ndarray  # int16 (seq_len, head_size // 2, 2): cos, sin
     exp_table: np.ndarray  # int32 (n,): exp(-i * 2**exp_shift / 65536) in Q16, last entry 0
     silu_table: np.ndarray  # int32 (n,): silu at silu_lo + i * 2**silu_shift, Q16.16
@@ -112,6 +115,7 @@ _MATRICES = {  # matrix field -> its (values, scales) sections
     "w13": (Section.W13_Q, Section.W13_S),
     "w2": (Section.W2_Q, Section.W2_S),
     "wcls": (Section.WCLS_Q, Section.WCLS_S),
+    "wcls_residual": (Section.WCLS_RESIDUAL_Q, Section.WCLS_RESIDUAL_S),
 }
 _NORMS = {"rms_att_weight": Section.RMS_ATT_WEIGHT, "rms_ffn_weight": Section.RMS_FFN_WEIGHT,
           "rms_final_weight": Section.RMS_FINAL_WEIGHT}
@@ -120,7 +124,7 @@ _NORMS = {"rms_att_weight": Section.RMS_ATT_WEIGHT, "rms_ffn_weight": Section.RM
 def _matrix_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     L, d, h = c.n_layers, c.dim, c.hidden_dim
     return {"token_embedding": (c.vocab_size, d), "wqkv": (L, d + 2 * c.kv_dim, d), "wo": (L, d, d),
-            "w13": (L, 2 * h, d), "w2": (L, d, h), "wcls": (c.vocab_size, d)}
+            "w13": (L, 2 * h, d), "w2": (L, d, h), "wcls": (c.vocab_size, d), "wcls_residual": (c.vocab_size, d)}
 
 
 def _fixed_sections(c: ModelConfig) -> dict[Section, tuple[np.dtype, tuple[int, ...]]]:

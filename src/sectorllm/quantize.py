@@ -158,6 +158,10 @@ def quantize(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row") 
         fused["wcls"] = (tensors["wcls"], scales["wcls"], min_dim)
     matrices = {name: quantize_matrix(name, *args) for name, args in fused.items()}
     matrices.setdefault("wcls", matrices["token_embedding"])
+    # int8 logits flip near-ties (greedy from BOS parts from float at token 61 with any int8 classifier, at 235
+    # with a float one): a second int8 matrix holding the rounding error gives the classifier ~15 bits
+    residual = tensors["wcls"] - dequantize(matrices["wcls"])
+    matrices["wcls_residual"] = quantize_matrix("wcls_residual", residual, _row_scales(residual, scheme), min_dim)
     norms = {name: norm_weights(name, tensors[name], c.dim)
              for name in ("rms_att_weight", "rms_ffn_weight", "rms_final_weight")}
     params = QuantParams(scheme, bits_dim, bits_hidden, act_bits(c.head_size, KEY_MAX), NORM_SHIFT, ROPE_SHIFT,
@@ -183,8 +187,10 @@ def _tensor_reports(c: ModelConfig, tensors: dict[str, np.ndarray], m: dict[str,
         _report("w2", tensors["w2"], dequantize(m["w2"])),
         _report("w3", tensors["w3"], w13[:, h:]),
     ]
-    if not c.shared_classifier:
-        rows.append(_report("wcls", tensors["wcls"], dequantize(m["wcls"])))
+    classifier = dequantize(m["wcls"]) + dequantize(m["wcls_residual"])
+    rows.append(_report("wcls (with residual)", tensors["wcls"], classifier,
+                        m["wcls_residual"].q.size + 4 * m["wcls_residual"].s.size
+                        + (0 if c.shared_classifier else m["wcls"].q.size + 4 * m["wcls"].s.size)))
     for name, G in norms.items():
         rows.append(_report(name, tensors[name], G / (np.sqrt(c.dim) * 2.0 ** NORM_SHIFT), 4 * G.size))
     cos, sin = rope_tables(c.seq_len, c.head_size)

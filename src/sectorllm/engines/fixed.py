@@ -53,14 +53,15 @@ def quantize_act(out: np.ndarray, v: np.ndarray, bits: int) -> int:
 
 
 @numba.njit(cache=True)
-def matvec(out: np.ndarray, w_q: np.ndarray, w_s: np.ndarray, shift: int, a: np.ndarray, k: int) -> None:
-    """out[i] = (sum_j w_q[i, j] * a[j]) * w_s[i] >> (shift - k): int8 x int16-range, 32-bit sum, Q16.16 out."""
+def matvec(out: np.ndarray, w_q: np.ndarray, w_s: np.ndarray, shift: int, a: np.ndarray, k: int, add: bool) -> None:
+    """out[i] (+)= (sum_j w_q[i, j] * a[j]) * w_s[i] >> (shift - k): int8 x int16-range, 32-bit sum, Q16.16 out."""
     sh = shift - k
     for i in range(w_q.shape[0]):
         acc = 0
         for j in range(w_q.shape[1]):
             acc += w_q[i, j] * a[j]
-        out[i] = wrap32((wrap32(acc) * np.int64(w_s[i])) >> sh)
+        r = wrap32((wrap32(acc) * np.int64(w_s[i])) >> sh)
+        out[i] = wrap32(np.int64(out[i]) + r) if add else r
 
 
 @numba.njit(cache=True)
@@ -185,10 +186,10 @@ def forward_token(token: int, pos: int, w: tuple, params: tuple, key_q: np.ndarr
                   value_q: np.ndarray, value_d: np.ndarray, buf: tuple) -> np.ndarray:
     """One position of the transformer in integers (docs/arithmetic.md, "forward"): returns Q16.16 logits."""
     (emb_q, emb_s, rms_att, wqkv_q, wqkv_s, wo_q, wo_s, rms_ffn, w13_q, w13_s, w2_q, w2_s, rms_final,
-     wcls_q, wcls_s, rope_table, exp_table, silu_table) = w
-    (emb_shift, wqkv_shift, wo_shift, w13_shift, w2_shift, wcls_shift, bits_dim, bits_hidden, bits_head,
+     wcls_q, wcls_s, wres_q, wres_s, rope_table, exp_table, silu_table) = w
+    (emb_shift, wqkv_shift, wo_shift, w13_shift, w2_shift, wcls_shift, wres_shift, bits_dim, bits_hidden, bits_head,
      norm_shift, rope_shift, eps, exp_shift, silu_shift, silu_lo) = params
-    x, xb, xb2, act, qkv, hb, qa, att, logits = buf
+    x, xb, act, qkv, hb, qa, att, logits = buf
     n_layers, n_kv_heads, head_size = key_q.shape[0], key_q.shape[1], key_q.shape[3]
     dim, hidden_dim = x.shape[0], hb.shape[0] // 2
     kv_dim = n_kv_heads * head_size
@@ -198,7 +199,7 @@ def forward_token(token: int, pos: int, w: tuple, params: tuple, key_q: np.ndarr
     for l in range(n_layers):
         rmsnorm(xb, x, rms_att[l], eps, norm_shift)
         k = quantize_act(act[:dim], xb, bits_dim)
-        matvec(qkv, wqkv_q[l], wqkv_s[l], wqkv_shift, act[:dim], k)
+        matvec(qkv, wqkv_q[l], wqkv_s[l], wqkv_shift, act[:dim], k, False)
         rope(qkv[:dim + kv_dim], rope_table[pos], head_size, rope_shift)  # q and k, never v
         for h in range(n_kv_heads):
             lo = dim + h * head_size
@@ -211,22 +212,19 @@ def forward_token(token: int, pos: int, w: tuple, params: tuple, key_q: np.ndarr
                       key_q[l, kvh], key_d[l, kvh], value_q[l, kvh], value_d[l, kvh], pos, bits_head,
                       exp_table, exp_shift, qa, att)
         k = quantize_act(act[:dim], xb, bits_dim)
-        matvec(xb2, wo_q[l], wo_s[l], wo_shift, act[:dim], k)
-        for j in range(dim):
-            x[j] = wrap32(np.int64(x[j]) + xb2[j])
+        matvec(x, wo_q[l], wo_s[l], wo_shift, act[:dim], k, True)  # the residual connection
         rmsnorm(xb, x, rms_ffn[l], eps, norm_shift)
         k = quantize_act(act[:dim], xb, bits_dim)
-        matvec(hb, w13_q[l], w13_s[l], w13_shift, act[:dim], k)
+        matvec(hb, w13_q[l], w13_s[l], w13_shift, act[:dim], k, False)
         for i in range(hidden_dim):
             gate = silu_lookup(np.int64(hb[i]), silu_table, silu_shift, silu_lo)
             hb[i] = wrap32((gate * np.int64(hb[hidden_dim + i])) >> 16)
         k = quantize_act(act[:hidden_dim], hb[:hidden_dim], bits_hidden)
-        matvec(xb2, w2_q[l], w2_s[l], w2_shift, act[:hidden_dim], k)
-        for j in range(dim):
-            x[j] = wrap32(np.int64(x[j]) + xb2[j])
+        matvec(x, w2_q[l], w2_s[l], w2_shift, act[:hidden_dim], k, True)
     rmsnorm(xb, x, rms_final, eps, norm_shift)
     k = quantize_act(act[:dim], xb, bits_dim)
-    matvec(logits, wcls_q, wcls_s, wcls_shift, act[:dim], k)
+    matvec(logits, wcls_q, wcls_s, wcls_shift, act[:dim], k, False)
+    matvec(logits, wres_q, wres_s, wres_shift, act[:dim], k, True)
     return logits
 
 
@@ -241,9 +239,9 @@ class FixedEngine:
         m = packed
         self._w = (m.token_embedding.q, m.token_embedding.s, m.rms_att_weight, m.wqkv.q, m.wqkv.s, m.wo.q, m.wo.s,
                    m.rms_ffn_weight, m.w13.q, m.w13.s, m.w2.q, m.w2.s, m.rms_final_weight, m.wcls.q, m.wcls.s,
-                   m.rope, m.exp_table, m.silu_table)
+                   m.wcls_residual.q, m.wcls_residual.s, m.rope, m.exp_table, m.silu_table)
         self._params = (m.token_embedding.shift, m.wqkv.shift, m.wo.shift, m.w13.shift, m.w2.shift, m.wcls.shift,
-                        p.act_bits_dim, p.act_bits_hidden, p.act_bits_head, p.norm_shift, p.rope_shift, p.rms_eps,
+                        m.wcls_residual.shift, p.act_bits_dim, p.act_bits_hidden, p.act_bits_head, p.norm_shift, p.rope_shift, p.rms_eps,
                         p.exp_shift, p.silu_shift, p.silu_lo)
         cache_shape = (c.n_layers, c.n_kv_heads, c.seq_len, c.head_size)
         self.key_q = np.zeros(cache_shape, dtype=np.int16)
@@ -251,8 +249,8 @@ class FixedEngine:
         self.key_d = np.zeros(cache_shape[:-1], dtype=np.int32)
         self.value_d = np.zeros(cache_shape[:-1], dtype=np.int32)
         i32 = lambda n: np.zeros(n, dtype=np.int32)  # noqa: E731
-        # x, xb, xb2, act (matmul input), qkv, hb (gate then up), qa (one query head), att, logits
-        self._buf = (i32(c.dim), i32(c.dim), i32(c.dim), i32(max(c.dim, c.hidden_dim)),
+        # x, xb, act (matmul input), qkv, hb (gate then up), qa (one query head), att, logits
+        self._buf = (i32(c.dim), i32(c.dim), i32(max(c.dim, c.hidden_dim)),
                      i32(c.dim + 2 * c.kv_dim), i32(2 * c.hidden_dim), i32(c.head_size), i32(c.seq_len),
                      i32(c.vocab_size))
         self.forward(0, 0)  # load (or compile) the jitted code now, so it is not timed as decoding
