@@ -1,0 +1,355 @@
+"""The contract with the boot engine: the disk image it boots from and the serial records it answers with.
+
+Disk image (512-byte sectors, LBA), each part starting on a sector boundary:
+
+    LBA 0                   boot sector (boot.asm): loads the run block and the engine with INT 13h AH=42h
+    LBA 1                   run block: RUN_BLOCK_FORMAT below, then the prompt token ids; zero-padded
+    LBA 2 .. 2+E-1          engine binary (engine.asm), E = engine_sectors <= 64 (it runs at 0x8000..0xFFFF)
+    LBA model_lba ..        model blob (the packed model, opaque here), model_bytes long, zero-padded
+
+Run block, little-endian (offsets are the RB_* constants of engine.asm):
+
+     0  4s   magic "SLRB"            16  u32  temperature * 65536 (0 = greedy)    32  u16  steps
+     4  u16  version (1)             20  u32  top-p * 65536                       34  u16  prompt token count
+     6  u16  engine_sectors          24  u64  seed                                36  u16[] prompt token ids
+     8  u32  model_lba
+    12  u32  model_bytes
+
+The engine loads the model to MODEL_BASE (1 MiB) in unreal mode. Serial protocol (COM1): log text, never STX,
+between records `STX tag fields ETX`: `T id,n` followed by the token's n raw bytes, `M name=value`, `E status`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+from ..errors import BootError, UsageError
+
+SECTOR = 512
+RUN_BLOCK_LBA = 1
+ENGINE_LBA = 2
+ENGINE_BASE = 0x8000
+MAX_ENGINE_BYTES = 0x10000 - ENGINE_BASE  # code and data need 16-bit offsets with DS = 0
+MODEL_BASE = 0x100000
+ADDRESSABLE_TOP = 0xC000_0000  # PC memory above 3 GiB is PCI holes and ROM on QEMU's machines
+
+RUN_MAGIC = b"SLRB"
+RUN_VERSION = 1
+RUN_BLOCK_FORMAT = "<4sHHIIIIQHH"
+RUN_BLOCK_HEADER = struct.calcsize(RUN_BLOCK_FORMAT)
+MAX_PROMPT_TOKENS = (SECTOR - RUN_BLOCK_HEADER) // 2
+Q16_ONE = 1 << 16
+
+STX = 0x02
+ETX = 0x03
+SERIAL_HOLD = 0x12  # runner -> engine: wait at the end until SERIAL_GO
+SERIAL_GO = 0x14
+
+SOURCE_DIR = Path(__file__).resolve().parent
+BOOT_SOURCE = SOURCE_DIR / "boot.asm"
+ENGINE_SOURCE = SOURCE_DIR / "engine.asm"
+NASM_INSTALL = "apt-get install nasm"
+
+
+class Status(IntEnum):
+    """End-of-run status: the end record's value and the byte sent to isa-debug-exit (boot.asm, engine.asm)."""
+
+    OK = 0x00
+    NO_EDD = 0x01  # the BIOS has no INT 13h extensions
+    DISK_ERROR = 0x02
+    BAD_RUN_BLOCK = 0x03
+    A20_CLOSED = 0x04
+    MODEL_TOO_LARGE = 0x05  # the model does not fit the machine's memory above 1 MiB
+    NO_FORWARD_PASS = 0x06  # an engine built before the forward pass existed
+
+
+@dataclass(frozen=True)
+class RunBlock:
+    """What one boot generates: the prompt and the sampling parameters, as integers the engine reads."""
+
+    prompt_tokens: tuple[int, ...] = ()
+    steps: int = 256
+    temperature_q16: int = 0  # temperature * 65536; 0 is greedy
+    topp_q16: int = 58982  # top-p * 65536 (0.9)
+    seed: int = 0
+
+    @classmethod
+    def from_sampling(cls, prompt_tokens: tuple[int, ...], steps: int, temperature: float, topp: float,
+                      seed: int) -> RunBlock:
+        """The run block for float sampling parameters, rounded to the engine's Q16.16."""
+        return cls(tuple(prompt_tokens), steps, round(temperature * Q16_ONE), round(topp * Q16_ONE), seed)
+
+    def validate(self) -> None:
+        """Refuse values the run block cannot hold; raises UsageError naming the field."""
+        if len(self.prompt_tokens) > MAX_PROMPT_TOKENS:
+            raise UsageError(f"the prompt has {len(self.prompt_tokens)} tokens; a boot image holds at most "
+                             f"{MAX_PROMPT_TOKENS}: shorten it")
+        if any(not 0 <= t < 1 << 16 for t in self.prompt_tokens):
+            raise UsageError("a prompt token id is outside 0..65535: the boot engine stores ids as u16")
+        for name, bits in (("steps", 16), ("temperature_q16", 32), ("topp_q16", 32), ("seed", 64)):
+            value = getattr(self, name)
+            if not 0 <= value < 1 << bits:
+                raise UsageError(f"{name} {value} does not fit the run block's unsigned {bits}-bit field")
+
+
+@dataclass(frozen=True)
+class DiskLayout:
+    """Where the boot sector and the engine find the parts of an image."""
+
+    engine_sectors: int
+    model_lba: int
+    model_bytes: int
+
+
+def pack_run_block(run: RunBlock, layout: DiskLayout) -> bytes:
+    """The run block sector for a run and a layout."""
+    run.validate()
+    header = struct.pack(RUN_BLOCK_FORMAT, RUN_MAGIC, RUN_VERSION, layout.engine_sectors, layout.model_lba,
+                         layout.model_bytes, run.temperature_q16, run.topp_q16, run.seed, run.steps,
+                         len(run.prompt_tokens))
+    prompt = struct.pack(f"<{len(run.prompt_tokens)}H", *run.prompt_tokens)
+    return (header + prompt).ljust(SECTOR, b"\0")
+
+
+def unpack_run_block(sector: bytes) -> tuple[RunBlock, DiskLayout]:
+    """Read back a run block sector; raises BootError if it is not one."""
+    (magic, version, engine_sectors, model_lba, model_bytes, temperature_q16, topp_q16, seed, steps,
+     n_prompt) = struct.unpack_from(RUN_BLOCK_FORMAT, sector)
+    if magic != RUN_MAGIC or version != RUN_VERSION or n_prompt > MAX_PROMPT_TOKENS:
+        raise BootError(f"not a version {RUN_VERSION} sectorllm run block (magic {magic!r}, version {version})")
+    prompt = struct.unpack_from(f"<{n_prompt}H", sector, RUN_BLOCK_HEADER)
+    return (RunBlock(prompt, steps, temperature_q16, topp_q16, seed),
+            DiskLayout(engine_sectors, model_lba, model_bytes))
+
+
+def sectors(n_bytes: int) -> int:
+    """Sectors needed for n_bytes."""
+    return -(-n_bytes // SECTOR)
+
+
+@dataclass(frozen=True)
+class AssembledCode:
+    """One nasm output and the assembler's own report of it (listing, map file)."""
+
+    binary: Path
+    listing: Path
+    map_file: Path
+    origin: int  # the org address
+    size: int  # bytes of output, from the map file's section summary
+    symbols: Mapping[str, int]  # labels (addresses) and equ constants, from the map file
+    warnings: tuple[str, ...]
+
+
+def assemble(source: Path, output: Path, defines: Mapping[str, str | int | None] | None = None) -> AssembledCode:
+    """Run nasm -f bin -w+all on source; the listing and the map file go next to output (.lst, .map)."""
+    nasm = shutil.which("nasm")
+    if nasm is None:
+        raise BootError(f"nasm is not installed, the boot image cannot be built: {NASM_INSTALL}")
+    output = output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    listing, map_file = output.with_suffix(".lst"), output.with_suffix(".map")
+    flags = [f"-D{name}" if value is None else f"-D{name}={value}" for name, value in (defines or {}).items()]
+    # The map directive takes a bare file name: run in the output folder so paths with spaces cannot break it.
+    command = [nasm, "-f", "bin", "-w+all", *flags, "--before", f"[map all {map_file.name}]",
+               "-l", listing.name, "-o", output.name, str(Path(source).resolve())]
+    done = subprocess.run(command, cwd=output.parent, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BootError(f"nasm failed on {source}: {done.stderr.strip()}")
+    origin, size, symbols = parse_map(map_file.read_text())
+    return AssembledCode(output, listing, map_file, origin, size, symbols, tuple(done.stderr.splitlines()))
+
+
+_MAP_ORIGIN = re.compile(r"-- Program origin -+\s+([0-9A-Fa-f]+)")
+_MAP_SECTION = re.compile(r"^\s*[0-9A-Fa-f]+\s+[0-9A-Fa-f]+\s+[0-9A-Fa-f]+\s+([0-9A-Fa-f]+)\s+progbits\s+\S+$", re.M)
+_MAP_LABEL = re.compile(r"^\s*([0-9A-Fa-f]+)\s+[0-9A-Fa-f]+\s+(\S+)$", re.M)
+_MAP_CONSTANT = re.compile(r"^([0-9A-Fa-f]{8})\s+(\S+)$", re.M)
+
+
+def parse_map(text: str) -> tuple[int, int, dict[str, int]]:
+    """Origin, total section length and symbols of a nasm bin map file ([map all])."""
+    origin = _MAP_ORIGIN.search(text)
+    lengths = _MAP_SECTION.findall(text)
+    if origin is None or not lengths:
+        raise BootError("nasm's map file has no origin or section summary (unexpected nasm version?)")
+    symbols_part = text[text.index("-- Symbols"):]
+    symbols = {name: int(value, 16) for value, name in _MAP_CONSTANT.findall(symbols_part)}
+    symbols.update({name: int(value, 16) for value, name in _MAP_LABEL.findall(symbols_part)})
+    return int(origin.group(1), 16), sum(int(n, 16) for n in lengths), symbols
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """A built image and its size figures (from the assembler's map files)."""
+
+    path: Path
+    layout: DiskLayout
+    boot_code_bytes: int  # boot sector bytes before the padding and the 0xAA55 signature
+    engine_bytes: int
+    image_bytes: int
+    boot: AssembledCode
+    engine: AssembledCode
+
+
+def build_image(model_blob: bytes, run: RunBlock, output: Path, *,
+                engine_defines: Mapping[str, str | int | None] | None = None, build_dir: Path | None = None,
+                memory_limit: int = ADDRESSABLE_TOP) -> ImageInfo:
+    """Assemble boot sector and engine (listings in build_dir, default output's folder/build) and write the image.
+
+    memory_limit is the first physical address the engine may not use; a model that would run past it is refused.
+    """
+    output = Path(output)
+    model_end = MODEL_BASE + sectors(len(model_blob)) * SECTOR
+    if model_end > memory_limit:
+        raise BootError(f"the model is {len(model_blob)} bytes: loaded at 1 MiB it overruns the addressable memory "
+                        f"(up to {memory_limit:#x}) by {model_end - memory_limit} bytes")
+    build = Path(build_dir) if build_dir is not None else output.parent / "build"
+    boot = assemble(BOOT_SOURCE, build / "boot.bin")
+    engine = assemble(ENGINE_SOURCE, build / "engine.bin", engine_defines)
+    if engine.size > MAX_ENGINE_BYTES:
+        raise BootError(f"the engine is {engine.size} bytes, {engine.size - MAX_ENGINE_BYTES} more than the "
+                        f"{MAX_ENGINE_BYTES} it can have below 64 KiB")
+    layout = DiskLayout(sectors(engine.size), ENGINE_LBA + sectors(engine.size), len(model_blob))
+    parts = (boot.binary.read_bytes(), pack_run_block(run, layout), engine.binary.read_bytes(), model_blob)
+    image_bytes = write_atomically(output, [piece for part in parts for piece in (part, bytes(-len(part) % SECTOR))])
+    return ImageInfo(output, layout, boot.symbols["code_end"] - boot.origin, engine.size, image_bytes, boot, engine)
+
+
+def write_atomically(path: Path, parts: Iterable[bytes]) -> int:
+    """Write the concatenated parts through a temporary file, so readers never see half a file; returns its size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            for part in parts:
+                f.write(part)
+            size = f.tell()
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return size
+
+
+@dataclass(frozen=True)
+class Token:
+    """A generated token: its id and the bytes the engine printed for it."""
+
+    id: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Value:
+    """A named number the engine reported (an `M` record)."""
+
+    name: str
+    value: int
+
+
+@dataclass(frozen=True)
+class End:
+    """The end record: the run is over, with this status."""
+
+    status: int
+
+
+Record = Token | Value | End
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """Everything the engine said on COM1, decoded."""
+
+    tokens: tuple[Token, ...]
+    log: str  # the text outside records: start-up messages, errors
+    values: Mapping[str, int]
+    end_status: int | None  # None when no end record came (the boot sector failed, or the run was cut short)
+
+    @property
+    def generated_tokens(self) -> list[int]:
+        return [t.id for t in self.tokens]
+
+    @property
+    def text_bytes(self) -> bytes:
+        return b"".join(t.data for t in self.tokens)
+
+    @property
+    def text(self) -> str:
+        return self.text_bytes.decode("utf-8", errors="replace")
+
+
+@dataclass
+class SerialDecoder:
+    """Splits the engine's serial stream into log text and records, as its bytes arrive in chunks of any size."""
+
+    log: bytearray = field(default_factory=bytearray)
+    records: list[Record] = field(default_factory=list)
+    _record: bytearray | None = field(default=None, init=False, repr=False)  # inside STX .. ETX
+    _token_id: int = field(default=0, init=False, repr=False)
+    _token_data: bytearray | None = field(default=None, init=False, repr=False)  # receiving a token's bytes
+    _token_left: int = field(default=0, init=False, repr=False)
+
+    def feed(self, data: bytes) -> list[Record]:
+        """Take more bytes; returns the records they completed."""
+        done: list[Record] = []
+        i = 0
+        while i < len(data):
+            if self._token_data is not None:
+                take = data[i:i + self._token_left]
+                self._token_data += take
+                self._token_left -= len(take)
+                i += len(take)
+                if self._token_left == 0:
+                    done.append(Token(self._token_id, bytes(self._token_data)))
+                    self._token_data = None
+                continue
+            byte = data[i]
+            i += 1
+            if self._record is None:
+                if byte == STX:
+                    self._record = bytearray()
+                else:
+                    self.log.append(byte)
+            elif byte == ETX:
+                record = self._finish_record(bytes(self._record))
+                self._record = None
+                if record is not None:
+                    done.append(record)
+            else:
+                self._record.append(byte)
+        self.records += done
+        return done
+
+    def _finish_record(self, body: bytes) -> Record | None:
+        """Decode one record body (between STX and ETX); a token record only starts its bytes."""
+        text = body.decode("ascii", errors="replace")
+        tag, fields = text[:1], text[1:]
+        if tag == "T" and re.fullmatch(r"\d+,\d+", fields):
+            token_id, n = (int(x) for x in fields.split(","))
+            if n == 0:
+                return Token(token_id, b"")
+            self._token_id, self._token_data, self._token_left = token_id, bytearray(), n
+            return None
+        if tag == "M" and re.fullmatch(r"[a-z0-9_]+=\d+", fields):
+            name, value = fields.split("=")
+            return Value(name, int(value))
+        if tag == "E" and fields.isdigit():
+            return End(int(fields))
+        raise BootError(f"malformed serial record from the engine: {body!r}")
+
+    def output(self) -> EngineOutput:
+        """The decoded stream so far."""
+        ends = [r.status for r in self.records if isinstance(r, End)]
+        return EngineOutput(tokens=tuple(r for r in self.records if isinstance(r, Token)),
+                            log=self.log.decode("utf-8", errors="replace"),
+                            values={r.name: r.value for r in self.records if isinstance(r, Value)},
+                            end_status=ends[-1] if ends else None)

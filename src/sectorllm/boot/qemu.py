@@ -1,0 +1,182 @@
+"""Boot an image under QEMU (headless, TCG) and stream the engine's serial records back as they arrive."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BootError
+from .image import SERIAL_GO, SERIAL_HOLD, End, EngineOutput, Record, SerialDecoder, Token, write_atomically
+
+QEMU = "qemu-system-i386"
+QEMU_INSTALL = "apt-get install qemu-system-x86"
+DEFAULT_MEMORY_MIB = 128
+DEFAULT_TIMEOUT = 60.0
+MONITOR_PROMPT = b"(qemu) "
+PPM_HEADER = re.compile(rb"P6\s+(\d+)\s+(\d+)\s+(\d+)\s")  # one whitespace byte, then pixels
+
+
+@dataclass(frozen=True)
+class BootResult(EngineOutput):
+    """One QEMU boot: the decoded serial stream, how QEMU ended, and the screenshot if one was asked for."""
+
+    status: int | None  # the end record's status, else isa-debug-exit's; None if neither (reset, crash)
+    exit_code: int  # QEMU's: (status << 1) | 1 after isa-debug-exit
+    stderr: str
+    seconds: float
+    screenshot: Path | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+
+def qemu_command(binary: str, image: Path, memory_mib: int, cpu: str | None, accel: str, monitor: Path) -> list[str]:
+    """The QEMU command line: headless, serial on stdio, a monitor socket, isa-debug-exit, the image as IDE disk."""
+    command = [binary, "-machine", f"pc,accel={accel}", "-m", str(memory_mib), "-display", "none",
+               "-serial", "stdio", "-monitor", f"unix:{monitor},server=on,wait=off", "-no-reboot", "-nic", "none",
+               "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+               # snapshot: the guest may write to its disk, the image file stays as built
+               "-drive", f"file={image},format=raw,if=ide,snapshot=on"]
+    return command + (["-cpu", cpu] if cpu else [])
+
+
+def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, cpu: str | None = None,
+         memory_mib: int = DEFAULT_MEMORY_MIB, accel: str = "tcg", screenshot: Path | None = None,
+         on_token: Callable[[Token], None] | None = None) -> BootResult:
+    """Boot image in qemu-system-i386 until the engine ends the run; raises BootError on timeout or QEMU failure.
+
+    TCG is the default: it ran real-mode code faster than KVM here, and boots SeaBIOS in a fraction of the time;
+    but only KVM checks segment limits, so only KVM can show that unreal mode holds.
+    on_token is called for each token as soon as its record and bytes have arrived. With screenshot, the runner
+    asks the engine (SERIAL_HOLD) to wait after its end record, saves the VGA screen as PNG, then lets it exit.
+    """
+    binary = shutil.which(QEMU)
+    if binary is None:
+        raise BootError(f"{QEMU} is not installed, the boot image cannot be run: {QEMU_INSTALL}")
+    image = Path(image).resolve()
+    if not image.is_file():
+        raise BootError(f"boot image {image} does not exist: build it first")
+    started = time.monotonic()
+    deadline = started + timeout
+    with tempfile.TemporaryDirectory(prefix="sectorllm-qemu-") as scratch:
+        monitor = Path(scratch) / "monitor.sock"
+        stderr_path = Path(scratch) / "stderr.txt"
+        with open(stderr_path, "wb") as stderr_file:
+            process = subprocess.Popen(qemu_command(binary, image, memory_mib, cpu, accel, monitor),
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr_file)
+        try:
+            if screenshot is not None:
+                send_serial(process, SERIAL_HOLD)
+            decoder = SerialDecoder()
+            shot = None
+            for record in stream_records(process, decoder, deadline, timeout):
+                if isinstance(record, Token) and on_token is not None:
+                    on_token(record)
+                elif isinstance(record, End) and screenshot is not None:
+                    shot = take_screenshot(monitor, Path(scratch) / "screen.ppm", Path(screenshot), deadline)
+                    send_serial(process, SERIAL_GO)
+            exit_code = process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            raise BootError(f"QEMU did not exit within {timeout:g} s after the engine's output ended: "
+                            "raise the timeout or check the engine's end of run") from None
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            process.stdout.close()
+            process.stdin.close()
+        stderr = stderr_path.read_text(errors="replace")
+    output = decoder.output()
+    # Without an end record only isa-debug-exit (an odd exit code) says the guest ended the run; QEMU's own
+    # errors also exit with 1, but say so on stderr.
+    if output.end_status is None and (exit_code & 1 == 0 or QEMU in stderr):
+        raise BootError(f"QEMU ended (exit code {exit_code}) without the engine ending the run: "
+                        f"{stderr.strip() or output.log.strip() or 'no output'}")
+    status = output.end_status if output.end_status is not None else exit_code >> 1
+    return BootResult(**vars(output), status=status, exit_code=exit_code, stderr=stderr,
+                      seconds=time.monotonic() - started, screenshot=shot)
+
+
+def send_serial(process: subprocess.Popen, byte: int) -> None:
+    """One byte to the guest's COM1; if QEMU is gone already, its exit code and stderr tell why."""
+    try:
+        process.stdin.write(bytes([byte]))
+        process.stdin.flush()
+    except BrokenPipeError:
+        pass
+
+
+def stream_records(process: subprocess.Popen, decoder: SerialDecoder, deadline: float,
+                   timeout: float) -> Iterator[Record]:
+    """Yield the records of QEMU's serial output as they complete, until QEMU closes it; BootError at deadline."""
+    fd = process.stdout.fileno()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BootError(f"the boot did not finish within {timeout:g} s (QEMU killed): raise the timeout, "
+                            f"or look at the output so far: {decoder.output().log[-200:]!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return
+        yield from decoder.feed(chunk)
+
+
+def take_screenshot(monitor: Path, ppm: Path, png: Path, deadline: float) -> Path:
+    """Ask QEMU's monitor for a screendump of the VGA screen and save it as PNG."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(max(deadline - time.monotonic(), 0.1))
+            connection.connect(str(monitor))
+            read_until_prompt(connection)
+            connection.sendall(f"screendump {ppm}\n".encode())
+            read_until_prompt(connection)
+    except OSError as error:
+        raise BootError(f"cannot take the screenshot through QEMU's monitor: {error}") from None
+    if not ppm.is_file():
+        raise BootError(f"QEMU's screendump wrote no file ({ppm})")
+    write_atomically(png, (ppm_to_png(ppm.read_bytes()),))
+    return png
+
+
+def read_until_prompt(connection: socket.socket) -> bytes:
+    """Read monitor output up to and including its next prompt."""
+    received = b""
+    while not received.endswith(MONITOR_PROMPT):
+        chunk = connection.recv(4096)
+        if not chunk:
+            raise BootError("QEMU's monitor closed its connection before answering")
+        received += chunk
+    return received
+
+
+def ppm_to_png(ppm: bytes) -> bytes:
+    """Convert a binary PPM (P6, 8-bit RGB, as QEMU's screendump writes it) to PNG, with zlib only."""
+    header = PPM_HEADER.match(ppm)
+    if header is None or header.group(3) != b"255":
+        raise BootError("QEMU's screendump is not an 8-bit binary PPM")
+    width, height, pixels = int(header.group(1)), int(header.group(2)), ppm[header.end():]
+    row = width * 3
+    if len(pixels) < row * height:
+        raise BootError("QEMU's screendump is truncated")
+    raw = b"".join(b"\0" + pixels[y * row:(y + 1) * row] for y in range(height))  # filter type 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
