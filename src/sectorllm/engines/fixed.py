@@ -229,20 +229,19 @@ def forward_token(token: int, pos: int, w: tuple, params: tuple, key_q: np.ndarr
 
 
 class FixedEngine:
-    """The integer transformer: packed weights, int16 keys and int8 values cached with a divisor per (position, kv head)."""
+    """The integer transformer: packed weights; int16 keys, int8 values, a divisor per (position, kv head)."""
 
     def __init__(self, packed: PackedModel) -> None:
         c: ModelConfig = packed.config
-        p = packed.quant
         self.config = c
         self.packed = packed
-        m = packed
-        self._w = (m.token_embedding.q, m.token_embedding.s, m.rms_att_weight, m.wqkv.q, m.wqkv.s, m.wo.q, m.wo.s,
-                   m.rms_ffn_weight, m.w13.q, m.w13.s, m.w2.q, m.w2.s, m.rms_final_weight, m.wcls.q, m.wcls.s,
-                   m.wcls_residual.q, m.wcls_residual.s, m.rope, m.exp_table, m.silu_table)
-        self._params = (m.token_embedding.shift, m.wqkv.shift, m.wo.shift, m.w13.shift, m.w2.shift, m.wcls.shift,
-                        m.wcls_residual.shift, p.act_bits_dim, p.act_bits_hidden, p.act_bits_head, p.norm_shift, p.rope_shift, p.rms_eps,
-                        p.exp_shift, p.silu_shift, p.silu_lo)
+        p, q = packed, packed.quant
+        self._w = (p.token_embedding.q, p.token_embedding.s, p.rms_att_weight, p.wqkv.q, p.wqkv.s, p.wo.q, p.wo.s,
+                   p.rms_ffn_weight, p.w13.q, p.w13.s, p.w2.q, p.w2.s, p.rms_final_weight, p.wcls.q, p.wcls.s,
+                   p.wcls_residual.q, p.wcls_residual.s, p.rope, p.exp_table, p.silu_table)
+        self._params = (p.token_embedding.shift, p.wqkv.shift, p.wo.shift, p.w13.shift, p.w2.shift, p.wcls.shift,
+                        p.wcls_residual.shift, q.act_bits_dim, q.act_bits_hidden, q.act_bits_head, q.norm_shift,
+                        q.rope_shift, q.rms_eps, q.exp_shift, q.silu_shift, q.silu_lo)
         cache_shape = (c.n_layers, c.n_kv_heads, c.seq_len, c.head_size)
         self.key_q = np.zeros(cache_shape, dtype=np.int16)
         self.value_q = np.zeros(cache_shape, dtype=np.int8)
