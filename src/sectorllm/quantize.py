@@ -164,8 +164,11 @@ def quantize(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row") 
     matrices["wcls_residual"] = quantize_matrix("wcls_residual", residual, _row_scales(residual, scheme), min_dim)
     norms = {name: norm_weights(name, tensors[name], c.dim)
              for name in ("rms_att_weight", "rms_ffn_weight", "rms_final_weight")}
+    rms_eps = round(RMS_EPS * c.dim * 2.0 ** 32)  # on the sum (not the mean) of squares of Q16.16 values
+    if rms_eps >= 1 << 32:
+        raise QuantizeError(f"dim {c.dim} is too wide: RMSNorm's epsilon term would not fit its 32-bit field")
     params = QuantParams(scheme, bits_dim, bits_hidden, act_bits(c.head_size, KEY_MAX), NORM_SHIFT, ROPE_SHIFT,
-                         int(round(RMS_EPS * c.dim * 2.0 ** 32)), EXP_SHIFT, SILU_SHIFT, -SILU_RANGE * 65536)
+                         rms_eps, EXP_SHIFT, SILU_SHIFT, -SILU_RANGE * 65536)
     model = PackedModel(c, params, rope=rope_table(c), exp_table=exp_table(), silu_table=silu_table(),
                         tokenizer=tokenizer, **matrices, **norms)
     return model, QuantReport(scheme, _tensor_reports(c, tensors, matrices, norms, model.rope),
