@@ -12,7 +12,6 @@ from sectorllm.config import ModelConfig
 from sectorllm.engines import fixed
 from sectorllm.engines.fixed import FixedEngine, FixedSampler, FixedSamplerConfig, sample_fixed
 from sectorllm.engines.float32 import FloatEngine
-from sectorllm.errors import UsageError
 from sectorllm.packed import read_packed, write_packed
 from sectorllm.quantize import quantize
 from sectorllm.sampling import SamplerConfig, XorShiftRng
@@ -137,14 +136,15 @@ def test_no_float_between_file_and_token(stories):
 
 
 def _reference_sample(logits: list[int], table: list[int], shift: int, inv_t: int, topp: int, topk: int,
-                      coin: int) -> int:
+                      minp: int, coin: int) -> int:
     """docs/arithmetic.md "sample", written again from the text with Python integers."""
     top = max(logits)
     weights = []
     for value in logits:
         d = (top - value) * inv_t >> 16
         i, f = d >> shift, d & ((1 << shift) - 1)
-        weights.append(0 if i >= len(table) - 1 else table[i] + ((table[i + 1] - table[i]) * f >> shift))
+        weight = 0 if i >= len(table) - 1 else table[i] + ((table[i + 1] - table[i]) * f >> shift)
+        weights.append(0 if weight < minp else weight)
     order = list(range(len(logits)))
     keep = len(order)
     if topk or topp < 65536:
@@ -167,11 +167,13 @@ def _reference_sample(logits: list[int], table: list[int], shift: int, inv_t: in
     raise AssertionError("the coin fell past the kept weights")
 
 
-@pytest.mark.parametrize("temperature, topp, topk", [(1.0, 1.0, 0), (0.8, 0.9, 0), (1.3, 1.0, 5), (0.5, 0.5, 40)])
-def test_sampler_follows_the_written_rule(stories, temperature, topp, topk):
+@pytest.mark.parametrize("temperature, topp, topk, minp",
+                         [(1.0, 1.0, 0, 0), (0.8, 0.9, 0, 0), (1.3, 1.0, 5, 0), (0.5, 0.5, 40, 0), (1.5, 1.0, 0, 0.05),
+                          (1.0, 0.9, 10, 0.2)])
+def test_sampler_follows_the_written_rule(stories, temperature, topp, topk, minp):
     table = stories[1].exp_table
     shift = stories[1].quant.exp_shift
-    config = FixedSamplerConfig.from_sampler_config(SamplerConfig(temperature, topp, topk, seed=1))
+    config = FixedSamplerConfig.from_sampler_config(SamplerConfig(temperature, topp, topk, minp, seed=1))
     rng = np.random.default_rng(7)
     coins = XorShiftRng(99)
     for _ in range(20):
@@ -179,9 +181,9 @@ def test_sampler_follows_the_written_rule(stories, temperature, topp, topk):
         logits[rng.integers(97)] = logits.max()  # a tie at the top
         coin = coins.next_u32() >> 8
         want = _reference_sample(logits.tolist(), table.tolist(), shift, config.inv_temperature_q16,
-                                 config.topp_q16, config.topk, coin)
+                                 config.topp_q16, config.topk, config.minp_q16, coin)
         assert sample_fixed(logits, table, shift, config.inv_temperature_q16, config.topp_q16,
-                            config.topk, coin) == want
+                            config.topk, config.minp_q16, coin) == want
 
 
 def test_greedy_sampler_takes_the_first_of_tied_maxima(stories):
@@ -207,5 +209,4 @@ def test_seeded_sampling_repeats_and_follows_the_seed(stories):
 def test_sampler_settings_become_q16_integers():
     config = FixedSamplerConfig.from_sampler_config(SamplerConfig(0.5, 0.9, 3, seed=8))
     assert config == FixedSamplerConfig(131072, 58982, 3, 8)
-    with pytest.raises(UsageError, match="min-p"):
-        FixedSamplerConfig.from_sampler_config(SamplerConfig(1.0, minp=0.1))
+    assert FixedSamplerConfig.from_sampler_config(SamplerConfig(1.0, minp=0.1)).minp_q16 == 6554

@@ -275,26 +275,25 @@ class FixedSamplerConfig:
     topp_q16: int = ONE_Q16  # round(65536 * top-p); 65536 turns top-p off
     topk: int = 0  # 0 turns top-k off
     seed: int = 0  # 0 takes the seed from the clock
+    minp_q16: int = 0  # round(65536 * min-p); 0 turns min-p off
 
     @classmethod
     def from_sampler_config(cls, config: SamplerConfig) -> FixedSamplerConfig:
         """Round the float settings once, outside the engine: temperature and top-p become Q16 integers."""
         config.validate()
-        if config.minp > 0:
-            raise UsageError("min-p is not implemented by the fixed-point sampler: use --minp 0 with this engine")
         if config.temperature == 0:
             return cls(0, ONE_Q16, config.topk, config.seed)
         inv_t = round(ONE_Q16 / config.temperature)
         if not 1 <= inv_t < 1 << 31:
             raise UsageError(f"temperature {config.temperature} is outside what the fixed-point sampler holds "
                              "(1/65536 .. 65536): use a value in that range")
-        return cls(inv_t, max(1, round(ONE_Q16 * config.topp)), config.topk, config.seed)
+        return cls(inv_t, max(1, round(ONE_Q16 * config.topp)), config.topk, config.seed, round(ONE_Q16 * config.minp))
 
 
 @numba.njit(cache=True)
 def sample_fixed(logits: np.ndarray, exp_table: np.ndarray, exp_shift: int, inv_temperature: int,
-                 topp: int, topk: int, coin: int) -> int:
-    """docs/arithmetic.md "sample": exp-table weights of the scaled logits, top-k/top-p cut, one 24-bit coin."""
+                 topp: int, topk: int, minp: int, coin: int) -> int:
+    """docs/arithmetic.md "sample": exp-table weights of the scaled logits, min-p/top-k/top-p cut, a 24-bit coin."""
     n = logits.shape[0]
     top = np.int64(logits[0])
     for i in range(n):
@@ -303,6 +302,8 @@ def sample_fixed(logits: np.ndarray, exp_table: np.ndarray, exp_shift: int, inv_
     total = 0
     for i in range(n):
         e[i] = exp_lookup(((top - logits[i]) * inv_temperature) >> 16, exp_table, exp_shift)
+        if e[i] < minp:  # the top logit weighs exp(0) = 65536, so this is p < min-p * p_top
+            e[i] = 0
         total += e[i]
     n_keep = n
     if topk == 0 and topp >= ONE_Q16:
@@ -347,4 +348,4 @@ class FixedSampler:
             return int(np.argmax(logits))  # the first index on ties
         coin = self.rng.next_u32() >> 8  # 24 bits, as run.c's random_f32 takes them
         return int(sample_fixed(logits, self._exp_table, self._exp_shift, c.inv_temperature_q16,
-                                c.topp_q16, c.topk, coin))
+                                c.topp_q16, c.topk, c.minp_q16, coin))
