@@ -14,7 +14,7 @@ def _assert_one_line_error(proc, *words: str) -> None:
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
     assert "Traceback" not in err
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not line.startswith("note: loading")]
     assert len(lines) == 1 and lines[0].startswith("sectorllm"), err
     for word in words:
         assert word in lines[0], err

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -26,10 +29,26 @@ def _note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
+@contextmanager
+def _notice_if_slow(message: str, after_seconds: float = 1.5) -> Iterator[None]:
+    """Say what is happening when loading takes long: the first run compiles the engines (numba), ~10 s."""
+    timer = threading.Timer(after_seconds, _note, [message])
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .api import load
+    from .generate import check_steps
+    from .sampling import SamplerConfig
 
-    model = load(args.checkpoint, args.tokenizer, engine=args.engine, scheme=args.scheme)
+    SamplerConfig(args.temperature, args.topp, args.topk, args.minp, args.seed).validate()  # before the slow load
+    check_steps(args.steps)
+    with _notice_if_slow("loading; the first run also compiles the engine, which takes a few seconds"):
+        model = load(args.checkpoint, args.tokenizer, engine=args.engine, scheme=args.scheme)
     seq_len = model.config.seq_len
     if args.steps > seq_len:
         _note(f"-n {args.steps} is beyond the model's {seq_len}-token context: generating up to {seq_len}")

@@ -43,10 +43,14 @@ class GenerationResult:
     seed: int
 
 
-def step_budget(steps: int, seq_len: int) -> tuple[int, str]:
-    """run.c's rule: 0 or more than the context means the whole context; returns (forward passes, reason at the end)."""
+def check_steps(steps: int) -> None:
     if steps < 0:
         raise UsageError(f"steps {steps} is negative: use a positive number, or 0 for the whole context")
+
+
+def step_budget(steps: int, seq_len: int) -> tuple[int, str]:
+    """run.c's rule: 0 or more than the context means the whole context; returns (forward passes, reason at the end)."""
+    check_steps(steps)
     if steps == 0 or steps > seq_len:
         return seq_len, "context"
     return steps, "steps"
