@@ -11,11 +11,12 @@ from ..config import ModelConfig
 
 # Below this width, BLAS threads cost more than they save (and stall when the other core is busy).
 _SINGLE_THREAD_BLAS_BELOW_DIM = 256
-# Only the matrix-vector products may be reassociated (vectorized); everything else keeps run.c's float32 order.
-_MATVEC_MATH = {"reassoc", "nsz", "contract"}
+# Dot products may be reassociated (vectorized), as run.c's -Ofast build does and still gives the same tokens;
+# norms, softmax, exp, division and square root keep run.c's float32 order (they are compiled without it).
+_REASSOCIATE = {"reassoc", "nsz", "contract"}
 
 
-@numba.njit(cache=True, fastmath=_MATVEC_MATH)
+@numba.njit(cache=True, fastmath=_REASSOCIATE)
 def matvec(out: np.ndarray, w: np.ndarray, x: np.ndarray) -> None:
     """out = w @ x for w (d, n), x (n,)."""
     for i in range(w.shape[0]):
@@ -78,7 +79,7 @@ def rope(vec: np.ndarray, cos: np.ndarray, sin: np.ndarray, head_size: int) -> N
         vec[i + 1] = v0 * s + v1 * c
 
 
-@numba.njit(cache=True, fastmath=_MATVEC_MATH)
+@numba.njit(cache=True, fastmath=_REASSOCIATE)
 def attention(out: np.ndarray, q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, pos: int,
               att: np.ndarray) -> None:
     """Each query head of q (dim,) attends over positions 0..pos of one layer's cache (n_kv_heads, head_size, seq_len).
@@ -115,7 +116,7 @@ def causal_attention(out: np.ndarray, q: np.ndarray, key_cache: np.ndarray, valu
         attention(out[t], q[t], key_cache, value_cache, t, att)
 
 
-@numba.njit(cache=True, fastmath=_MATVEC_MATH)
+@numba.njit(cache=True, fastmath=_REASSOCIATE)
 def forward_token(token: int, pos: int, w: tuple, rope_cos: np.ndarray, rope_sin: np.ndarray,
                   key_cache: np.ndarray, value_cache: np.ndarray, buf: tuple) -> np.ndarray:
     """One position of the transformer, run.c's forward(): returns the logits buffer."""
