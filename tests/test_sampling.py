@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import numpy as np
 import pytest
 
+from sectorllm.checkpoint import load_checkpoint
+from sectorllm.engines.float32 import FloatEngine, softmax
 from sectorllm.errors import UsageError
 from sectorllm.sampling import Sampler, SamplerConfig, XorShiftRng
 
@@ -55,3 +60,19 @@ def test_top_p_keeps_the_nucleus():
 def test_bad_settings_are_refused(config):
     with pytest.raises(UsageError):
         Sampler(config)
+
+
+def test_softmax_is_run_c_sequential_float32_even_after_the_engine_ran(stories260k):
+    """run.c's softmax: libm expf, a sequential float32 sum, a division; the engine's reassociated code must not leak
+    into it (numba would otherwise compile it with the flags of its first caller)."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    FloatEngine(load_checkpoint(stories260k)).forward(5, 1)
+    x = (np.random.default_rng(0).standard_normal(32000) * 0.5).astype(np.float32)
+    mine = x.copy()
+    softmax(mine)
+    exps = np.array([libm.expf(float(v - x.max())) for v in x], np.float32)
+    total = np.float32(0)
+    for value in exps:
+        total = np.float32(total + value)
+    assert np.array_equal(mine, exps / total)

@@ -12,7 +12,8 @@ from ..config import ModelConfig
 # Below this width, BLAS threads cost more than they save (and stall when the other core is busy).
 _SINGLE_THREAD_BLAS_BELOW_DIM = 256
 # Dot products may be reassociated (vectorized), as run.c's -Ofast build does and still gives the same tokens;
-# norms, softmax, exp, division and square root keep run.c's float32 order (they are compiled without it).
+# norms and softmax keep run.c's float32 order: they say fastmath=False, or numba would compile them with the
+# flags of the first caller (the sampler shares softmax, and its coin is compared against these exact sums).
 _REASSOCIATE = {"reassoc", "nsz", "contract"}
 
 
@@ -26,7 +27,7 @@ def matvec(out: np.ndarray, w: np.ndarray, x: np.ndarray) -> None:
         out[i] = acc
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def softmax(x: np.ndarray) -> None:
     """In place, float32, in run.c's order: subtract the max, expf, sequential sum, divide."""
     max_val = x[0]
@@ -41,7 +42,7 @@ def softmax(x: np.ndarray) -> None:
         x[i] /= total
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def rmsnorm(out: np.ndarray, x: np.ndarray, weight: np.ndarray) -> None:
     ss = np.float32(0.0)
     for j in range(x.shape[0]):
