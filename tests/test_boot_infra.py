@@ -17,13 +17,15 @@ from sectorllm.boot import image as img
 from sectorllm.boot.image import (MODEL_BASE, RunBlock, SerialDecoder, Status, Token, assemble, build_image,
                                   pack_run_block, unpack_run_block)
 from sectorllm.boot.qemu import BootResult, boot, ppm_to_png
+from sectorllm.engines.fixed import FixedSamplerConfig
 from sectorllm.errors import BootError, UsageError
+from sectorllm.sampling import SamplerConfig
 
 IN_CI = os.environ.get("CI") == "true"
 SELFTEST = {"SELFTEST": None}
 SELFTEST_TOKENS = [Token(1, b"Once"), Token(9038, b" upon\n"), Token(13, b"\n"), Token(0, b""),
                    Token(400, bytes([0x00, 0xFF, 0x02, 0x03, 0x12, 0x80, 0x0D])), Token(65535, b" time.\r\n\x7f")]
-RUN = RunBlock(prompt_tokens=(1, 403, 65535, 0), steps=77, temperature_q16=52429, topp_q16=58982,
+RUN = RunBlock(prompt_tokens=(1, 403, 65535, 0), steps=77, inv_temperature_q16=81920, topp_q16=58982, topk=40,
                seed=0x1234_5678_9ABC_DEF1)
 
 
@@ -102,8 +104,9 @@ def assert_selftest(result, blob: bytes) -> None:
     assert result.values["weighted_sum"] == weighted
     assert result.values["model_bytes"] == len(blob)
     assert result.values["steps"] == RUN.steps
-    assert result.values["temperature"] == RUN.temperature_q16
+    assert result.values["inv_temperature"] == RUN.inv_temperature_q16
     assert result.values["topp"] == RUN.topp_q16
+    assert result.values["topk"] == RUN.topk
     assert result.values["seed_low"] | result.values["seed_high"] << 32 == RUN.seed
     assert result.values["prompt_count"] == len(RUN.prompt_tokens)
     assert result.values["prompt_sum"] == sum(RUN.prompt_tokens)
@@ -123,15 +126,18 @@ def test_run_block_round_trips():
     assert unpack_run_block(sector) == (RUN, layout)
 
 
-def test_run_block_from_sampling_rounds_to_q16():
-    run = RunBlock.from_sampling((5, 6), steps=10, temperature=0.8, topp=0.9, seed=42)
-    assert (run.temperature_q16, run.topp_q16) == (52429, 58982)
+def test_run_block_from_sampler_holds_the_fixed_sampler_settings():
+    config = FixedSamplerConfig.from_sampler_config(SamplerConfig(temperature=0.8, topp=0.9, topk=5, seed=42))
+    run = RunBlock.from_sampler(config, [5, 6], steps=10)
+    assert run == RunBlock((5, 6), 10, inv_temperature_q16=81920, topp_q16=58982, topk=5, seed=42)
+    assert RunBlock.from_sampler(config, [1], steps=70000).steps == 0  # past u16: the whole context, as 0
+    assert RunBlock.from_sampler(FixedSamplerConfig(0), [1], 10).seed != 0  # 0 takes the clock, as FixedSampler
 
 
 def test_run_block_refuses_what_it_cannot_hold():
     layout = img.DiskLayout(1, 3, 0)
-    with pytest.raises(UsageError, match="at most 238"):
-        pack_run_block(RunBlock(prompt_tokens=(1,) * 239), layout)
+    with pytest.raises(UsageError, match="at most 236"):
+        pack_run_block(RunBlock(prompt_tokens=(1,) * 237), layout)
     with pytest.raises(UsageError, match="outside 0..65535"):
         pack_run_block(RunBlock(prompt_tokens=(65536,)), layout)
     with pytest.raises(UsageError, match="seed"):
@@ -211,8 +217,8 @@ def test_image_layout_and_sizes(selftest_image, blob):
 
 def test_assembly_constants_match_python(selftest_image):
     engine, boot_sector = selftest_image.engine.symbols, selftest_image.boot.symbols
-    fields = ["MAGIC", "VERSION", "ENGINE_SECTORS", "MODEL_LBA", "MODEL_BYTES", "TEMPERATURE", "TOPP", "SEED",
-              "STEPS", "PROMPT_COUNT"]
+    fields = ["MAGIC", "VERSION", "ENGINE_SECTORS", "MODEL_LBA", "MODEL_BYTES", "INV_TEMPERATURE", "TOPP", "TOPK",
+              "SEED", "STEPS", "PROMPT_COUNT"]
     codes = re.findall(r"\d*[A-Za-z]", img.RUN_BLOCK_FORMAT)
     for i, name in enumerate(fields):
         assert engine[f"RB_{name}"] == struct.calcsize("<" + "".join(codes[:i])), name
@@ -360,16 +366,6 @@ def test_emulator_reports_a_disk_error(selftest_image, tmp_path):
     result = emulator.emulate(cut, memory_mib=16)
     assert result.status == Status.DISK_ERROR
     assert "disk read failed while loading the model, INT 13h status 4\n" in result.log
-
-
-def test_engine_without_selftest_stops_where_the_forward_pass_goes(tmp_path):
-    require("nasm")
-    emulator = emulator_module()
-    info = build_image(pattern_blob(5000), RunBlock(), tmp_path / "plain.img")
-    assert "selftest" not in info.engine.symbols
-    result = emulator.emulate(info.path, memory_mib=4)
-    assert result.status == Status.NO_FORWARD_PASS and result.tokens == ()
-    assert "no forward pass yet" in result.log
 
 
 def test_emulator_bios_keys_and_ticks(tmp_path):

@@ -54,14 +54,15 @@ RB_VERSION          equ 4               ; u16
 RB_ENGINE_SECTORS   equ 6               ; u16
 RB_MODEL_LBA        equ 8               ; u32
 RB_MODEL_BYTES      equ 12              ; u32
-RB_TEMPERATURE      equ 16              ; u32, temperature * 65536 (0 = greedy)
-RB_TOPP             equ 20              ; u32, top-p * 65536
-RB_SEED             equ 24              ; u64
-RB_STEPS            equ 32              ; u16
-RB_PROMPT_COUNT     equ 34              ; u16
-RB_PROMPT_IDS       equ 36              ; u16[RB_PROMPT_COUNT]
+RB_INV_TEMPERATURE  equ 16              ; u32, round(65536 / temperature); 0 = greedy
+RB_TOPP             equ 20              ; u32, round(65536 * top-p); 65536 = off
+RB_TOPK             equ 24              ; u32, 0 = off
+RB_SEED             equ 28              ; u64: xorshift64* state, advanced in place by random_u32
+RB_STEPS            equ 36              ; u16, forward passes, prompt included; 0 = the whole context
+RB_PROMPT_COUNT     equ 38              ; u16
+RB_PROMPT_IDS       equ 40              ; u16[RB_PROMPT_COUNT]
 RUN_MAGIC           equ 'SLRB'
-RUN_VERSION         equ 1
+RUN_VERSION         equ 2
 
 COM1                equ 0x3F8
 UART_LSR            equ COM1 + 5
@@ -80,7 +81,51 @@ STATUS_DISK_ERROR       equ 0x02
 STATUS_BAD_RUN_BLOCK    equ 0x03
 STATUS_A20_CLOSED       equ 0x04
 STATUS_MODEL_TOO_LARGE  equ 0x05
-STATUS_NO_FORWARD_PASS  equ 0x06
+
+HDR_BYTES           equ 512             ; the packed header and section table, copied below 64 KiB
+TABLE_OFFSET        equ 128             ; packed header fields (docs/format.md), little-endian u32 / i32:
+H_DIM               equ 16
+H_HIDDEN            equ 20
+H_N_LAYERS          equ 24
+H_N_HEADS           equ 28
+H_N_KV_HEADS        equ 32
+H_VOCAB             equ 36
+H_SEQ_LEN           equ 40
+H_FLAGS             equ 44              ; bit 0: the classifier is the token embedding
+H_ACT_BITS_DIM      equ 52
+H_ACT_BITS_HIDDEN   equ 56
+H_ACT_BITS_HEAD     equ 60
+H_ROPE_SHIFT        equ 68
+H_RMS_EPS           equ 72
+H_EXP_SHIFT         equ 76
+H_SILU_SHIFT        equ 80
+H_SILU_LO           equ 84
+H_N_SECTIONS        equ 92
+
+K_TOKEN_EMBEDDING_Q equ 1               ; section kinds (docs/format.md)
+K_TOKEN_EMBEDDING_S equ 2
+K_RMS_ATT_WEIGHT    equ 3
+K_WQKV_Q            equ 4
+K_WO_Q              equ 6
+K_RMS_FFN_WEIGHT    equ 8
+K_W13_Q             equ 9
+K_W2_Q              equ 11
+K_RMS_FINAL_WEIGHT  equ 13
+K_WCLS_Q            equ 14
+K_WCLS_RESIDUAL_Q   equ 16
+K_ROPE              equ 18
+K_EXP_TABLE         equ 19
+K_SILU_TABLE        equ 20
+K_PIECES            equ 21
+K_PRINTED           equ 22
+%define SECTION(kind) (SEC + 16 * (kind))
+SEC_ADDR            equ 4               ; SEC entries: the table entry (kind, offset, length, param) with the
+SEC_LEN             equ 8               ; offset replaced by the address
+SEC_PARAM           equ 12
+
+BOS                 equ 1
+EOS                 equ 2
+DOT_UNROLL          equ 8               ; multiply-adds per pass of dot_row
 
         org ENGINE_BASE
 
@@ -120,15 +165,9 @@ engine_start:
         call selftest
         mov al, STATUS_OK
 %else
-        ; ===========================================================================================================
-        ; FORWARD PASS AND SAMPLING LOOP GO HERE.
-        ; Ready at this point: the packed model at MODEL_BASE (its header gives dims and section offsets), free
-        ; memory [heap_base, mem_top) and LOW_WORK, the run block (prompt ids, steps, temperature, top-p, seed).
-        ; Per generated token: forward pass, sample, report_token. Then AL = STATUS_OK and on to end_run.
-        ; ===========================================================================================================
-        mov si, msg_no_forward_pass
-        call print_string
-        mov al, STATUS_NO_FORWARD_PASS
+        call setup_model
+        call generate
+        mov al, STATUS_OK
 %endif
         jmp end_run
 
@@ -325,7 +364,7 @@ place_model:
         shl eax, 9
         add eax, MODEL_BASE
         cmp eax, [mem_top]
-        ja .too_large
+        ja memory_too_small
         add eax, HEAP_ALIGN - 1
         and eax, -HEAP_ALIGN
         mov [heap_base], eax
@@ -343,12 +382,15 @@ place_model:
         mov si, msg_kib_above_1mib
         jmp print_string
 
-.too_large:
+; ---------------------------------------------------------------------------------------------------------------
+; memory_too_small: fail the run, saying how much memory above 1 MiB the model needs and how much there is.
+; Entry:    EAX = the end address the model needs
+; Output:   never returns
+; ---------------------------------------------------------------------------------------------------------------
+memory_too_small:
         mov si, msg_too_large
         call print_string
-        mov eax, [model_sectors]
-        shl eax, 9
-        add eax, 1023
+        sub eax, MODEL_BASE - 1023
         shr eax, 10
         call print_decimal
         mov si, msg_too_large_has
@@ -649,11 +691,14 @@ selftest:
         movzx eax, word [RUN_BLOCK + RB_STEPS]
         mov si, name_steps
         call report_value
-        mov eax, [RUN_BLOCK + RB_TEMPERATURE]
-        mov si, name_temperature
+        mov eax, [RUN_BLOCK + RB_INV_TEMPERATURE]
+        mov si, name_inv_temperature
         call report_value
         mov eax, [RUN_BLOCK + RB_TOPP]
         mov si, name_topp
+        call report_value
+        mov eax, [RUN_BLOCK + RB_TOPK]
+        mov si, name_topk
         call report_value
         mov eax, [RUN_BLOCK + RB_SEED]
         mov si, name_seed_low
@@ -735,8 +780,9 @@ name_mem_top_kib:   db "mem_top_kib", 0
 name_heap_base:     db "heap_base", 0
 name_model_bytes:   db "model_bytes", 0
 name_steps:         db "steps", 0
-name_temperature:   db "temperature", 0
+name_inv_temperature: db "inv_temperature", 0
 name_topp:          db "topp", 0
+name_topk:          db "topk", 0
 name_seed_low:      db "seed_low", 0
 name_seed_high:     db "seed_high", 0
 name_prompt_count:  db "prompt_count", 0
@@ -744,6 +790,1007 @@ name_prompt_sum:    db "prompt_sum", 0
 name_sum:           db "sum", 0
 name_weighted_sum:  db "weighted_sum", 0
 %endif
+
+; ===============================================================================================================
+; THE MODEL: setup, the generation loop, the forward pass and the sampler
+; ===============================================================================================================
+
+; ---------------------------------------------------------------------------------------------------------------
+; setup_model: read the packed header (docs/format.md): copy it and the section table to HDR, derive the shape,
+; place the buffers and the KV cache in [heap_base, mem_top) and build the interpolation tables.
+; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
+; ---------------------------------------------------------------------------------------------------------------
+setup_model:
+        mov esi, MODEL_BASE
+        mov edi, HDR
+        mov ecx, HDR_BYTES / 4
+        a32 rep movsd
+        call load_sections
+        mov eax, [HDR + H_DIM]
+        xor edx, edx
+        div dword [HDR + H_N_HEADS]
+        mov [head_size], eax
+        xchg eax, ebx                   ; EBX = head_size
+        mov eax, [HDR + H_N_HEADS]
+        xor edx, edx
+        div dword [HDR + H_N_KV_HEADS]
+        mov [kv_mul], eax
+        mov eax, [HDR + H_N_KV_HEADS]
+        mul ebx
+        mov [kv_dim], eax
+        add eax, eax
+        add eax, [HDR + H_DIM]
+        mov [qkv_rows], eax
+        lea eax, [ebx*2 + 4]            ; a key row: head_size int16 keys, then their i32 divisor
+        mov [kv_stride], eax
+        mov ecx, [HDR + H_SEQ_LEN]
+        mul ecx
+        mov [off_dv], eax
+        lea eax, [eax + ecx*4]
+        mov [off_vt], eax
+        imul ebx, ecx
+        add eax, ebx
+        mov [kv_block], eax
+        mul dword [HDR + H_N_KV_HEADS]
+        mov [kv_layer_bytes], eax
+        mul dword [HDR + H_N_LAYERS]
+        push eax                        ; the whole KV cache
+
+        xor ebx, ebx                    ; slot size: 16 bytes per element of the widest vector
+        mov si, slot_widths
+        mov cx, SLOT_WIDTHS
+.widest:
+        lodsw
+        xchg ax, di
+        mov eax, [di]
+        cmp eax, ebx
+        jb .narrower
+        xchg eax, ebx
+.narrower:
+        loop .widest
+        shl ebx, 4
+        mov eax, [heap_base]
+        mov di, buffers
+        mov cx, N_BUFFERS
+.place: stosd
+        add eax, ebx
+        loop .place
+        mov [kv_base], eax
+        pop edx
+        add eax, edx
+        cmp eax, [mem_top]
+        ja memory_too_small
+
+        mov bx, SECTION(K_EXP_TABLE)
+        mov di, exp_pairs
+        mov al, [HDR + H_EXP_SHIFT]
+        call build_pairs
+        mov bx, SECTION(K_SILU_TABLE)
+        mov di, silu_pairs
+        mov al, [HDR + H_SILU_SHIFT]
+        ; fall through into build_pairs
+
+; ---------------------------------------------------------------------------------------------------------------
+; build_pairs: a packed interpolation table t[0..n) as lookup's table: n-1 and the step shift, then for i < n-1 the
+; pairs (t[i], t[i+1] - t[i]), so an interpolation is one multiply with no register for t[i+1].
+; Entry:    BX = SEC entry of the table, DI = its buffer variable (the slot), AL = step shift
+; Output:   the variable points at the first pair
+; Clobbers: EAX, ECX, ESI, EDI
+; ---------------------------------------------------------------------------------------------------------------
+build_pairs:
+        movzx eax, al
+        add dword [di], 8
+        mov edi, [di]
+        mov ecx, [bx + SEC_LEN]
+        shr ecx, 2
+        dec ecx
+        mov [edi - 8], ecx
+        mov [edi - 4], eax
+        mov esi, [bx + SEC_ADDR]
+.pair:  a32 lodsd
+        a32 stosd
+        neg eax
+        add eax, [esi]
+        a32 stosd
+        loop .pair
+        ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; load_sections: SEC[kind] = the section table entry of each kind with its offset turned into an address; the
+; classifier entries are the embedding's when it is shared. The weight addresses then move on layer by layer as
+; the forward pass reads them, so it calls this first.
+; Clobbers: CX, SI, DI
+; ---------------------------------------------------------------------------------------------------------------
+load_sections:
+        mov si, HDR + TABLE_OFFSET
+        mov cx, [HDR + H_N_SECTIONS]
+.entry: mov di, [si]
+        shl di, 4
+        add di, SEC
+        movsd
+        movsd
+        movsd
+        movsd
+        add dword [di - 12], MODEL_BASE
+        loop .entry
+        test byte [HDR + H_FLAGS], 1
+        jz .done
+        mov si, SECTION(K_TOKEN_EMBEDDING_Q)
+        mov di, SECTION(K_WCLS_Q)
+        mov cl, 8
+        rep movsd
+.done:  ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; generate: run.c's generation loop (generate.py Generation): `steps` forward passes from the first prompt token;
+; prompt tokens are forced and echoed, then sampled tokens are reported as they come. A sampled BOS or EOS ends
+; the run: it is reported with no bytes.
+; Clobbers: everything
+; ---------------------------------------------------------------------------------------------------------------
+generate:
+        mov ax, [RUN_BLOCK + RB_STEPS]
+        mov cx, [HDR + H_SEQ_LEN]
+        dec ax
+        cmp ax, cx
+        jb .steps                       ; 0 or more than the context: the whole context
+        mov ax, cx
+        dec ax
+.steps: inc ax
+        mov [steps], ax
+        xor eax, eax
+        mov [pos], eax
+        inc ax                          ; BOS, unless the run block has a prompt
+        cmp word [RUN_BLOCK + RB_PROMPT_COUNT], 0
+        je .first
+        mov ax, [RUN_BLOCK + RB_PROMPT_IDS]
+.first: mov [token], eax
+.next:  call forward
+        inc dword [pos]
+        mov si, [pos]
+        cmp si, [RUN_BLOCK + RB_PROMPT_COUNT]
+        jae .sample
+        add si, si
+        movzx eax, word [RUN_BLOCK + RB_PROMPT_IDS + si]
+        jmp .print
+.sample:
+        call sample
+        lea ecx, [eax - BOS]
+        cmp ecx, EOS - BOS
+        ja .print
+        xor ecx, ecx
+        jmp report_token
+.print: call print_token
+        mov [token], eax
+        mov ax, [pos]
+        cmp ax, [steps]
+        jb .next
+        ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; print_token: report a token with the bytes run.c prints for it after [token] (tokenizer.py piece_bytes): its
+; PRINTED string, but after BOS without the leading space of its piece, and then nothing if what is left is a
+; single unprintable byte.
+; Entry:    EAX = token id
+; Clobbers: EBX, ECX, EDX, ESI
+; ---------------------------------------------------------------------------------------------------------------
+print_token:
+        mov ebx, [SECTION(K_PRINTED) + SEC_ADDR]
+        mov esi, [ebx + eax*4]
+        mov ecx, [ebx + eax*4 + 4]
+        sub ecx, esi
+        add esi, ebx
+        cmp word [token], BOS
+        jne report_token
+        mov ebx, [SECTION(K_PIECES) + SEC_ADDR]
+        mov edx, [ebx + eax*4]
+        cmp byte [ebx + edx], ' '
+        jne report_token
+        inc esi
+        dec cx
+        cmp cx, 1
+        jne report_token
+        mov dl, [esi]
+        sub dl, 9
+        cmp dl, 13 - 9 + 1              ; \t \n \v \f \r
+        jb report_token
+        sub dl, ' ' - 9
+        cmp dl, '~' - ' ' + 1
+        jb report_token
+        dec cx
+        jmp report_token
+
+; ---------------------------------------------------------------------------------------------------------------
+; forward: one position of the transformer (fixed.py forward_token): the logits of token [token] at [pos].
+; Output:   [logits_buf] = vocab_size Q16.16 logits; cache row [pos] of every layer and kv head written
+; Clobbers: everything
+; ---------------------------------------------------------------------------------------------------------------
+forward:
+        call load_sections
+        mov eax, [token]                ; x[j] = (emb_q[token, j] * emb_s[token]) >> (S_emb - 16)
+        mov ebx, [SECTION(K_TOKEN_EMBEDDING_S) + SEC_ADDR]
+        mov ebp, [ebx + eax*4]
+        mul dword [HDR + H_DIM]
+        mov esi, [SECTION(K_TOKEN_EMBEDDING_Q) + SEC_ADDR]
+        add esi, eax
+        mov cl, [SECTION(K_TOKEN_EMBEDDING_S) + SEC_PARAM]
+        sub cl, 16
+        mov edi, [x_buf]
+        mov bx, [HDR + H_DIM]
+.embed: movsx eax, byte [esi]
+        inc esi
+        imul ebp
+        shrd eax, edx, cl
+        a32 stosd
+        dec bx
+        jnz .embed
+
+        mov eax, [kv_base]
+        mov [layer_kv], eax
+        mov cx, [HDR + H_N_LAYERS]
+.layer: push cx
+        mov bx, SECTION(K_RMS_ATT_WEIGHT)
+        call norm_and_quantize
+        mov ebp, [qkv_buf]
+        mov bx, SECTION(K_WQKV_Q)
+        mov cx, [qkv_rows]
+        call matvec_store
+        call rope
+        call store_kv
+        call attention
+        call quantize_xb
+        mov ebp, [x_buf]
+        mov bx, SECTION(K_WO_Q)
+        call matvec_dim                 ; x += wo . attention
+        mov bx, SECTION(K_RMS_FFN_WEIGHT)
+        call norm_and_quantize
+        mov ebp, [hb_buf]
+        mov bx, SECTION(K_W13_Q)
+        mov cx, [HDR + H_HIDDEN]
+        add cx, cx
+        call matvec_store
+        call swiglu
+        mov ebp, [x_buf]
+        mov bx, SECTION(K_W2_Q)
+        call matvec_dim                 ; x += w2 . swiglu
+        mov eax, [kv_layer_bytes]
+        add [layer_kv], eax
+        pop cx
+        loop .layer
+
+        mov bx, SECTION(K_RMS_FINAL_WEIGHT)
+        call norm_and_quantize
+        mov ebp, [logits_buf]
+        mov bx, SECTION(K_WCLS_Q)
+        mov cx, [HDR + H_VOCAB]
+        call matvec_store
+        mov ebp, [logits_buf]
+        mov bx, SECTION(K_WCLS_RESIDUAL_Q)
+        mov cx, [HDR + H_VOCAB]
+        jmp matvec
+
+; ---------------------------------------------------------------------------------------------------------------
+; norm_and_quantize: xb = rmsnorm(x), then act = quantize_act(xb, act_bits_dim).
+; Entry:    BX = SEC entry of the RMSNorm weights
+; Clobbers: everything
+; ---------------------------------------------------------------------------------------------------------------
+norm_and_quantize:
+        call rmsnorm
+quantize_xb:
+        mov esi, [xb_buf]
+        mov cx, [HDR + H_DIM]
+        mov al, [HDR + H_ACT_BITS_DIM]
+        ; fall through into quantize_act
+
+; ---------------------------------------------------------------------------------------------------------------
+; quantize_act (fixed.py quantize_act): act = v >> k, k = max(0, bit_length(OR of |v[j]|) - bits).
+; Entry:    ESI = v (i32), CX = n (1..65535), AL = bits
+; Output:   [act_buf] = act, [act_n] = n, [act_k] = k, [act_end] = act + 4n
+; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
+; ---------------------------------------------------------------------------------------------------------------
+quantize_act:
+        mov bl, al
+        movzx ecx, cx
+        mov [act_n], ecx
+        push esi
+        push cx
+        xor edi, edi
+.magnitude:
+        a32 lodsd
+        cdq
+        xor eax, edx
+        sub eax, edx                    ; |v| as unsigned: -2^31 stays 2^31
+        or edi, eax
+        loop .magnitude
+        bsr ecx, edi
+        jz .no_shift
+        inc cx                          ; bit_length
+        sub cl, bl
+        jnc .shift
+.no_shift:
+        xor cx, cx
+.shift: mov [act_k], cl
+        pop dx
+        pop esi
+        mov edi, [act_buf]
+.store: a32 lodsd
+        sar eax, cl
+        a32 stosd
+        dec dx
+        jnz .store
+        mov [act_end], edi
+        ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; matvec (fixed.py matvec, add=True): out[i] += (sum_j q[i, j] * act[j]) * s[i] >> (S - k) for each row i,
+; reading the next `rows` rows of an int8 matrix; matvec_store first clears out (add=False).
+; Entry:    BX = SEC entry of the matrix's Q section (its S section is the next entry), EBP = out, CX = rows,
+;           act, [act_n], [act_k], [act_end] from quantize_act
+; Output:   out; the Q and S addresses moved past these rows
+; Clobbers: EAX, ECX, EDX, ESI, EDI, EBP
+; ---------------------------------------------------------------------------------------------------------------
+matvec_dim:
+        mov cx, [HDR + H_DIM]
+        jmp matvec
+matvec_store:
+        push cx
+        mov edi, ebp
+        movzx ecx, cx
+        xor eax, eax
+        a32 rep stosd
+        pop cx
+matvec:
+        push bx
+        mov [rows_left], cx
+        mov eax, [act_n]
+        call set_dot_length
+        mov esi, [bx + SEC_ADDR]
+        add esi, [act_n]                ; dot_row reads backwards from the end of the row
+        mov edi, [act_end]
+        mov al, [bx + 16 + SEC_PARAM]
+        sub al, [act_k]
+        mov [matvec_shift], al
+        mov ebx, [bx + 16 + SEC_ADDR]
+        sub ebx, ebp                    ; s[i] is at [out + i*4 + EBX]
+.row:   call dot_row
+        mov eax, [ebp + ebx]
+        imul edx
+        mov cl, [matvec_shift]
+        shrd eax, edx, cl
+        add [ebp], eax
+        add ebp, 4
+        add esi, [act_n]
+        dec word [rows_left]
+        jnz .row
+        add ebp, ebx
+        pop bx
+        mov [bx + 16 + SEC_ADDR], ebp
+        sub esi, [act_n]
+        mov [bx + SEC_ADDR], esi
+        ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; dot_row: EDX = wrap32(sum of q[j] * v[j]) over the n int8 q before ESI and the n i32 v before EDI, n as set by
+; set_dot_length. DOT_UNROLL multiply-adds per pass; the first pass enters part-way to do n mod DOT_UNROLL.
+; Clobbers: EAX, ECX (0 on return)
+; ---------------------------------------------------------------------------------------------------------------
+dot_row:
+        mov ecx, [dot_start]
+        xor edx, edx
+        jmp [dot_entry]
+dot_unrolled:
+%assign k 0
+%rep DOT_UNROLL
+        movsx eax, byte [byte esi + ecx + k]
+        imul eax, [byte edi + ecx*4 + 4*k]
+        add edx, eax
+%assign k k + 1
+%endrep
+.end:   add ecx, DOT_UNROLL
+        jnz dot_unrolled
+        ret
+DOT_MAC_BYTES equ (dot_unrolled.end - dot_unrolled) / DOT_UNROLL
+
+; ---------------------------------------------------------------------------------------------------------------
+; set_dot_length: make dot_row sum n products.
+; Entry:    EAX = n >= 1
+; Clobbers: EAX, ECX
+; ---------------------------------------------------------------------------------------------------------------
+set_dot_length:
+        mov ecx, eax
+        neg ecx
+        and ecx, DOT_UNROLL - 1         ; products the first pass skips
+        add eax, ecx
+        neg eax
+        mov [dot_start], eax
+        imul cx, cx, DOT_MAC_BYTES
+        add cx, dot_unrolled
+        mov [dot_entry], cx
+        ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; rmsnorm (fixed.py rmsnorm): xb[j] = (x[j] * inv >> (31 - h)) * G[j] >> 32, inv = (2^61 - 1) // isqrt(ss << 2h),
+; ss = sum of x[j]^2 + rms_eps (saturated below 2^62), h = (62 - bit_length(ss)) >> 1.
+; Entry:    BX = SEC entry of the weights G (moved on by dim weights)
+; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI, EBP
+; ---------------------------------------------------------------------------------------------------------------
+rmsnorm:
+        mov esi, [x_buf]
+        mov cx, [HDR + H_DIM]
+        mov edi, [HDR + H_RMS_EPS]      ; ss = EBP:EDI
+        xor ebp, ebp
+.square:
+        a32 lodsd
+        imul eax
+        add edi, eax
+        adc ebp, edx
+        loop .square
+        cmp ebp, 1 << 30
+        jb .fits
+        mov ebp, (1 << 30) - 1          ; only garbage gets past 2^62
+        or edi, -1
+.fits:  mov ax, 62 - 33
+        bsr edx, ebp
+        jnz .high
+        mov al, 62 - 1
+        bsr edx, edi
+.high:  sub ax, dx
+        shr ax, 1                       ; h
+        push ax
+        xchg ax, cx
+        add cl, cl
+        cmp cl, 32
+        jb .shift
+        mov ebp, edi
+        xor edi, edi
+.shift: shld ebp, edi, cl
+        shl edi, cl                     ; M = ss << 2h, 2^60 <= M < 2^62
+        xor ecx, ecx
+        bts ecx, 31                     ; Newton's method from 2^31, above the root
+.newton:
+        mov edx, ebp
+        mov eax, edi
+        div ecx
+        add eax, ecx
+        rcr eax, 1
+        cmp eax, ecx
+        jae .root
+        xchg eax, ecx
+        jmp .newton
+.root:  mov edx, (1 << 29) - 1
+        or eax, -1
+        div ecx                         ; inv = (2^61 - 1) // r
+        mov [rms_inv], eax
+        pop cx
+        neg cl
+        add cl, 31
+        mov esi, [x_buf]
+        mov edi, [xb_buf]
+        mov eax, [HDR + H_DIM]
+        shl eax, 2
+        add [bx + SEC_ADDR], eax        ; the next layer's weights
+        mov ebx, [bx + SEC_ADDR]
+        sub ebx, eax
+        mov bp, [HDR + H_DIM]
+.scale: a32 lodsd
+        imul dword [rms_inv]
+        shrd eax, edx, cl               ; u = x / sqrt(ss) in Q2.30
+        imul dword [ebx]
+        add ebx, 4
+        xchg eax, edx                   ; (u * G) >> 32
+        a32 stosd
+        dec bp
+        jnz .scale
+        ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; rope (fixed.py rope): rotate each (even, odd) pair of the query and key heads in qkv by ROPE[pos].
+; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI, EBP
+; ---------------------------------------------------------------------------------------------------------------
+rope:
+        mov esi, [qkv_buf]
+        mov ax, [HDR + H_N_HEADS]
+        add ax, [HDR + H_N_KV_HEADS]
+        mov [heads_left], ax
+.head:  mov ebx, [pos]
+        imul ebx, [head_size]
+        add ebx, ebx                    ; a ROPE row: head_size / 2 pairs of int16
+        add ebx, [SECTION(K_ROPE) + SEC_ADDR]
+        mov ax, [head_size]
+        shr ax, 1
+        mov [pairs_left], ax
+.pair:  movsx edi, word [ebx]           ; cos
+        movsx ebp, word [ebx + 2]       ; sin
+        add ebx, 4
+        neg ebp
+        call rotate_term                ; v0 cos - v1 sin
+        push eax
+        neg ebp
+        xchg edi, ebp
+        call rotate_term                ; v0 sin + v1 cos
+        mov [esi + 4], eax
+        pop dword [esi]
+        add esi, 8
+        dec word [pairs_left]
+        jnz .pair
+        dec word [heads_left]
+        jnz .head
+        ret
+
+; rotate_term: EAX = wrap32((v0 * EDI + v1 * EBP) >> rope_shift) for v0 = [ESI], v1 = [ESI + 4], in 64 bits.
+; Clobbers: CL, EDX
+rotate_term:
+        mov eax, [esi + 4]
+        imul ebp
+        mov [rope_term], eax
+        mov [rope_term + 4], edx
+        mov eax, [esi]
+        imul edi
+        add eax, [rope_term]
+        adc edx, [rope_term + 4]
+        mov cl, [HDR + H_ROPE_SHIFT]
+        shrd eax, edx, cl
+        ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; store_kv: this position's keys and values of every kv head into the cache (fixed.py forward_token step 4).
+; Cache block of (layer, kv head), kv_block bytes at layer_kv + head * kv_block:
+;   seq_len key rows of kv_stride bytes: head_size int16 keys, then their i32 divisor Dk
+;   at off_dv: seq_len i32 value divisors Dv
+;   at off_vt: the int8 values transposed, head_size rows of seq_len: attention's value sums are then dot_row's
+; Clobbers: everything
+; ---------------------------------------------------------------------------------------------------------------
+store_kv:
+        mov esi, [qkv_buf]
+        mov eax, [HDR + H_DIM]
+        lea esi, [esi + eax*4]          ; the keys of kv head 0
+        mov ebx, [layer_kv]
+        mov cx, [HDR + H_N_KV_HEADS]
+.head:  push cx
+        mov edi, [pos]
+        imul edi, [kv_stride]
+        add edi, ebx
+        mov ebp, 2
+        mov cl, 15                      ; KEY_SHIFT
+        call store_kv_head
+        mov [edi], eax                  ; Dk after the keys
+        push esi
+        mov eax, [kv_dim]
+        lea esi, [esi + eax*4]          ; the values of this kv head
+        mov edi, [pos]
+        add edi, [off_vt]
+        add edi, ebx
+        mov ebp, [HDR + H_SEQ_LEN]
+        mov cl, 7                       ; VALUE_SHIFT
+        call store_kv_head
+        mov edi, [pos]
+        shl edi, 2
+        add edi, [off_dv]
+        mov [ebx + edi], eax
+        pop esi
+        mov eax, [head_size]
+        lea esi, [esi + eax*4]
+        add ebx, [kv_block]
+        pop cx
+        loop .head
+        ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; store_kv_head (fixed.py store_kv): D = M + (M + T - 1) // T, M = min(max |v|, 2^30), T = 2^shift - 1;
+; c[i] = sign(v[i]) * min(T, (|v[i]| << shift + (D >> 1)) // D) (round half away from zero, as trunc of the
+; signed sum), int16 when shift is 15, int8 when 7. M = 0 gives D = 0 and c = 0.
+; Entry:    ESI = v (head_size i32), EDI = c[0], EBP = bytes from c[i] to c[i+1], CL = shift
+; Output:   EAX = D, EDI = c[head_size]
+; Clobbers: EDX
+; ---------------------------------------------------------------------------------------------------------------
+store_kv_head:
+        push ebx
+        push esi
+        mov dx, [head_size]
+        mov [kv_count], dx
+        xor ebx, ebx
+.max:   a32 lodsd
+        cdq
+        xor eax, edx
+        sub eax, edx
+        cmp eax, ebx
+        jbe .smaller
+        xchg eax, ebx
+.smaller:
+        dec word [kv_count]
+        jnz .max
+        mov eax, 1 << 30
+        cmp ebx, eax
+        jbe .clamped
+        xchg eax, ebx
+.clamped:
+        xor eax, eax
+        inc ax
+        shl eax, cl
+        dec eax                         ; T
+        mov [kv_top], eax
+        dec eax
+        add eax, ebx
+        xor edx, edx
+        div dword [kv_top]
+        add ebx, eax                    ; D
+        pop esi
+        push esi
+        push ebx
+        mov eax, ebx
+        shr eax, 1
+        mov [kv_round], eax
+        test ebx, ebx
+        jnz .divisor
+        inc ebx                         ; M = 0: every c is 0, divide by 1
+.divisor:
+        mov dx, [head_size]
+        mov [kv_count], dx
+.round: a32 lodsd
+        cdq
+        push edx                        ; the sign
+        xor eax, edx
+        sub eax, edx
+        xor edx, edx
+        shld edx, eax, cl
+        shl eax, cl
+        add eax, [kv_round]
+        adc edx, 0
+        div ebx
+        cmp eax, [kv_top]
+        jbe .in_range
+        mov eax, [kv_top]
+.in_range:
+        pop edx
+        xor eax, edx
+        sub eax, edx
+        mov [edi], al
+        cmp cl, 8
+        jb .byte
+        mov [edi + 1], ah
+.byte:  add edi, ebp
+        dec word [kv_count]
+        jnz .round
+        pop eax
+        pop esi
+        pop ebx
+        ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; attention (fixed.py attention, for every query head h): with qa = quantize_act(q_h, act_bits_head) and t = 0..pos,
+; score[t] = (qa . key[t]) * Dk[t] >> (31 - k); e[t] = exp_lookup(top - score[t]); recip = (2^48 - 1) // sum e;
+; w[t] = ((e[t] * recip) >> 32) * Dv[t] >> 16; xb[h * head_size + i] = wrap32(sum_t w[t] * value[t][i]) >> 7.
+; Clobbers: everything
+; ---------------------------------------------------------------------------------------------------------------
+attention:
+        mov word [head], 0
+        mov eax, [pos]
+        inc eax
+        shl eax, 2
+        add eax, [att_buf]
+        mov [att_end], eax
+        mov eax, [head_size]
+        neg eax
+        mov [neg_head_size], eax
+.head:  movzx eax, word [head]
+        mov esi, eax
+        imul esi, [head_size]
+        shl esi, 2
+        add esi, [qkv_buf]
+        mov cx, [head_size]
+        mov al, [HDR + H_ACT_BITS_HEAD]
+        call quantize_act               ; act = qa
+        movzx eax, word [head]
+        xor edx, edx
+        div dword [kv_mul]
+        mul dword [kv_block]
+        add eax, [layer_kv]
+        mov [att_block], eax
+        mov cl, 31
+        sub cl, [act_k]
+        mov [att_shift], cl
+        mov esi, [head_size]
+        lea esi, [eax + esi*2]          ; Dk of key row 0; its keys are before it
+        mov edi, [att_buf]
+        mov ebx, [act_end]
+        mov ebp, 1 << 31                ; top
+.score: mov ecx, [neg_head_size]
+        xor edx, edx
+.dot:   movsx eax, word [esi + ecx*2]
+        imul eax, [ebx + ecx*4]
+        add edx, eax
+        movsx eax, word [esi + ecx*2 + 2]
+        imul eax, [ebx + ecx*4 + 4]
+        add edx, eax
+        add ecx, 2
+        jnz .dot
+        a32 lodsd
+        imul edx
+        mov cl, [att_shift]
+        shrd eax, edx, cl
+        a32 stosd
+        cmp eax, ebp
+        jle .below
+        xchg eax, ebp
+.below: mov eax, [head_size]
+        lea esi, [esi + eax*2]
+        cmp edi, [att_end]
+        jb .score
+
+        mov esi, [att_buf]
+        mov ebx, [exp_pairs]
+        xor edi, edi                    ; total
+.exp:   mov eax, ebp
+        sub eax, [esi]
+        call lookup
+        mov [esi], eax
+        add edi, eax
+        add esi, 4
+        cmp esi, [att_end]
+        jb .exp
+
+        mov edx, 0xFFFF
+        or eax, -1
+        div edi
+        xchg eax, ebx                   ; recip
+        mov esi, [att_buf]
+        mov edi, [att_block]
+        add edi, [off_dv]
+.weight:
+        mov eax, [esi]
+        mul ebx
+        xchg eax, edx
+        mul dword [edi]
+        add edi, 4
+        shrd eax, edx, 16
+        mov [esi], eax
+        add esi, 4
+        cmp esi, [att_end]
+        jb .weight
+
+        mov eax, [pos]
+        inc eax
+        call set_dot_length
+        mov esi, [att_block]
+        add esi, [off_vt]
+        add esi, [pos]
+        inc esi                         ; end of value row 0
+        mov edi, [att_end]
+        movzx ebp, word [head]
+        imul ebp, [head_size]
+        shl ebp, 2
+        add ebp, [xb_buf]
+        mov bx, [head_size]
+.value: call dot_row
+        sar edx, 7                      ; VALUE_SHIFT
+        mov [ebp], edx
+        add ebp, 4
+        add esi, [HDR + H_SEQ_LEN]
+        dec bx
+        jnz .value
+        inc word [head]
+        mov ax, [head]
+        cmp ax, [HDR + H_N_HEADS]
+        jb .head
+        ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; lookup (fixed.py exp_lookup, and silu_lookup's interpolation): with i = u >> e and a table from build_pairs,
+; t[i] + ((t[i+1] - t[i]) * (u mod 2^e)) >> e.
+; Entry:    EAX = u (unsigned), EBX = first pair of the table
+; Output:   CF = 1 and EAX = the interpolation; or CF = 0 and EAX = 0 when i >= n - 1 (past the table)
+; Clobbers: ECX, EDX
+; ---------------------------------------------------------------------------------------------------------------
+lookup:
+        mov cl, [ebx - 4]
+        mov edx, eax
+        shr edx, cl
+        cmp edx, [ebx - 8]
+        jae .past
+        shl edx, cl
+        sub eax, edx
+        shr edx, cl
+        imul eax, [ebx + edx*8 + 4]
+        sar eax, cl
+        add eax, [ebx + edx*8]
+        stc
+        ret
+.past:  xor eax, eax
+        ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; swiglu (fixed.py forward_token step 8): hb[i] = (silu_lookup(hb[i]) * hb[hidden_dim + i]) >> 16, then
+; act = quantize_act(hb[0:hidden_dim], act_bits_hidden).
+; Clobbers: everything
+; ---------------------------------------------------------------------------------------------------------------
+swiglu:
+        mov esi, [hb_buf]
+        mov ebx, [silu_pairs]
+        mov ebp, [HDR + H_HIDDEN]
+        shl ebp, 2
+        mov ax, [HDR + H_HIDDEN]
+        mov [rows_left], ax
+.gate:  mov edi, [esi]                  ; x
+        xor eax, eax
+        cmp edi, [HDR + H_SILU_LO]
+        jl .silu                        ; below the table: 0
+        mov eax, edi
+        sub eax, [HDR + H_SILU_LO]
+        call lookup
+        jc .silu
+        mov eax, edi                    ; above the table: x
+.silu:  imul dword [esi + ebp]
+        shrd eax, edx, 16
+        mov [esi], eax
+        add esi, 4
+        dec word [rows_left]
+        jnz .gate
+        mov esi, [hb_buf]
+        mov cx, [HDR + H_HIDDEN]
+        mov al, [HDR + H_ACT_BITS_HIDDEN]
+        jmp quantize_act
+
+; ---------------------------------------------------------------------------------------------------------------
+; argmax: the first index of the largest value (signed), as np.argmax.
+; Entry:    ESI = i32 values, CX = n >= 1
+; Output:   EAX = index, EBX = value
+; Clobbers: ECX, EDX
+; ---------------------------------------------------------------------------------------------------------------
+argmax:
+        mov edx, esi
+        mov eax, esi
+        mov ebx, [esi]
+.next:  cmp [edx], ebx
+        jle .not_larger
+        mov eax, edx
+        mov ebx, [edx]
+.not_larger:
+        add edx, 4
+        loop .next
+        sub eax, esi
+        shr eax, 2
+        ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; sample (fixed.py FixedSampler.sample, sample_fixed): greedy when inv_temperature is 0; otherwise exp-table weights
+; e[i] of (top - logit[i]) * inv_temperature >> 16, the top-k / top-p cut over the order (e descending, index
+; ascending; vocabulary order when both are off), and one 24-bit coin from xorshift64*.
+; Output:   EAX = token id
+; Clobbers: everything
+; ---------------------------------------------------------------------------------------------------------------
+sample:
+        mov esi, [logits_buf]
+        mov cx, [HDR + H_VOCAB]
+        call argmax
+        mov ebp, [RUN_BLOCK + RB_INV_TEMPERATURE]
+        test ebp, ebp
+        jz .done
+        mov [sample_top], ebx
+        mov ebx, [exp_pairs]
+        mov edi, [sample_buf]
+        xor eax, eax
+        mov [sample_total], eax
+        mov ax, [HDR + H_VOCAB]
+        mov [rows_left], ax
+.weight:
+        mov eax, [sample_top]
+        sub eax, [esi]
+        add esi, 4
+        mul ebp
+        shrd eax, edx, 16
+        shr edx, 16
+        jz .in_reach
+        xor eax, eax                    ; d >= 2^32: past the table
+        jmp .store
+.in_reach:
+        call lookup
+.store: a32 stosd
+        add [sample_total], eax
+        dec word [rows_left]
+        jnz .weight                     ; EDI = the picks: (index, e) pairs in order
+
+        call random_u32
+        shr eax, 8
+        mov [sample_coin], eax
+        movzx edx, word [HDR + H_VOCAB]
+        mov eax, [RUN_BLOCK + RB_TOPK]
+        dec eax
+        dec edx
+        cmp eax, edx
+        jb .keep
+        xchg eax, edx
+.keep:  inc eax                         ; keep: top-k if 0 < topk < vocab_size, else vocab_size
+        shl eax, 3
+        add eax, edi
+        mov [sample_keep_end], eax
+        mov eax, [RUN_BLOCK + RB_TOPP]
+        or edx, -1                      ; top-p off: no running sum exceeds this
+        cmp eax, 1 << 16
+        jae .threshold
+        mul dword [sample_total]
+        shrd eax, edx, 16
+        xchg eax, edx
+.threshold:
+        mov [sample_threshold], edx
+        inc edx
+        or edx, [RUN_BLOCK + RB_TOPK]
+        mov [sample_sorted], edx        ; 0: both off, vocabulary order
+        mov [sample_picks], edi
+        xor ebp, ebp                    ; the kept weight
+.pick:  mov eax, edi
+        sub eax, [sample_picks]
+        shr eax, 3
+        mov esi, [sample_buf]
+        cmp dword [sample_sorted], 0
+        je .picked
+        mov cx, [HDR + H_VOCAB]
+        call argmax
+.picked:
+        a32 stosd
+        mov ebx, -1
+        xchg ebx, [esi + eax*4]
+        xchg eax, ebx
+        a32 stosd
+        add ebp, eax
+        cmp ebp, [sample_threshold]
+        ja .cut
+        cmp edi, [sample_keep_end]
+        jb .pick
+.cut:   mov esi, [sample_picks]
+        mov eax, [sample_coin]
+        mul ebp
+        shrd eax, edx, 24
+        xchg eax, edx                   ; target < kept
+.walk:  a32 lodsd
+        xchg eax, ebx
+        a32 lodsd
+        cmp edx, eax
+        jb .found
+        sub edx, eax
+        jmp .walk
+.found: xchg eax, ebx
+.done:  ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; random_u32 (sampling.py XorShiftRng.next_u32, run.c's xorshift64*): s ^= s >> 12; s ^= s << 25; s ^= s >> 27;
+; the high dword of the low 64 bits of s * 0x2545F4914F6CDD1D. The state is the run block's seed field.
+; Output:   EAX = u32
+; Clobbers: EBX, ECX, EDX
+; ---------------------------------------------------------------------------------------------------------------
+random_u32:
+        mov eax, [RUN_BLOCK + RB_SEED]
+        mov edx, [RUN_BLOCK + RB_SEED + 4]
+        mov ebx, eax
+        shrd ebx, edx, 12
+        xor eax, ebx
+        mov ebx, edx
+        shr ebx, 12
+        xor edx, ebx
+        mov ebx, edx
+        shld ebx, eax, 25
+        xor edx, ebx
+        mov ebx, eax
+        shl ebx, 25
+        xor eax, ebx
+        mov ebx, eax
+        shrd ebx, edx, 27
+        xor eax, ebx
+        mov ebx, edx
+        shr ebx, 27
+        xor edx, ebx
+        mov [RUN_BLOCK + RB_SEED], eax
+        mov [RUN_BLOCK + RB_SEED + 4], edx
+        imul ebx, edx, 0x4F6CDD1D
+        imul ecx, eax, 0x2545F491
+        mov edx, 0x4F6CDD1D
+        mul edx
+        add edx, ebx
+        add edx, ecx
+        xchg eax, edx
+        ret
+
+slot_widths:        dw HDR + H_DIM, HDR + H_HIDDEN, HDR + H_SEQ_LEN, HDR + H_VOCAB
+                    dw SECTION(K_EXP_TABLE) + SEC_LEN, SECTION(K_SILU_TABLE) + SEC_LEN
+SLOT_WIDTHS         equ ($ - slot_widths) / 2
 
 gdt:                dq 0
 flat_data:                              ; base 0, limit 0xFFFFF pages = 4 GiB, present writable data, 16-bit
@@ -780,6 +1827,62 @@ msg_too_large:      db "sectorllm: the model needs ", 0
 msg_too_large_has:  db " KiB above 1 MiB but this machine has ", 0
 msg_disk_error:     db "sectorllm: disk read failed while loading the model, INT 13h status ", 0
 msg_newline:        db 10, 0
-msg_no_forward_pass: db "sectorllm: this engine has no forward pass yet", 10, 0
 
 engine_end:
+
+        absolute engine_end
+HDR:                resb HDR_BYTES
+SEC:                resb 16 * 24
+buffers:
+x_buf:              resd 1
+xb_buf:             resd 1
+act_buf:            resd 1
+qkv_buf:            resd 1
+hb_buf:             resd 1
+att_buf:            resd 1
+logits_buf:         resd 1
+sample_buf:         resd 1
+exp_pairs:          resd 1
+silu_pairs:         resd 1
+N_BUFFERS           equ ($ - buffers) / 4
+kv_base:            resd 1
+head_size:          resd 1
+kv_dim:             resd 1
+kv_mul:             resd 1
+qkv_rows:           resd 1
+kv_stride:          resd 1
+off_dv:             resd 1
+off_vt:             resd 1
+kv_block:           resd 1
+kv_layer_bytes:     resd 1
+layer_kv:           resd 1
+token:              resd 1
+pos:                resd 1
+steps:              resw 1
+act_n:              resd 1
+act_end:            resd 1
+act_k:              resb 1
+matvec_shift:       resb 1
+rows_left:          resw 1
+dot_start:          resd 1
+dot_entry:          resw 1
+rms_inv:            resd 1
+heads_left:         resw 1
+pairs_left:         resw 1
+rope_term:          resq 1
+kv_count:           resw 1
+kv_top:             resd 1
+kv_round:           resd 1
+head:               resw 1
+att_end:            resd 1
+neg_head_size:      resd 1
+att_block:          resd 1
+att_shift:          resb 1
+sample_top:         resd 1
+sample_total:       resd 1
+sample_coin:        resd 1
+sample_keep_end:    resd 1
+sample_threshold:   resd 1
+sample_sorted:      resd 1
+sample_picks:       resd 1
+

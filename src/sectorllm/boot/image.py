@@ -7,12 +7,13 @@ Disk image (512-byte sectors, LBA), each part starting on a sector boundary:
     LBA 2 .. 2+E-1          engine binary (engine.asm), E = engine_sectors <= 64 (it runs at 0x8000..0xFFFF)
     LBA model_lba ..        model blob (the packed model, opaque here), model_bytes long, zero-padded
 
-Run block, little-endian (offsets are the RB_* constants of engine.asm):
+Run block, little-endian (offsets are the RB_* constants of engine.asm); the sampling fields are those of
+FixedSamplerConfig (engines/fixed.py), the integers the fixed-point sampler uses:
 
-     0  4s   magic "SLRB"            16  u32  temperature * 65536 (0 = greedy)    32  u16  steps
-     4  u16  version (1)             20  u32  top-p * 65536                       34  u16  prompt token count
-     6  u16  engine_sectors          24  u64  seed                                36  u16[] prompt token ids
-     8  u32  model_lba
+     0  4s   magic "SLRB"            16  u32  inv_temperature_q16 (0 = greedy)    36  u16  steps (0 = whole context)
+     4  u16  version (2)             20  u32  topp_q16 (65536 = off)              38  u16  prompt token count
+     6  u16  engine_sectors          24  u32  topk (0 = off)                      40  u16[] prompt token ids
+     8  u32  model_lba               28  u64  seed (xorshift64* state)
     12  u32  model_bytes
 
 The engine loads the model to MODEL_BASE (1 MiB) in unreal mode. Serial protocol (COM1): log text, never STX,
@@ -32,7 +33,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
+from ..engines.fixed import ONE_Q16, FixedSamplerConfig
 from ..errors import BootError, UsageError
+from ..sampling import clock_seed
 
 SECTOR = 512
 RUN_BLOCK_LBA = 1
@@ -43,11 +46,11 @@ MODEL_BASE = 0x100000
 ADDRESSABLE_TOP = 0xC000_0000  # PC memory above 3 GiB is PCI holes and ROM on QEMU's machines
 
 RUN_MAGIC = b"SLRB"
-RUN_VERSION = 1
-RUN_BLOCK_FORMAT = "<4sHHIIIIQHH"
+RUN_VERSION = 2
+RUN_BLOCK_FORMAT = "<4sHHIIIIIQHH"
 RUN_BLOCK_HEADER = struct.calcsize(RUN_BLOCK_FORMAT)
 MAX_PROMPT_TOKENS = (SECTOR - RUN_BLOCK_HEADER) // 2
-Q16_ONE = 1 << 16
+MAX_STEPS = 0xFFFF
 
 STX = 0x02
 ETX = 0x03
@@ -69,24 +72,26 @@ class Status(IntEnum):
     BAD_RUN_BLOCK = 0x03
     A20_CLOSED = 0x04
     MODEL_TOO_LARGE = 0x05  # the model does not fit the machine's memory above 1 MiB
-    NO_FORWARD_PASS = 0x06  # an engine built before the forward pass existed
 
 
 @dataclass(frozen=True)
 class RunBlock:
-    """What one boot generates: the prompt and the sampling parameters, as integers the engine reads."""
+    """What one boot generates: the prompt, the step budget and FixedSamplerConfig's integers."""
 
-    prompt_tokens: tuple[int, ...] = ()
-    steps: int = 256
-    temperature_q16: int = 0  # temperature * 65536; 0 is greedy
-    topp_q16: int = 58982  # top-p * 65536 (0.9)
-    seed: int = 0
+    prompt_tokens: tuple[int, ...] = ()  # encode(prompt) with BOS first; empty starts from BOS
+    steps: int = 256  # forward passes, prompt included (run.c's -n); 0 = the whole context
+    inv_temperature_q16: int = 0  # round(65536 / temperature); 0 is greedy
+    topp_q16: int = ONE_Q16  # round(65536 * top-p); 65536 turns top-p off
+    topk: int = 0  # 0 turns top-k off
+    seed: int = 1  # the xorshift64* state: never 0, which would stay 0
 
     @classmethod
-    def from_sampling(cls, prompt_tokens: tuple[int, ...], steps: int, temperature: float, topp: float,
-                      seed: int) -> RunBlock:
-        """The run block for float sampling parameters, rounded to the engine's Q16.16."""
-        return cls(tuple(prompt_tokens), steps, round(temperature * Q16_ONE), round(topp * Q16_ONE), seed)
+    def from_sampler(cls, config: FixedSamplerConfig, prompt_tokens: list[int] | tuple[int, ...],
+                     steps: int) -> RunBlock:
+        """The run block for a fixed-point sampler; seed 0 takes the seed from the clock now, as FixedSampler does,
+        and a step count past the u16 field becomes 0: both mean the whole context (seq_len <= 32767)."""
+        return cls(tuple(prompt_tokens), steps if steps <= MAX_STEPS else 0, config.inv_temperature_q16,
+                   config.topp_q16, config.topk, config.seed or clock_seed())
 
     def validate(self) -> None:
         """Refuse values the run block cannot hold; raises UsageError naming the field."""
@@ -95,7 +100,8 @@ class RunBlock:
                              f"{MAX_PROMPT_TOKENS}: shorten it")
         if any(not 0 <= t < 1 << 16 for t in self.prompt_tokens):
             raise UsageError("a prompt token id is outside 0..65535: the boot engine stores ids as u16")
-        for name, bits in (("steps", 16), ("temperature_q16", 32), ("topp_q16", 32), ("seed", 64)):
+        for name, bits in (("steps", 16), ("inv_temperature_q16", 32), ("topp_q16", 32), ("topk", 32),
+                           ("seed", 64)):
             value = getattr(self, name)
             if not 0 <= value < 1 << bits:
                 raise UsageError(f"{name} {value} does not fit the run block's unsigned {bits}-bit field")
@@ -114,7 +120,7 @@ def pack_run_block(run: RunBlock, layout: DiskLayout) -> bytes:
     """The run block sector for a run and a layout."""
     run.validate()
     header = struct.pack(RUN_BLOCK_FORMAT, RUN_MAGIC, RUN_VERSION, layout.engine_sectors, layout.model_lba,
-                         layout.model_bytes, run.temperature_q16, run.topp_q16, run.seed, run.steps,
+                         layout.model_bytes, run.inv_temperature_q16, run.topp_q16, run.topk, run.seed, run.steps,
                          len(run.prompt_tokens))
     prompt = struct.pack(f"<{len(run.prompt_tokens)}H", *run.prompt_tokens)
     return (header + prompt).ljust(SECTOR, b"\0")
@@ -122,12 +128,12 @@ def pack_run_block(run: RunBlock, layout: DiskLayout) -> bytes:
 
 def unpack_run_block(sector: bytes) -> tuple[RunBlock, DiskLayout]:
     """Read back a run block sector; raises BootError if it is not one."""
-    (magic, version, engine_sectors, model_lba, model_bytes, temperature_q16, topp_q16, seed, steps,
+    (magic, version, engine_sectors, model_lba, model_bytes, inv_temperature_q16, topp_q16, topk, seed, steps,
      n_prompt) = struct.unpack_from(RUN_BLOCK_FORMAT, sector)
     if magic != RUN_MAGIC or version != RUN_VERSION or n_prompt > MAX_PROMPT_TOKENS:
         raise BootError(f"not a version {RUN_VERSION} sectorllm run block (magic {magic!r}, version {version})")
     prompt = struct.unpack_from(f"<{n_prompt}H", sector, RUN_BLOCK_HEADER)
-    return (RunBlock(prompt, steps, temperature_q16, topp_q16, seed),
+    return (RunBlock(prompt, steps, inv_temperature_q16, topp_q16, topk, seed),
             DiskLayout(engine_sectors, model_lba, model_bytes))
 
 
