@@ -11,7 +11,7 @@ import pytest
 from sectorllm.checkpoint import load_checkpoint
 from sectorllm.engines.float32 import FloatEngine, softmax
 from sectorllm.errors import UsageError
-from sectorllm.sampling import Sampler, SamplerConfig, XorShiftRng
+from sectorllm.sampling import Sampler, SamplerConfig, XorShiftRng, run_c_seed
 
 
 def test_xorshift_against_an_independent_transcription():
@@ -76,3 +76,12 @@ def test_softmax_is_run_c_sequential_float32_even_after_the_engine_ran(stories26
     for value in exps:
         total = np.float32(total + value)
     assert np.array_equal(mine, exps / total)
+
+
+def test_seed_is_read_as_run_c_atoi_reads_it():
+    """atoi gives a signed 32-bit int; assigning it to run.c's unsigned long long state sign-extends it."""
+    assert run_c_seed(42) == 42
+    assert run_c_seed(2**31 - 1) == 2**31 - 1
+    assert run_c_seed(2**31) == 2**64 - 2**31
+    assert run_c_seed(-5) == 2**64 - 5
+    assert run_c_seed(2**32 + 7) == 7

@@ -40,6 +40,12 @@ def _notice_if_slow(message: str, after_seconds: float = 1.5) -> Iterator[None]:
         timer.cancel()
 
 
+def _run_c_seed(text: str) -> int:
+    from .sampling import run_c_seed
+
+    return run_c_seed(int(text))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .api import load
     from .generate import check_steps
@@ -205,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--topp", type=float, default=0.9, help="top-p (nucleus) in (0, 1]; 1 = off (default 0.9)")
     run.add_argument("-k", "--topk", type=int, default=0, help="keep only the k likeliest tokens (default 0 = off)")
     run.add_argument("--minp", type=float, default=0.0, help="drop tokens below minp x the top probability (0 = off)")
-    run.add_argument("-s", "--seed", type=int, default=0, help="random seed (default 0 = from the clock)")
+    run.add_argument("-s", "--seed", type=_run_c_seed, default=0,
+                     help="random seed, read as run.c reads it (a 32-bit int; default 0 = from the clock)")
     run.add_argument("-n", "--steps", type=int, default=256,
                      help="forward passes, prompt included; 0 = the whole context (default 256)")
     run.add_argument("-i", "--prompt", default="", help="prompt text (default: start from BOS)")

@@ -35,6 +35,12 @@ class SamplerConfig:
             raise UsageError(f"seed {self.seed} does not fit 64 bits: use 1 .. 2**64-1 (0 = from the clock)")
 
 
+def run_c_seed(value: int) -> int:
+    """The generator state run.c's `-s value` gives: atoi keeps a signed 32-bit int, widened to 64 bits."""
+    low = value & 0xFFFFFFFF
+    return (low - (1 << 32) if low >= 1 << 31 else low) & _U64
+
+
 def clock_seed() -> int:
     """run.c's fallback seed: the current Unix time in seconds."""
     return int(time.time()) & 0xFFFFFFFF
