@@ -325,7 +325,7 @@ def test_emulator_runs_the_selftest(selftest_image, blob):
     assert result.values["mem_top_kib"] == 16 * 1024
     model_end = MODEL_BASE + img.sectors(len(blob)) * img.SECTOR
     assert result.values["heap_base"] == -(-model_end // 4096) * 4096
-    assert result.screen.startswith(b"sectorllm engine\r\nmodel: ")
+    assert result.screen.startswith(b"sectorllm engine\r\n")
     assert b"Once upon\r\n\r\n" in result.screen  # token bytes on screen, "\n" as CR LF
     assert len(result.token_instructions) == len(SELFTEST_TOKENS)
     assert all(n > 0 for n in result.instructions_between_tokens)
@@ -365,7 +365,7 @@ def test_emulator_reports_a_disk_error(selftest_image, tmp_path):
     cut = data[:(selftest_image.layout.model_lba + 10) * img.SECTOR]
     result = emulator.emulate(cut, memory_mib=16)
     assert result.status == Status.DISK_ERROR
-    assert "disk read failed while loading the model, INT 13h status 4\n" in result.log
+    assert "disk read failed, INT 13h status 4\n" in result.log
 
 
 def test_emulator_bios_keys_and_ticks(tmp_path):

@@ -1,36 +1,45 @@
-; engine.asm - sectorllm boot engine: start-up, unreal mode, model loading, serial and screen output, end of run.
+; engine.asm - sectorllm boot engine: loads a packed model above 1 MiB and tells a story with it, token for token
+; what the fixed-point golden model (engines/fixed.py, docs/arithmetic.md) computes, on COM1 and the screen.
 ;
-; The boot sector (boot.asm) loads this file at ENGINE_BASE and jumps to its first byte. The forward pass and the
-; sampling loop go where the FORWARD PASS banner in engine_start says; everything they need is set up before it.
+; The boot sector (boot.asm) loads the run block and this file and jumps to its first byte, with COM1 set up.
+; Routines that mirror a golden-model function carry its name; docs/arithmetic.md gives every rounding step.
 ;
 ; MEMORY MAP (physical addresses)
 ;   0x00000 - 0x004FF   interrupt vectors, BIOS data area                                      BIOS
 ;   0x00500 - 0x07BFF   stack: SS:SP = 0:STACK_TOP, grows down (about 29 KiB)
 ;   0x07C00 - 0x07DFF   boot sector                                                            done with
-;   0x07E00 - 0x07FFF   RUN_BLOCK: the run block sector, fields at RB_* (image.py RunBlock)    read only
-;   0x08000 - 0x0FFFF   ENGINE_BASE: this program, code and data (at most 32 KiB: 16-bit offsets with DS=0)
+;   0x07E00 - 0x07FFF   RUN_BLOCK: the run block sector, fields at RB_* (image.py RunBlock); the seed field is
+;                       the xorshift64* state, advanced in place
+;   0x08000 - 0x0FFFF   ENGINE_BASE: this program, then its variables (from engine_end; 16-bit offsets, DS=0):
+;                       the packed header's first HDR_BYTES, the variables at VARS, the section entries at SEC
 ;   0x10000 - 0x17FFF   DISK_BUFFER: INT 13h reads land here, LOAD_CHUNK_SECTORS at a time
-;   0x18000 - 0x1FFFF   free
-;   0x20000 - 0x7FFFF   LOW_WORK: 384 KiB free for the forward pass (below any EBDA)
+;   0x18000 - 0x7FFFF   free
 ;   0x80000 - 0xFFFFF   EBDA, VGA memory, option ROMs, BIOS                                    not ours
-;   0x100000            MODEL_BASE: the model blob, [RUN_BLOCK + RB_MODEL_BYTES] long, loaded in whole sectors
-;   [heap_base, mem_top) free high memory for the KV cache and activations; heap_base is the end of the model
-;                       rounded up to 4 KiB, mem_top the end of the RAM that starts at 1 MiB (INT 15h E801/88h)
+;   0x100000            MODEL_BASE: the packed model (docs/format.md), [RUN_BLOCK + RB_MODEL_BYTES] long
+;   heap_base           the end of the model rounded up to 4 KiB; from there, N_BUFFERS slots of slot_bytes
+;                       (16 bytes per element of the widest vector): x, xb, act, qkv, hb, att, logits, the
+;                       sampler's weights and picks, the exp and SiLU interpolation tables (build_pairs);
+;   kv_base             then the KV cache: n_layers * n_kv_heads blocks of kv_block bytes (store_kv)
+;   mem_top             the end of the RAM that starts at 1 MiB (INT 15h E801h)
 ;
 ; REGISTER CONVENTIONS
 ;   CS = DS = ES = FS = GS = SS = 0 always. DS, ES, FS and GS are "unreal": their hidden limits are 4 GiB, so a
 ;   32-bit offset is a physical address (mov eax, [esi]; a32 rep movsd) and the model above 1 MiB is reachable.
-;   Code and stack stay 16-bit: near calls, IP and SP below 0x10000.
-;   Direction flag clear. Interrupts on, except inside enter_unreal_mode.
+;   Code and stack stay 16-bit: near calls, IP and SP below 0x10000. Direction flag clear.
+;   Interrupts on, except inside enter_unreal_mode.
 ;   Routines take their arguments in registers as their banner says and preserve every register their banner does
 ;   not list under Clobbers; flags are always clobbered.
+;   In the model code (setup_model and what it calls) BP = VARS: [hdr(H_x)] is a packed header field and
+;   [var(x)] a variable, with 8-bit displacements. A routine that needs EBP saves BP and uses absolute addresses.
 ;   A BIOS call may come back with 64 KiB segment limits (see enter_unreal_mode), so every BIOS call site calls
 ;   enter_unreal_mode right after it; the output routines here already do. New BIOS calls must do the same.
 ;
 ; SERIAL PROTOCOL (COM1, 115200 8N1; image.py SerialDecoder parses it)
 ;   Outside records the stream is log text: ASCII, never STX. A record is STX, one tag letter, fields, ETX:
-;     STX 'T' id ',' n ETX  b1 .. bn   a token: decimal id and byte count, then its n bytes raw (any values)
-;     STX 'M' name '=' value ETX       a named value (decimal, unsigned 32-bit), e.g. checksums, memory size
+;     STX 'T' id ',' n ETX  b1 .. bn   a token: decimal id and byte count, then its n bytes raw (any values):
+;                                      every forced prompt token and generated token with the bytes it prints;
+;                                      a sampled BOS or EOS, which ends the run, with n = 0
+;     STX 'M' name '=' value ETX       a named value (decimal, unsigned 32-bit): the self-test's
 ;     STX 'E' status ETX               end of run; the status also goes to isa-debug-exit (port 0xF4)
 ;   Screen (BIOS teletype) shows log text and token bytes, "\n" as CR LF; never records.
 ;   Input: if the runner sent SERIAL_HOLD before the end, end_run waits for SERIAL_GO before port 0xF4, so the runner
@@ -43,10 +52,9 @@ STACK_TOP           equ 0x7C00
 RUN_BLOCK           equ 0x7E00
 ENGINE_BASE         equ 0x8000
 DISK_BUFFER         equ 0x10000
-LOW_WORK            equ 0x20000
-LOW_WORK_END        equ 0x80000
 MODEL_BASE          equ 0x100000
 LOAD_CHUNK_SECTORS  equ 64              ; 32 KiB: fits DISK_BUFFER, under the 127-sector limit of some BIOSes
+SECTOR              equ 512
 HEAP_ALIGN          equ 4096
 
 RB_MAGIC            equ 0               ; run block fields (image.py RUN_BLOCK_FORMAT, little-endian)
@@ -57,10 +65,10 @@ RB_MODEL_BYTES      equ 12              ; u32
 RB_INV_TEMPERATURE  equ 16              ; u32, round(65536 / temperature); 0 = greedy
 RB_TOPP             equ 20              ; u32, round(65536 * top-p); 65536 = off
 RB_TOPK             equ 24              ; u32, 0 = off
-RB_SEED             equ 28              ; u64: xorshift64* state, advanced in place by random_u32
+RB_SEED             equ 28              ; u64, the xorshift64* state
 RB_STEPS            equ 36              ; u16, forward passes, prompt included; 0 = the whole context
 RB_PROMPT_COUNT     equ 38              ; u16
-RB_PROMPT_IDS       equ 40              ; u16[RB_PROMPT_COUNT]
+RB_PROMPT_IDS       equ 40              ; u16[RB_PROMPT_COUNT], BOS first
 RUN_MAGIC           equ 'SLRB'
 RUN_VERSION         equ 2
 
@@ -82,8 +90,7 @@ STATUS_BAD_RUN_BLOCK    equ 0x03
 STATUS_A20_CLOSED       equ 0x04
 STATUS_MODEL_TOO_LARGE  equ 0x05
 
-HDR_BYTES           equ 512             ; the packed header and section table, copied below 64 KiB
-TABLE_OFFSET        equ 128             ; packed header fields (docs/format.md), little-endian u32 / i32:
+HDR_BYTES           equ 128             ; the packed header (docs/format.md), copied to HDR; fields, u32 / i32:
 H_DIM               equ 16
 H_HIDDEN            equ 20
 H_N_LAYERS          equ 24
@@ -101,6 +108,7 @@ H_EXP_SHIFT         equ 76
 H_SILU_SHIFT        equ 80
 H_SILU_LO           equ 84
 H_N_SECTIONS        equ 92
+TABLE_OFFSET        equ 128             ; the section table follows the header
 
 K_TOKEN_EMBEDDING_Q equ 1               ; section kinds (docs/format.md)
 K_TOKEN_EMBEDDING_S equ 2
@@ -118,63 +126,57 @@ K_EXP_TABLE         equ 19
 K_SILU_TABLE        equ 20
 K_PIECES            equ 21
 K_PRINTED           equ 22
+SEC_ADDR            equ 4               ; SEC entries, 16 bytes per kind: the section table's entry with its
+SEC_LEN             equ 8               ; offset turned into an address (the weights' addresses then move on
+SEC_PARAM           equ 12              ; layer by layer as the forward pass reads them)
 %define SECTION(kind) (SEC + 16 * (kind))
-SEC_ADDR            equ 4               ; SEC entries: the table entry (kind, offset, length, param) with the
-SEC_LEN             equ 8               ; offset replaced by the address
-SEC_PARAM           equ 12
+%define hdr(field) bp + (field) - HDR_BYTES
+%define var(name) bp + (name) - VARS
 
 BOS                 equ 1
 EOS                 equ 2
+KEY_SHIFT           equ 15              ; cached keys are int16, values int8 (fixed.py KEY_SHIFT, VALUE_SHIFT)
+VALUE_SHIFT         equ 7
 DOT_UNROLL          equ 8               ; multiply-adds per pass of dot_row
+SLOT_BYTES          equ 0x100000        ; a buffer: 16 bytes for each of up to 65536 elements
 
         org ENGINE_BASE
 
 ; ---------------------------------------------------------------------------------------------------------------
-; engine_start: the entry point; sets up the machine, loads the model and runs (for now: the self-test) to the end.
-; Entry:    CS=0, IP=ENGINE_BASE, DL = BIOS boot drive, run block at RUN_BLOCK
+; engine_start: the entry point: check the run block, open A20, enter unreal mode, load the model, generate.
+; Entry:    CS = DS = ES = SS = 0, SP = STACK_TOP, DL = BIOS boot drive, run block at RUN_BLOCK (boot.asm)
 ; Output:   never returns: end_run
 ; ---------------------------------------------------------------------------------------------------------------
 engine_start:
-        cli
-        xor ax, ax
-        mov ds, ax
-        mov es, ax
-        mov fs, ax
-        mov gs, ax
-        mov ss, ax
-        mov sp, STACK_TOP
-        sti
-        cld
         mov [boot_drive], dl
-        call serial_init
         mov si, msg_banner
         call print_string
-
-        cmp dword [RUN_BLOCK + RB_MAGIC], RUN_MAGIC
-        jne .bad_run_block
-        cmp word [RUN_BLOCK + RB_VERSION], RUN_VERSION
-        jne .bad_run_block
-        call enable_a20
+        mov al, STATUS_BAD_RUN_BLOCK
+        mov si, msg_bad_run_block
+        cmp word [RUN_BLOCK + RB_VERSION], RUN_VERSION   ; the boot sector checked the magic
+        jne fail
+        in al, SYSTEM_CONTROL_A
+        or al, 0x02
+        and al, 0xFE                    ; bit 0 would reset the machine
+        out SYSTEM_CONTROL_A, al
         call enter_unreal_mode
-        call check_a20
+        mov byte [a20_probe], 0         ; with A20 closed, 1 MiB higher is the same byte
+        mov byte [dword a20_probe + 0x100000], 1
+        mov al, STATUS_A20_CLOSED
+        mov si, msg_a20_closed
+        cmp byte [a20_probe], 0
+        jne fail
         call detect_memory
         call place_model
         call load_model
-
 %ifdef SELFTEST
         call selftest
-        mov al, STATUS_OK
 %else
         call setup_model
         call generate
-        mov al, STATUS_OK
 %endif
+        mov al, STATUS_OK
         jmp end_run
-
-.bad_run_block:
-        mov si, msg_bad_run_block
-        mov al, STATUS_BAD_RUN_BLOCK
-        jmp fail
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; fail: print a reason (log text on COM1 and the screen) and end the run with a status.
@@ -186,87 +188,41 @@ fail:
         ; fall through into end_run
 
 ; ---------------------------------------------------------------------------------------------------------------
-; end_run: send the end record, let a runner that asked for it take its screenshot, then leave through QEMU's
-; isa-debug-exit (QEMU exits with status (AL << 1) | 1) and halt where that device does not exist.
+; end_run: send the end record; if the runner sent SERIAL_HOLD, wait for SERIAL_GO (its screenshot); then leave
+; through QEMU's isa-debug-exit (QEMU exits with status (AL << 1) | 1) and halt where that device does not exist.
 ; Entry:    AL = status (0..127)
 ; Output:   never returns
 ; ---------------------------------------------------------------------------------------------------------------
 end_run:
-        mov bl, al
-        mov al, STX
-        call serial_put
+        xchg ax, bx
+        mov di, serial_put
         mov al, 'E'
-        call serial_put
+        call record_start
         movzx eax, bl
-        call serial_decimal
+        call decimal
         mov al, ETX
-        call serial_put
-        call wait_for_runner
-        mov al, bl
-        out DEBUG_EXIT_PORT, al
-.halt:
-        cli
-        hlt
-        jmp .halt
-
-; ---------------------------------------------------------------------------------------------------------------
-; wait_for_runner: if the first byte waiting on COM1 is SERIAL_HOLD, wait until SERIAL_GO arrives; otherwise
-; return at once (nothing waiting, another byte, or no UART at all: its status register then reads 0xFF).
-; Clobbers: AL, DX
-; ---------------------------------------------------------------------------------------------------------------
-wait_for_runner:
-        mov dx, UART_LSR
+        call di
+        mov dx, UART_LSR                ; no byte waiting, or no UART at all (it reads 0xFF): go
         in al, dx
         test al, LSR_DATA_READY
-        jz .done
-        mov dx, COM1
+        jz .exit
+        mov dl, COM1 & 0xFF
         in al, dx
         cmp al, SERIAL_HOLD
-        jne .done
-.wait:
-        mov dx, UART_LSR
-.poll:
+        jne .exit
+.wait:  mov dl, UART_LSR & 0xFF
         in al, dx
         test al, LSR_DATA_READY
-        jz .poll
-        mov dx, COM1
+        jz .wait
+        mov dl, COM1 & 0xFF
         in al, dx
         cmp al, SERIAL_GO
         jne .wait
-.done:
-        ret
-
-; ---------------------------------------------------------------------------------------------------------------
-; enable_a20: open the A20 gate through the "fast A20" port so odd megabytes are not aliased to even ones.
-; Clobbers: AL
-; ---------------------------------------------------------------------------------------------------------------
-enable_a20:
-        in al, SYSTEM_CONTROL_A
-        test al, 0x02
-        jnz .done
-        or al, 0x02
-        and al, 0xFE                    ; bit 0 would reset the machine
-        out SYSTEM_CONTROL_A, al
-.done:
-        ret
-
-; ---------------------------------------------------------------------------------------------------------------
-; check_a20: fail the run if addresses 1 MiB apart still alias (A20 closed).
-; Entry:    unreal mode
-; Clobbers: EAX, ESI, EDI
-; ---------------------------------------------------------------------------------------------------------------
-check_a20:
-        mov esi, a20_probe
-        lea edi, [esi + 0x100000]
-        mov word [esi], 0
-        mov word [edi], 0xA20A
-        cmp word [esi], 0
-        jne .closed
-        ret
-.closed:
-        mov si, msg_a20_closed
-        mov al, STATUS_A20_CLOSED
-        jmp fail
+.exit:  xchg ax, bx
+        out DEBUG_EXIT_PORT, al
+.halt:  cli
+        hlt
+        jmp .halt
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; enter_unreal_mode: give DS, ES, FS and GS 4 GiB limits and return to real mode with all of them 0 again.
@@ -279,8 +235,7 @@ check_a20:
 ; ---------------------------------------------------------------------------------------------------------------
 enter_unreal_mode:
         pushf
-        push eax
-        push bx
+        pushad
         cli                             ; an interrupt handler would run with protected-mode segment semantics
         lgdt [gdt_descriptor]
         mov eax, cr0
@@ -289,27 +244,24 @@ enter_unreal_mode:
         jmp .protected                  ; the 386 needs its prefetch queue flushed after a mode switch
 .protected:
         mov bx, FLAT_DATA_SELECTOR      ; loading a selector in protected mode fills the hidden 4 GiB limit
-        mov ds, bx
-        mov es, bx
-        mov fs, bx
-        mov gs, bx
+        call .load
         and al, 0xFE
         mov cr0, eax
         jmp .real
-.real:
-        xor bx, bx                      ; back in real mode the bases return to 0; the limits stay
-        mov ds, bx
+.real:  xor bx, bx                      ; back in real mode the bases return to 0; the limits stay
+        call .load
+        popad
+        popf
+        ret
+.load:  mov ds, bx
         mov es, bx
         mov fs, bx
         mov gs, bx
-        pop bx
-        pop eax
-        popf
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; detect_memory: find where the RAM that starts at 1 MiB ends, with INT 15h E801h, else INT 15h AH=88h.
-; Output:   [mem_top] = physical end address of that RAM (0x100000 if the BIOS reports none)
+; detect_memory: find where the RAM that starts at 1 MiB ends, with INT 15h E801h (none if it fails).
+; Output:   [mem_top] = physical end address of that RAM
 ; Clobbers: EAX, EBX, ECX, EDX
 ; ---------------------------------------------------------------------------------------------------------------
 detect_memory:
@@ -318,12 +270,14 @@ detect_memory:
         xor cx, cx
         xor dx, dx
         int 0x15
-        jc .try_88
+        call enter_unreal_mode
+        jnc .answer
+        xor ax, ax
+.answer:
         jcxz .ax_bx                     ; BIOSes answer in AX/BX, CX/DX or both
-        mov ax, cx
+        xchg ax, cx
         mov bx, dx
-.ax_bx:
-        movzx eax, ax                   ; KiB between 1 MiB and 16 MiB
+.ax_bx: movzx eax, ax                   ; KiB between 1 MiB and 16 MiB
         shl eax, 10
         add eax, MODEL_BASE
         cmp eax, 0x1000000
@@ -331,35 +285,18 @@ detect_memory:
         movzx ebx, bx                   ; 64 KiB blocks above 16 MiB
         shl ebx, 16
         add eax, ebx
-        jmp .store
-.try_88:
-        mov ah, 0x88
-        int 0x15
-        mov ebx, MODEL_BASE
-        jc .none
-        movzx eax, ax
-        shl eax, 10
-        add eax, ebx
-        jmp .store
-.none:
-        mov eax, ebx
-.store:
-        mov [mem_top], eax
-        jmp enter_unreal_mode
+.store: mov [mem_top], eax
+        ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; place_model: size the model in sectors, check that it fits the RAM above 1 MiB, and put the heap after it.
 ; Output:   [model_sectors], [heap_base]; fails the run with the sizes when the model does not fit
-; Clobbers: EAX, EBX, SI
+; Clobbers: EAX, SI
 ; ---------------------------------------------------------------------------------------------------------------
 place_model:
         mov eax, [RUN_BLOCK + RB_MODEL_BYTES]
-        mov ebx, eax
+        add eax, SECTOR - 1
         shr eax, 9
-        test bx, 511
-        jz .whole
-        inc eax
-.whole:
         mov [model_sectors], eax
         shl eax, 9
         add eax, MODEL_BASE
@@ -368,19 +305,7 @@ place_model:
         add eax, HEAP_ALIGN - 1
         and eax, -HEAP_ALIGN
         mov [heap_base], eax
-
-        mov si, msg_model
-        call print_string
-        mov eax, [RUN_BLOCK + RB_MODEL_BYTES]
-        call print_decimal
-        mov si, msg_model_memory
-        call print_string
-        mov eax, [mem_top]
-        sub eax, MODEL_BASE
-        shr eax, 10
-        call print_decimal
-        mov si, msg_kib_above_1mib
-        jmp print_string
+        ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; memory_too_small: fail the run, saying how much memory above 1 MiB the model needs and how much there is.
@@ -388,24 +313,50 @@ place_model:
 ; Output:   never returns
 ; ---------------------------------------------------------------------------------------------------------------
 memory_too_small:
-        mov si, msg_too_large
-        call print_string
-        sub eax, MODEL_BASE - 1023
-        shr eax, 10
-        call print_decimal
-        mov si, msg_too_large_has
-        call print_string
+        mov si, msg_needs
+        call print_kib
         mov eax, [mem_top]
-        sub eax, MODEL_BASE
-        shr eax, 10
-        call print_decimal
-        mov si, msg_kib_above_1mib
+        mov si, msg_has
+        call print_kib
+        mov si, msg_kib
         mov al, STATUS_MODEL_TOO_LARGE
         jmp fail
 
+; print_kib: log text, then the KiB from 1 MiB to the address EAX, rounded up. Clobbers: SI, DI
+print_kib:
+        call print_string
+        sub eax, MODEL_BASE - 1023
+        shr eax, 10
+        ; fall through into print_decimal
+
+; print_decimal: EAX in decimal as log text. Clobbers: DI
+print_decimal:
+        mov di, put_char
+        ; fall through into decimal
+
+; ---------------------------------------------------------------------------------------------------------------
+; decimal: the unsigned decimal digits of EAX, most significant first, each given to the routine at DI.
+; Entry:    EAX = number, DI = serial_put or put_char
+; Clobbers: nothing
+; ---------------------------------------------------------------------------------------------------------------
+decimal:
+        pushad
+        push dword 10
+        pop ecx
+        xor edx, edx
+        div ecx
+        test eax, eax
+        jz .digit
+        call decimal                    ; the higher digits first
+.digit: xchg ax, dx
+        add al, '0'
+        call di
+        popad
+        ret
+
 ; ---------------------------------------------------------------------------------------------------------------
 ; load_model: read the model from disk to MODEL_BASE, LOAD_CHUNK_SECTORS at a time through DISK_BUFFER.
-; Entry:    [model_sectors] set (place_model)
+; Entry:    [model_sectors] > 0 (place_model)
 ; Output:   the model at MODEL_BASE; unreal mode; fails the run on a disk error
 ; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI, EBP
 ; ---------------------------------------------------------------------------------------------------------------
@@ -413,15 +364,12 @@ load_model:
         mov edi, MODEL_BASE
         mov ebx, [RUN_BLOCK + RB_MODEL_LBA]
         mov ebp, [model_sectors]
-.next_chunk:
-        test ebp, ebp
-        jz .done
-        mov ecx, LOAD_CHUNK_SECTORS
+.chunk: push dword LOAD_CHUNK_SECTORS
+        pop ecx
         cmp ebp, ecx
         jae .read
         mov ecx, ebp
-.read:
-        mov [dap.count], cx
+.read:  mov [dap.count], cx
         mov [dap.lba], ebx
         mov si, dap
         mov dl, [boot_drive]
@@ -437,45 +385,17 @@ load_model:
         mov esi, DISK_BUFFER
         shl ecx, 7                      ; sectors -> dwords
         a32 rep movsd
-        jmp .next_chunk
-.done:
+        test ebp, ebp
+        jnz .chunk
         ret
 .disk_error:
         mov si, msg_disk_error
         call print_string
         movzx eax, byte [disk_status]
         call print_decimal
-        mov si, msg_newline
+        mov si, msg_kib + 4             ; its newline
         mov al, STATUS_DISK_ERROR
         jmp fail
-
-; ---------------------------------------------------------------------------------------------------------------
-; serial_init: COM1 at 115200 baud, 8 data bits, no parity, 1 stop bit, no FIFOs, no interrupts (we poll).
-; Clobbers: AL, DX
-; ---------------------------------------------------------------------------------------------------------------
-serial_init:
-        mov dx, COM1 + 1                ; interrupt enable: none
-        xor al, al
-        out dx, al
-        add dx, 2                       ; line control: DLAB on to set the divisor
-        mov al, 0x80
-        out dx, al
-        sub dx, 3                       ; divisor 1 = 115200 baud
-        mov al, 1
-        out dx, al
-        inc dx
-        xor al, al
-        out dx, al
-        add dx, 2                       ; line control: 8N1, DLAB off
-        mov al, 0x03
-        out dx, al
-        dec dx                          ; FIFO control: FIFOs off; turning them on would flush a byte
-        xor al, al                      ; the runner sent before we started (SERIAL_HOLD)
-        out dx, al
-        add dx, 2                       ; modem control: DTR and RTS
-        mov al, 0x03
-        out dx, al
-        ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; serial_put: send one byte to COM1 once its transmit holding register is empty.
@@ -486,22 +406,22 @@ serial_put:
         push dx
         push ax
         mov dx, UART_LSR
-.wait:
-        in al, dx
+.wait:  in al, dx
         test al, LSR_THR_EMPTY
         jz .wait
         pop ax
-        mov dx, COM1
+        mov dl, COM1 & 0xFF
         out dx, al
         pop dx
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; screen_put: show one byte with the BIOS teletype; "\n" becomes CR LF.
+; put_char: one byte to COM1 and the screen (BIOS teletype; "\n" becomes CR LF there).
 ; Entry:    AL = byte
 ; Clobbers: nothing
 ; ---------------------------------------------------------------------------------------------------------------
-screen_put:
+put_char:
+        call serial_put
         pusha
         xor bx, bx                      ; page 0, colour 0 (only used in graphics modes)
         cmp al, 10
@@ -509,164 +429,59 @@ screen_put:
         mov ax, 0x0E0D
         int 0x10
         mov al, 10
-.show:
-        mov ah, 0x0E
+.show:  mov ah, 0x0E
         int 0x10
         call enter_unreal_mode
         popa
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; put_char: one byte of log text to COM1 and the screen.
-; Entry:    AL = byte
-; Clobbers: nothing
-; ---------------------------------------------------------------------------------------------------------------
-put_char:
-        call serial_put
-        jmp screen_put
-
-; ---------------------------------------------------------------------------------------------------------------
 ; print_string: log text to COM1 and the screen.
 ; Entry:    SI = NUL-terminated string (offset in segment 0)
-; Clobbers: nothing
+; Clobbers: SI
 ; ---------------------------------------------------------------------------------------------------------------
 print_string:
-        push si
         push ax
-.next:
-        lodsb
+.next:  lodsb
         test al, al
         jz .done
         call put_char
         jmp .next
-.done:
-        pop ax
-        pop si
+.done:  pop ax
         ret
 
-; ---------------------------------------------------------------------------------------------------------------
-; serial_string: a string to COM1 only (record fields).
-; Entry:    SI = NUL-terminated string (offset in segment 0)
-; Clobbers: nothing
-; ---------------------------------------------------------------------------------------------------------------
-serial_string:
-        push si
+; record_start: STX, then the tag in AL, to COM1. Clobbers: nothing
+record_start:
         push ax
-.next:
-        lodsb
-        test al, al
-        jz .done
+        mov al, STX
         call serial_put
-        jmp .next
-.done:
         pop ax
-        pop si
-        ret
+        jmp serial_put
 
 ; ---------------------------------------------------------------------------------------------------------------
-; format_decimal: unsigned decimal digits of EAX, in a buffer that the next call overwrites.
-; Entry:    EAX = number
-; Output:   SI = NUL-terminated digits
-; Clobbers: nothing
-; ---------------------------------------------------------------------------------------------------------------
-format_decimal:
-        push eax
-        push ebx
-        push edx
-        mov si, decimal_end
-        mov ebx, 10
-.digit:
-        xor edx, edx
-        div ebx
-        add dl, '0'
-        dec si
-        mov [si], dl
-        test eax, eax
-        jnz .digit
-        pop edx
-        pop ebx
-        pop eax
-        ret
-
-; ---------------------------------------------------------------------------------------------------------------
-; print_decimal: EAX in decimal as log text to COM1 and the screen.
-; Entry:    EAX = number
-; Clobbers: nothing
-; ---------------------------------------------------------------------------------------------------------------
-print_decimal:
-        push si
-        call format_decimal
-        call print_string
-        pop si
-        ret
-
-; ---------------------------------------------------------------------------------------------------------------
-; serial_decimal: EAX in decimal to COM1 only (record fields).
-; Entry:    EAX = number
-; Clobbers: nothing
-; ---------------------------------------------------------------------------------------------------------------
-serial_decimal:
-        push si
-        call format_decimal
-        call serial_string
-        pop si
-        ret
-
-; ---------------------------------------------------------------------------------------------------------------
-; report_token: a generated token: its record (id, byte count, bytes) to COM1, its bytes to the screen.
-; Entry:    EAX = token id, ESI = physical address of its bytes, ECX = byte count
+; report_token: a token: its record (id, byte count, bytes) to COM1, its bytes to the screen.
+; Entry:    EAX = token id, ESI = physical address of its bytes, CX = byte count
 ; Clobbers: nothing
 ; ---------------------------------------------------------------------------------------------------------------
 report_token:
-        push eax
-        push ecx
-        push esi
-        push eax
-        mov al, STX
-        call serial_put
+        pushad
+        mov di, serial_put
+        push ax
         mov al, 'T'
-        call serial_put
-        pop eax
-        call serial_decimal
+        call record_start
+        pop ax
+        call decimal
         mov al, ','
-        call serial_put
-        mov eax, ecx
-        call serial_decimal
+        call di
+        movzx eax, cx
+        call decimal
         mov al, ETX
-        call serial_put
-.next:
-        jecxz .done
-        a32 lodsb
-        call serial_put
-        call screen_put
-        dec ecx
-        jmp .next
-.done:
-        pop esi
-        pop ecx
-        pop eax
-        ret
-
-; ---------------------------------------------------------------------------------------------------------------
-; report_value: a named number as a record on COM1, for the runner (checksums, sizes).
-; Entry:    SI = NUL-terminated name ([a-z0-9_]), EAX = value
-; Clobbers: nothing
-; ---------------------------------------------------------------------------------------------------------------
-report_value:
-        push ax
-        mov al, STX
-        call serial_put
-        mov al, 'M'
-        call serial_put
-        call serial_string
-        mov al, '='
-        call serial_put
-        pop ax
-        call serial_decimal
-        push ax
-        mov al, ETX
-        call serial_put
-        pop ax
+        call di
+        jcxz .done
+.byte:  a32 lodsb
+        call put_char
+        loop .byte
+.done:  popad
         ret
 
 %ifdef SELFTEST
@@ -760,6 +575,25 @@ selftest:
         jnz .token
         ret
 
+; report_value: a named number as a record on COM1. Entry: SI = NUL-terminated name ([a-z0-9_]), EAX = value.
+; Clobbers: DI
+report_value:
+        mov di, serial_put
+        push ax
+        mov al, 'M'
+        call record_start
+.name:  lodsb
+        test al, al
+        jz .value
+        call di
+        jmp .name
+.value: mov al, '='
+        call di
+        pop ax
+        call decimal
+        mov al, ETX
+        jmp di
+
 selftest_tokens:
         db 6
         dw 1
@@ -789,101 +623,90 @@ name_prompt_count:  db "prompt_count", 0
 name_prompt_sum:    db "prompt_sum", 0
 name_sum:           db "sum", 0
 name_weighted_sum:  db "weighted_sum", 0
-%endif
+%else
 
 ; ===============================================================================================================
-; THE MODEL: setup, the generation loop, the forward pass and the sampler
+; THE MODEL
 ; ===============================================================================================================
 
 ; ---------------------------------------------------------------------------------------------------------------
-; setup_model: read the packed header (docs/format.md): copy it and the section table to HDR, derive the shape,
-; place the buffers and the KV cache in [heap_base, mem_top) and build the interpolation tables.
-; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
+; setup_model: copy the packed header to HDR (BP = VARS from here on), derive the shape, place the buffers (a
+; SLOT_BYTES slot each) and the KV cache from heap_base, failing the run if they pass mem_top, and build the
+; interpolation tables.
+; Output:   BP = VARS
+; Clobbers: everything
 ; ---------------------------------------------------------------------------------------------------------------
 setup_model:
+        mov bp, VARS
         mov esi, MODEL_BASE
         mov edi, HDR
-        mov ecx, HDR_BYTES / 4
-        a32 rep movsd
+        push dword HDR_BYTES / 4
+        pop ecx
+        a32 rep movsd                   ; DI = VARS
+        mov cx, (VARS_END - VARS) / 2
+        xor ax, ax
+        rep stosw                       ; so the 16-bit stores below leave zero high words
         call load_sections
-        mov eax, [HDR + H_DIM]
-        xor edx, edx
-        div dword [HDR + H_N_HEADS]
-        mov [head_size], eax
-        xchg eax, ebx                   ; EBX = head_size
-        mov eax, [HDR + H_N_HEADS]
-        xor edx, edx
-        div dword [HDR + H_N_KV_HEADS]
-        mov [kv_mul], eax
-        mov eax, [HDR + H_N_KV_HEADS]
-        mul ebx
-        mov [kv_dim], eax
-        add eax, eax
-        add eax, [HDR + H_DIM]
-        mov [qkv_rows], eax
-        lea eax, [ebx*2 + 4]            ; a key row: head_size int16 keys, then their i32 divisor
-        mov [kv_stride], eax
-        mov ecx, [HDR + H_SEQ_LEN]
-        mul ecx
-        mov [off_dv], eax
-        lea eax, [eax + ecx*4]
-        mov [off_vt], eax
-        imul ebx, ecx
-        add eax, ebx
-        mov [kv_block], eax
-        mul dword [HDR + H_N_KV_HEADS]
-        mov [kv_layer_bytes], eax
-        mul dword [HDR + H_N_LAYERS]
-        push eax                        ; the whole KV cache
-
-        xor ebx, ebx                    ; slot size: 16 bytes per element of the widest vector
-        mov si, slot_widths
-        mov cx, SLOT_WIDTHS
-.widest:
-        lodsw
-        xchg ax, di
-        mov eax, [di]
-        cmp eax, ebx
-        jb .narrower
-        xchg eax, ebx
-.narrower:
-        loop .widest
-        shl ebx, 4
+        mov ax, [hdr(H_DIM)]
+        cwd
+        div word [hdr(H_N_HEADS)]
+        mov [var(head_size)], ax
+        xchg ax, bx
+        mov ax, [hdr(H_N_HEADS)]
+        div word [hdr(H_N_KV_HEADS)]    ; DX = 0: dim is a multiple of n_heads
+        mov [var(kv_mul)], ax
+        mov ax, bx
+        mul word [hdr(H_N_KV_HEADS)]
+        mov [var(kv_dim)], ax
+        lea ax, [bx + 2]
+        add ax, ax
+        mov [var(key_skip)], ax         ; from a key row's Dv to the next row's Dk
+        add al, 4
+        mov [var(kv_stride)], ax        ; a key row: head_size int16 keys, Dk, Dv
+        mov eax, [var(kv_stride)]
+        mul dword [hdr(H_SEQ_LEN)]
+        mov [var(off_vt)], eax
+        mov eax, [var(head_size)]
+        mul dword [hdr(H_SEQ_LEN)]
+        add eax, [var(off_vt)]
+        mov [var(kv_block)], eax
+        mul dword [hdr(H_N_KV_HEADS)]
+        mov [var(layer_bytes)], eax
+        mul dword [hdr(H_N_LAYERS)]
+        xchg eax, edx                   ; EDX = the whole KV cache
         mov eax, [heap_base]
         mov di, buffers
-        mov cx, N_BUFFERS
+        mov cl, N_BUFFERS
 .place: stosd
-        add eax, ebx
+        add eax, SLOT_BYTES
         loop .place
-        mov [kv_base], eax
-        pop edx
+        mov [var(kv_base)], eax
         add eax, edx
         cmp eax, [mem_top]
         ja memory_too_small
-
         mov bx, SECTION(K_EXP_TABLE)
         mov di, exp_pairs
-        mov al, [HDR + H_EXP_SHIFT]
+        mov al, [hdr(H_EXP_SHIFT)]
         call build_pairs
         mov bx, SECTION(K_SILU_TABLE)
         mov di, silu_pairs
-        mov al, [HDR + H_SILU_SHIFT]
+        mov al, [hdr(H_SILU_SHIFT)]
         ; fall through into build_pairs
 
 ; ---------------------------------------------------------------------------------------------------------------
-; build_pairs: a packed interpolation table t[0..n) as lookup's table: n-1 and the step shift, then for i < n-1 the
-; pairs (t[i], t[i+1] - t[i]), so an interpolation is one multiply with no register for t[i+1].
-; Entry:    BX = SEC entry of the table, DI = its buffer variable (the slot), AL = step shift
+; build_pairs: lookup's form of a packed interpolation table t[0..n): n - 1 and the step shift, then the pairs
+; (t[i], t[i+1] - t[i]) for i < n - 1, so an interpolation is one multiply and needs no register for t[i+1].
+; Entry:    BX = SEC entry of the table, DI = its buffer variable, AL = step shift
 ; Output:   the variable points at the first pair
 ; Clobbers: EAX, ECX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 build_pairs:
         movzx eax, al
-        add dword [di], 8
+        add byte [di], 8
         mov edi, [di]
         mov ecx, [bx + SEC_LEN]
-        shr ecx, 2
-        dec ecx
+        shr cx, 2
+        dec cx
         mov [edi - 8], ecx
         mov [edi - 4], eax
         mov esi, [bx + SEC_ADDR]
@@ -896,24 +719,25 @@ build_pairs:
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; load_sections: SEC[kind] = the section table entry of each kind with its offset turned into an address; the
-; classifier entries are the embedding's when it is shared. The weight addresses then move on layer by layer as
-; the forward pass reads them, so it calls this first.
-; Clobbers: CX, SI, DI
+; load_sections: SEC[kind] = the section table's entry of each kind, its offset turned into an address; the
+; classifier's are the embedding's when it is shared. The forward pass starts with this: its weight addresses
+; move on layer by layer.
+; Clobbers: EAX, CX, ESI, SI, DI
 ; ---------------------------------------------------------------------------------------------------------------
 load_sections:
-        mov si, HDR + TABLE_OFFSET
-        mov cx, [HDR + H_N_SECTIONS]
-.entry: mov di, [si]
-        shl di, 4
-        add di, SEC
-        movsd
-        movsd
-        movsd
-        movsd
-        add dword [di - 12], MODEL_BASE
+        mov esi, MODEL_BASE + TABLE_OFFSET
+        mov cx, [hdr(H_N_SECTIONS)]
+.entry: a32 lodsd                       ; kind
+        shl ax, 4
+        add ax, SEC + SEC_ADDR
+        xchg ax, di
+        a32 lodsd
+        add eax, MODEL_BASE
+        stosd
+        a32 movsd                       ; length
+        a32 movsd                       ; param
         loop .entry
-        test byte [HDR + H_FLAGS], 1
+        test byte [hdr(H_FLAGS)], 1
         jz .done
         mov si, SECTION(K_TOKEN_EMBEDDING_Q)
         mov di, SECTION(K_WCLS_Q)
@@ -922,31 +746,29 @@ load_sections:
 .done:  ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; generate: run.c's generation loop (generate.py Generation): `steps` forward passes from the first prompt token;
-; prompt tokens are forced and echoed, then sampled tokens are reported as they come. A sampled BOS or EOS ends
-; the run: it is reported with no bytes.
-; Clobbers: everything
+; generate: run.c's generation loop (generate.py Generation): `steps` forward passes from the first prompt token
+; (0 or more than seq_len: seq_len); prompt tokens are forced and echoed, then sampled tokens reported as they
+; come. A sampled BOS or EOS ends the run: it is reported with no bytes.
+; Clobbers: everything but BP
 ; ---------------------------------------------------------------------------------------------------------------
 generate:
         mov ax, [RUN_BLOCK + RB_STEPS]
-        mov cx, [HDR + H_SEQ_LEN]
+        mov cx, [hdr(H_SEQ_LEN)]
         dec ax
         cmp ax, cx
-        jb .steps                       ; 0 or more than the context: the whole context
-        mov ax, cx
+        jb .steps
+        xchg ax, cx
         dec ax
 .steps: inc ax
-        mov [steps], ax
-        xor eax, eax
-        mov [pos], eax
-        inc ax                          ; BOS, unless the run block has a prompt
-        cmp word [RUN_BLOCK + RB_PROMPT_COUNT], 0
-        je .first
+        mov [var(steps)], ax
+        mov ax, BOS                     ; unless the run block has a prompt
+        mov cx, [RUN_BLOCK + RB_PROMPT_COUNT]
+        jcxz .first
         mov ax, [RUN_BLOCK + RB_PROMPT_IDS]
-.first: mov [token], eax
+.first: mov [var(token)], ax
 .next:  call forward
-        inc dword [pos]
-        mov si, [pos]
+        inc word [var(pos)]
+        mov si, [var(pos)]
         cmp si, [RUN_BLOCK + RB_PROMPT_COUNT]
         jae .sample
         add si, si
@@ -954,32 +776,33 @@ generate:
         jmp .print
 .sample:
         call sample
-        lea ecx, [eax - BOS]
-        cmp ecx, EOS - BOS
+        cmp eax, EOS
         ja .print
-        xor ecx, ecx
+        cmp al, BOS
+        jb .print
+        xor cx, cx
         jmp report_token
 .print: call print_token
-        mov [token], eax
-        mov ax, [pos]
-        cmp ax, [steps]
+        mov [var(token)], ax
+        mov ax, [var(pos)]
+        cmp ax, [var(steps)]
         jb .next
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; print_token: report a token with the bytes run.c prints for it after [token] (tokenizer.py piece_bytes): its
-; PRINTED string, but after BOS without the leading space of its piece, and then nothing if what is left is a
+; print_token (tokenizer.py piece_bytes): report a token with the bytes run.c prints for it after [var(token)]:
+; its PRINTED string; after BOS without the leading space of its piece, and then nothing if what is left is a
 ; single unprintable byte.
 ; Entry:    EAX = token id
-; Clobbers: EBX, ECX, EDX, ESI
+; Clobbers: EBX, CX, EDX, ESI
 ; ---------------------------------------------------------------------------------------------------------------
 print_token:
         mov ebx, [SECTION(K_PRINTED) + SEC_ADDR]
         mov esi, [ebx + eax*4]
         mov ecx, [ebx + eax*4 + 4]
-        sub ecx, esi
+        sub cx, si
         add esi, ebx
-        cmp word [token], BOS
+        cmp word [var(token)], BOS
         jne report_token
         mov ebx, [SECTION(K_PIECES) + SEC_ADDR]
         mov edx, [ebx + eax*4]
@@ -1000,97 +823,111 @@ print_token:
         jmp report_token
 
 ; ---------------------------------------------------------------------------------------------------------------
-; forward: one position of the transformer (fixed.py forward_token): the logits of token [token] at [pos].
-; Output:   [logits_buf] = vocab_size Q16.16 logits; cache row [pos] of every layer and kv head written
-; Clobbers: everything
+; forward (fixed.py forward_token): one position of the transformer: the logits of [var(token)] at [var(pos)].
+; Output:   [var(logits_buf)] = vocab_size Q16.16 logits; cache row [var(pos)] written in every block
+; Clobbers: everything but BP
 ; ---------------------------------------------------------------------------------------------------------------
 forward:
         call load_sections
-        mov eax, [token]                ; x[j] = (emb_q[token, j] * emb_s[token]) >> (S_emb - 16)
+        mov eax, [var(token)]           ; x[j] = (emb_q[token, j] * emb_s[token]) >> (S_emb - 16)
         mov ebx, [SECTION(K_TOKEN_EMBEDDING_S) + SEC_ADDR]
-        mov ebp, [ebx + eax*4]
-        mul dword [HDR + H_DIM]
+        mov ebx, [ebx + eax*4]
+        mul dword [hdr(H_DIM)]
         mov esi, [SECTION(K_TOKEN_EMBEDDING_Q) + SEC_ADDR]
         add esi, eax
         mov cl, [SECTION(K_TOKEN_EMBEDDING_S) + SEC_PARAM]
         sub cl, 16
-        mov edi, [x_buf]
-        mov bx, [HDR + H_DIM]
+        mov edi, [var(x_buf)]
+        mov ax, [hdr(H_DIM)]
+        push bp
+        xchg ax, bp
 .embed: movsx eax, byte [esi]
         inc esi
-        imul ebp
+        imul ebx
         shrd eax, edx, cl
         a32 stosd
-        dec bx
+        dec bp
         jnz .embed
+        pop bp
 
-        mov eax, [kv_base]
-        mov [layer_kv], eax
-        mov cx, [HDR + H_N_LAYERS]
+        mov eax, [var(kv_base)]
+        mov [var(layer_kv)], eax
+        mov cx, [hdr(H_N_LAYERS)]
 .layer: push cx
         mov bx, SECTION(K_RMS_ATT_WEIGHT)
         call norm_and_quantize
-        mov ebp, [qkv_buf]
+        mov eax, [var(qkv_buf)]
         mov bx, SECTION(K_WQKV_Q)
-        mov cx, [qkv_rows]
-        call matvec_store
+        mov cx, [var(kv_dim)]
+        add cx, cx
+        add cx, [hdr(H_DIM)]
+        call matvec_store               ; q, k, v
         call rope
         call store_kv
         call attention
         call quantize_xb
-        mov ebp, [x_buf]
         mov bx, SECTION(K_WO_Q)
-        call matvec_dim                 ; x += wo . attention
+        call residual
         mov bx, SECTION(K_RMS_FFN_WEIGHT)
         call norm_and_quantize
-        mov ebp, [hb_buf]
+        mov eax, [var(hb_buf)]
         mov bx, SECTION(K_W13_Q)
-        mov cx, [HDR + H_HIDDEN]
+        mov cx, [hdr(H_HIDDEN)]
         add cx, cx
-        call matvec_store
+        call matvec_store               ; gate, up
         call swiglu
-        mov ebp, [x_buf]
         mov bx, SECTION(K_W2_Q)
-        call matvec_dim                 ; x += w2 . swiglu
-        mov eax, [kv_layer_bytes]
-        add [layer_kv], eax
+        call residual
+        mov eax, [var(layer_bytes)]
+        add [var(layer_kv)], eax
         pop cx
         loop .layer
 
         mov bx, SECTION(K_RMS_FINAL_WEIGHT)
         call norm_and_quantize
-        mov ebp, [logits_buf]
         mov bx, SECTION(K_WCLS_Q)
-        mov cx, [HDR + H_VOCAB]
-        call matvec_store
-        mov ebp, [logits_buf]
+        call classifier
         mov bx, SECTION(K_WCLS_RESIDUAL_Q)
-        mov cx, [HDR + H_VOCAB]
-        jmp matvec
+        mov al, 0x01                    ; matvec adds this one
+        jmp classifier.rows
+
+; classifier: logits = the BX matrix times act; .rows with AL = 1: logits += it.
+classifier:
+        mov al, 0
+.rows:  mov cx, [hdr(H_VOCAB)]
+        mov edi, [var(logits_buf)]
+        jmp matvec_into
+
+; residual: x += the next dim rows of the BX matrix times act (the residual connections).
+residual:
+        mov cx, [hdr(H_DIM)]
+        mov edi, [var(x_buf)]
+        mov al, 1
+        jmp matvec_into
 
 ; ---------------------------------------------------------------------------------------------------------------
-; norm_and_quantize: xb = rmsnorm(x), then act = quantize_act(xb, act_bits_dim).
-; Entry:    BX = SEC entry of the RMSNorm weights
-; Clobbers: everything
+; norm_and_quantize: xb = rmsnorm(x) with the BX weights, then act = quantize_act(xb, act_bits_dim);
+; quantize_xb: only the second half.
+; Clobbers: everything but BP
 ; ---------------------------------------------------------------------------------------------------------------
 norm_and_quantize:
         call rmsnorm
 quantize_xb:
-        mov esi, [xb_buf]
-        mov cx, [HDR + H_DIM]
-        mov al, [HDR + H_ACT_BITS_DIM]
+        mov esi, [var(xb_buf)]
+        mov cx, [hdr(H_DIM)]
+        mov al, [hdr(H_ACT_BITS_DIM)]
         ; fall through into quantize_act
 
 ; ---------------------------------------------------------------------------------------------------------------
-; quantize_act (fixed.py quantize_act): act = v >> k, k = max(0, bit_length(OR of |v[j]|) - bits).
+; quantize_act (fixed.py quantize_act): act = v >> k, k = max(0, bit_length(OR of |v[j]|) - bits); then sets
+; dot_row's length to n.
 ; Entry:    ESI = v (i32), CX = n (1..65535), AL = bits
-; Output:   [act_buf] = act, [act_n] = n, [act_k] = k, [act_end] = act + 4n
-; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
+; Output:   [var(act_buf)] = act, [var(act_n)] = n, [var(act_k)] = k, [var(act_end)] = act + 4n
+; Clobbers: EAX, BX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 quantize_act:
-        mov bl, al
-        movzx ecx, cx
-        mov [act_n], ecx
+        xchg ax, bx
+        mov [var(act_n)], cx
         push esi
         push cx
         xor edi, edi
@@ -1108,64 +945,34 @@ quantize_act:
         jnc .shift
 .no_shift:
         xor cx, cx
-.shift: mov [act_k], cl
+.shift: mov [var(act_k)], cl
         pop dx
         pop esi
-        mov edi, [act_buf]
+        mov edi, [var(act_buf)]
 .store: a32 lodsd
         sar eax, cl
         a32 stosd
         dec dx
         jnz .store
-        mov [act_end], edi
-        ret
+        mov [var(act_end)], edi
+        mov eax, [var(act_n)]
+        ; fall through into set_dot_length
 
 ; ---------------------------------------------------------------------------------------------------------------
-; matvec (fixed.py matvec, add=True): out[i] += (sum_j q[i, j] * act[j]) * s[i] >> (S - k) for each row i,
-; reading the next `rows` rows of an int8 matrix; matvec_store first clears out (add=False).
-; Entry:    BX = SEC entry of the matrix's Q section (its S section is the next entry), EBP = out, CX = rows,
-;           act, [act_n], [act_k], [act_end] from quantize_act
-; Output:   out; the Q and S addresses moved past these rows
-; Clobbers: EAX, ECX, EDX, ESI, EDI, EBP
+; set_dot_length: make dot_row sum n products.
+; Entry:    EAX = n >= 1
+; Clobbers: EAX, ECX
 ; ---------------------------------------------------------------------------------------------------------------
-matvec_dim:
-        mov cx, [HDR + H_DIM]
-        jmp matvec
-matvec_store:
-        push cx
-        mov edi, ebp
-        movzx ecx, cx
-        xor eax, eax
-        a32 rep stosd
-        pop cx
-matvec:
-        push bx
-        mov [rows_left], cx
-        mov eax, [act_n]
-        call set_dot_length
-        mov esi, [bx + SEC_ADDR]
-        add esi, [act_n]                ; dot_row reads backwards from the end of the row
-        mov edi, [act_end]
-        mov al, [bx + 16 + SEC_PARAM]
-        sub al, [act_k]
-        mov [matvec_shift], al
-        mov ebx, [bx + 16 + SEC_ADDR]
-        sub ebx, ebp                    ; s[i] is at [out + i*4 + EBX]
-.row:   call dot_row
-        mov eax, [ebp + ebx]
-        imul edx
-        mov cl, [matvec_shift]
-        shrd eax, edx, cl
-        add [ebp], eax
-        add ebp, 4
-        add esi, [act_n]
-        dec word [rows_left]
-        jnz .row
-        add ebp, ebx
-        pop bx
-        mov [bx + 16 + SEC_ADDR], ebp
-        sub esi, [act_n]
-        mov [bx + SEC_ADDR], esi
+set_dot_length:
+        mov ecx, eax
+        neg ecx
+        and ecx, DOT_UNROLL - 1         ; products the first pass skips
+        add eax, ecx
+        neg eax
+        mov [dot_start], eax
+        imul cx, cx, DOT_MAC_BYTES
+        add cx, dot_unrolled
+        mov [dot_entry], cx
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -1191,63 +998,95 @@ dot_unrolled:
 DOT_MAC_BYTES equ (dot_unrolled.end - dot_unrolled) / DOT_UNROLL
 
 ; ---------------------------------------------------------------------------------------------------------------
-; set_dot_length: make dot_row sum n products.
-; Entry:    EAX = n >= 1
-; Clobbers: EAX, ECX
+; matvec (fixed.py matvec): out[i] (+)= (sum_j q[i, j] * act[j]) * s[i] >> (S - k) for each of the next `rows`
+; rows of an int8 matrix.
+; Entry:    BX = SEC entry of the matrix's Q section (its S section is the next), CX = rows, EDI = out (matvec_into:
+;           AL = 1 adds to out, 0 stores; matvec_store: EAX = out, stores); act, [var(act_n)], [var(act_k)],
+;           [var(act_end)] and dot_row's length from quantize_act
+; Output:   out; the Q and S addresses moved past these rows
+; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
-set_dot_length:
-        mov ecx, eax
-        neg ecx
-        and ecx, DOT_UNROLL - 1         ; products the first pass skips
-        add eax, ecx
-        neg eax
-        mov [dot_start], eax
-        imul cx, cx, DOT_MAC_BYTES
-        add cx, dot_unrolled
-        mov [dot_entry], cx
+matvec_store:
+        xchg eax, edi
+        mov al, 0
+matvec_into:
+        mov [var(matvec_add)], al
+        mov [var(rows_left)], cx
+        mov cl, [bx + 16 + SEC_PARAM]
+        sub cl, [var(act_k)]
+        mov [var(matvec_shift)], cl
+        mov esi, [bx + SEC_ADDR]
+        add esi, [var(act_n)]           ; dot_row reads back from the end of a row
+        push bx
+        mov ebx, [bx + 16 + SEC_ADDR]
+        sub ebx, edi                    ; s[i] is at [out + 4i + EBX]
+        push bp
+        mov ebp, edi
+        mov edi, [act_end]
+.row:   call dot_row
+        mov eax, [ebp + ebx]
+        imul edx
+        mov cl, [matvec_shift]
+        shrd eax, edx, cl
+        cmp byte [matvec_add], 0
+        je .store
+        add eax, [ebp]
+.store: mov [ebp], eax
+        add ebp, 4
+        add esi, [act_n]
+        dec word [rows_left]
+        jnz .row
+        add ebx, ebp
+        pop bp
+        sub esi, [var(act_n)]
+        pop di
+        mov [di + SEC_ADDR], esi        ; the next layer's rows and scales
+        mov [di + 16 + SEC_ADDR], ebx
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; rmsnorm (fixed.py rmsnorm): xb[j] = (x[j] * inv >> (31 - h)) * G[j] >> 32, inv = (2^61 - 1) // isqrt(ss << 2h),
-; ss = sum of x[j]^2 + rms_eps (saturated below 2^62), h = (62 - bit_length(ss)) >> 1.
+; rmsnorm (fixed.py rmsnorm): xb[j] = (x[j] * inv >> (31 - h)) * G[j] >> 32 with ss = sum x[j]^2 + rms_eps
+; (below 2^62), h such that 2^60 <= ss << 2h < 2^62, inv = (2^61 - 1) // isqrt(ss << 2h) (Newton from 2^31).
 ; Entry:    BX = SEC entry of the weights G (moved on by dim weights)
-; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI, EBP
+; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 rmsnorm:
-        mov esi, [x_buf]
-        mov cx, [HDR + H_DIM]
-        mov edi, [HDR + H_RMS_EPS]      ; ss = EBP:EDI
-        xor ebp, ebp
+        mov eax, [hdr(H_DIM)]
+        shl eax, 2
+        mov edx, [bx + SEC_ADDR]
+        add [bx + SEC_ADDR], eax
+        push edx
+        mov esi, [var(x_buf)]
+        mov cx, [hdr(H_DIM)]
+        mov edi, [hdr(H_RMS_EPS)]       ; ss = EBX:EDI
+        xor ebx, ebx
 .square:
         a32 lodsd
         imul eax
         add edi, eax
-        adc ebp, edx
+        adc ebx, edx
         loop .square
-        cmp ebp, 1 << 30
-        jb .fits
-        mov ebp, (1 << 30) - 1          ; only garbage gets past 2^62
+        mov cl, 31                      ; 31 - h
+        bt ebx, 31
+        jc .saturate
+        bt ebx, 30
+        jnc .normalize
+.saturate:
+        mov ebx, (1 << 30) - 1          ; only garbage gets past 2^62
         or edi, -1
-.fits:  mov ax, 62 - 33
-        bsr edx, ebp
-        jnz .high
-        mov al, 62 - 1
-        bsr edx, edi
-.high:  sub ax, dx
-        shr ax, 1                       ; h
-        push ax
-        xchg ax, cx
-        add cl, cl
-        cmp cl, 32
-        jb .shift
-        mov ebp, edi
-        xor edi, edi
-.shift: shld ebp, edi, cl
-        shl edi, cl                     ; M = ss << 2h, 2^60 <= M < 2^62
+.normalize:
+        cmp ebx, 1 << 28
+        jae .normalized
+        shld ebx, edi, 2
+        shl edi, 2
+        dec cx
+        jmp .normalize
+.normalized:
+        push cx
         xor ecx, ecx
         bts ecx, 31                     ; Newton's method from 2^31, above the root
 .newton:
-        mov edx, ebp
+        mov edx, ebx
         mov eax, edi
         div ecx
         add eax, ecx
@@ -1258,173 +1097,174 @@ rmsnorm:
         jmp .newton
 .root:  mov edx, (1 << 29) - 1
         or eax, -1
-        div ecx                         ; inv = (2^61 - 1) // r
-        mov [rms_inv], eax
+        div ecx                         ; inv = (2^61 - 1) // root
+        mov [var(rms_inv)], eax
         pop cx
-        neg cl
-        add cl, 31
-        mov esi, [x_buf]
-        mov edi, [xb_buf]
-        mov eax, [HDR + H_DIM]
-        shl eax, 2
-        add [bx + SEC_ADDR], eax        ; the next layer's weights
-        mov ebx, [bx + SEC_ADDR]
-        sub ebx, eax
-        mov bp, [HDR + H_DIM]
+        pop ebx                         ; G
+        mov esi, [var(x_buf)]
+        mov edi, [var(xb_buf)]
+        push bp
+        mov bp, [hdr(H_DIM)]
 .scale: a32 lodsd
         imul dword [rms_inv]
-        shrd eax, edx, cl               ; u = x / sqrt(ss) in Q2.30
+        shrd eax, edx, cl               ; x / sqrt(ss) in Q2.30
         imul dword [ebx]
         add ebx, 4
-        xchg eax, edx                   ; (u * G) >> 32
+        xchg eax, edx
         a32 stosd
         dec bp
         jnz .scale
+        pop bp
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; rope (fixed.py rope): rotate each (even, odd) pair of the query and key heads in qkv by ROPE[pos].
-; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI, EBP
+; Clobbers: EAX, EBX, ECX, EDX, ESI, DI
 ; ---------------------------------------------------------------------------------------------------------------
 rope:
-        mov esi, [qkv_buf]
-        mov ax, [HDR + H_N_HEADS]
-        add ax, [HDR + H_N_KV_HEADS]
-        mov [heads_left], ax
-.head:  mov ebx, [pos]
-        imul ebx, [head_size]
-        add ebx, ebx                    ; a ROPE row: head_size / 2 pairs of int16
-        add ebx, [SECTION(K_ROPE) + SEC_ADDR]
-        mov ax, [head_size]
+        mov esi, [var(qkv_buf)]
+        mov ax, [hdr(H_N_HEADS)]
+        add ax, [hdr(H_N_KV_HEADS)]
+        mov [var(heads_left)], ax
+.head:  mov eax, [var(pos)]
+        mul dword [var(head_size)]
+        add eax, eax                    ; a ROPE row: head_size / 2 (cos, sin) int16 pairs
+        add eax, [SECTION(K_ROPE) + SEC_ADDR]
+        xchg eax, ebx
+        mov ax, [var(head_size)]
         shr ax, 1
-        mov [pairs_left], ax
-.pair:  movsx edi, word [ebx]           ; cos
-        movsx ebp, word [ebx + 2]       ; sin
-        add ebx, 4
-        neg ebp
+        mov [var(pairs_left)], ax
+.pair:  mov eax, [ebx]
+        rol eax, 16
+        mov [var(rope_terms)], eax      ; sin, cos, -sin
+        neg ax
+        mov [var(rope_terms) + 4], ax
+        lea di, [var(rope_terms) + 2]
         call rotate_term                ; v0 cos - v1 sin
         push eax
-        neg ebp
-        xchg edi, ebp
+        dec di
+        dec di
         call rotate_term                ; v0 sin + v1 cos
         mov [esi + 4], eax
         pop dword [esi]
         add esi, 8
-        dec word [pairs_left]
+        add ebx, 4
+        dec word [var(pairs_left)]
         jnz .pair
-        dec word [heads_left]
+        dec word [var(heads_left)]
         jnz .head
         ret
 
-; rotate_term: EAX = wrap32((v0 * EDI + v1 * EBP) >> rope_shift) for v0 = [ESI], v1 = [ESI + 4], in 64 bits.
-; Clobbers: CL, EDX
+; rotate_term: EAX = wrap32((v0 * [DI] + v1 * [DI + 2]) >> rope_shift), v0 = [ESI], v1 = [ESI + 4], int16 factors,
+; 64-bit products and sum. Clobbers: ECX, EDX
 rotate_term:
-        mov eax, [esi + 4]
-        imul ebp
-        mov [rope_term], eax
-        mov [rope_term + 4], edx
-        mov eax, [esi]
-        imul edi
-        add eax, [rope_term]
-        adc edx, [rope_term + 4]
-        mov cl, [HDR + H_ROPE_SHIFT]
+        movsx eax, word [di + 2]
+        imul dword [esi + 4]
+        push edx
+        push eax
+        movsx eax, word [di]
+        imul dword [esi]
+        pop ecx
+        add eax, ecx
+        pop ecx
+        adc edx, ecx
+        mov cl, [hdr(H_ROPE_SHIFT)]
         shrd eax, edx, cl
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; store_kv: this position's keys and values of every kv head into the cache (fixed.py forward_token step 4).
-; Cache block of (layer, kv head), kv_block bytes at layer_kv + head * kv_block:
-;   seq_len key rows of kv_stride bytes: head_size int16 keys, then their i32 divisor Dk
-;   at off_dv: seq_len i32 value divisors Dv
-;   at off_vt: the int8 values transposed, head_size rows of seq_len: attention's value sums are then dot_row's
-; Clobbers: everything
+; store_kv (fixed.py forward_token step 4): this position's keys and values of every kv head into the cache.
+; A cache block, kv_block bytes for each (layer, kv head) from kv_base:
+;   seq_len key rows of kv_stride bytes: head_size int16 keys, their i32 divisor Dk, the values' divisor Dv
+;   at off_vt, the int8 values transposed: head_size rows of seq_len (a row is then a dot_row operand)
+; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 store_kv:
-        mov esi, [qkv_buf]
-        mov eax, [HDR + H_DIM]
+        mov esi, [var(qkv_buf)]
+        mov eax, [hdr(H_DIM)]
         lea esi, [esi + eax*4]          ; the keys of kv head 0
-        mov ebx, [layer_kv]
-        mov cx, [HDR + H_N_KV_HEADS]
+        mov ebx, [var(layer_kv)]
+        mov cx, [hdr(H_N_KV_HEADS)]
 .head:  push cx
-        mov edi, [pos]
-        imul edi, [kv_stride]
+        mov edi, [var(pos)]
+        imul edi, [var(kv_stride)]
         add edi, ebx
-        mov ebp, 2
-        mov cl, 15                      ; KEY_SHIFT
+        mov dword [var(kv_step)], 2     ; (the scratch variables are overlaid: whole dwords)
+        mov al, KEY_SHIFT
         call store_kv_head
-        mov [edi], eax                  ; Dk after the keys
+        a32 stosd                       ; Dk after the keys
+        push edi
         push esi
-        mov eax, [kv_dim]
-        lea esi, [esi + eax*4]          ; the values of this kv head
-        mov edi, [pos]
-        add edi, [off_vt]
+        mov eax, [var(kv_dim)]
+        lea esi, [esi + eax*4]          ; this kv head's values
+        mov edi, [var(off_vt)]
         add edi, ebx
-        mov ebp, [HDR + H_SEQ_LEN]
-        mov cl, 7                       ; VALUE_SHIFT
+        add edi, [var(pos)]
+        mov eax, [hdr(H_SEQ_LEN)]
+        mov [var(kv_step)], eax
+        mov al, VALUE_SHIFT
         call store_kv_head
-        mov edi, [pos]
-        shl edi, 2
-        add edi, [off_dv]
-        mov [ebx + edi], eax
         pop esi
-        mov eax, [head_size]
+        pop edi
+        a32 stosd                       ; Dv
+        mov eax, [var(head_size)]
         lea esi, [esi + eax*4]
-        add ebx, [kv_block]
+        add ebx, [var(kv_block)]
         pop cx
         loop .head
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; store_kv_head (fixed.py store_kv): D = M + (M + T - 1) // T, M = min(max |v|, 2^30), T = 2^shift - 1;
-; c[i] = sign(v[i]) * min(T, (|v[i]| << shift + (D >> 1)) // D) (round half away from zero, as trunc of the
-; signed sum), int16 when shift is 15, int8 when 7. M = 0 gives D = 0 and c = 0.
-; Entry:    ESI = v (head_size i32), EDI = c[0], EBP = bytes from c[i] to c[i+1], CL = shift
+; store_kv_head (fixed.py store_kv): D = M + (M + T - 1) // T with M = min(max |v|, 2^30), T = 2^shift - 1;
+; c[i] = sign(v[i]) * min(T, (|v[i]| << shift + (D >> 1)) // D), which is trunc((v << shift +- D >> 1) / D),
+; stored as int16 when shift is 15, int8 when 7. M = 0 gives D = 0 and every c = 0.
+; Entry:    ESI = v (head_size i32), EDI = c[0], AL = shift, [var(kv_step)] = bytes from c[i] to c[i+1]
 ; Output:   EAX = D, EDI = c[head_size]
-; Clobbers: EDX
+; Clobbers: ECX, EDX
 ; ---------------------------------------------------------------------------------------------------------------
 store_kv_head:
         push ebx
         push esi
-        mov dx, [head_size]
-        mov [kv_count], dx
+        push ax
         xor ebx, ebx
+        mov cx, [var(head_size)]
 .max:   a32 lodsd
         cdq
         xor eax, edx
         sub eax, edx
         cmp eax, ebx
-        jbe .smaller
+        jb .smaller
         xchg eax, ebx
 .smaller:
-        dec word [kv_count]
-        jnz .max
+        loop .max
+        pop cx                          ; CL = shift
         mov eax, 1 << 30
         cmp ebx, eax
-        jbe .clamped
+        jb .in_range
         xchg eax, ebx
-.clamped:
+.in_range:
         xor eax, eax
         inc ax
         shl eax, cl
-        dec eax                         ; T
-        mov [kv_top], eax
+        dec eax
+        mov [var(kv_top)], eax          ; T
         dec eax
         add eax, ebx
         xor edx, edx
-        div dword [kv_top]
+        div dword [var(kv_top)]
         add ebx, eax                    ; D
         pop esi
         push esi
         push ebx
         mov eax, ebx
         shr eax, 1
-        mov [kv_round], eax
+        mov [var(kv_half)], eax
         test ebx, ebx
         jnz .divisor
-        inc ebx                         ; M = 0: every c is 0, divide by 1
+        inc bx                          ; M = 0: every c is 0 / 1
 .divisor:
-        mov dx, [head_size]
-        mov [kv_count], dx
+        mov dx, [var(head_size)]
+        mov [var(kv_count)], dx
 .round: a32 lodsd
         cdq
         push edx                        ; the sign
@@ -1433,13 +1273,13 @@ store_kv_head:
         xor edx, edx
         shld edx, eax, cl
         shl eax, cl
-        add eax, [kv_round]
+        add eax, [var(kv_half)]
         adc edx, 0
         div ebx
-        cmp eax, [kv_top]
-        jbe .in_range
-        mov eax, [kv_top]
-.in_range:
+        cmp eax, [var(kv_top)]
+        jbe .clamped
+        mov eax, [var(kv_top)]
+.clamped:
         pop edx
         xor eax, edx
         sub eax, edx
@@ -1447,8 +1287,8 @@ store_kv_head:
         cmp cl, 8
         jb .byte
         mov [edi + 1], ah
-.byte:  add edi, ebp
-        dec word [kv_count]
+.byte:  add edi, [var(kv_step)]
+        dec word [var(kv_count)]
         jnz .round
         pop eax
         pop esi
@@ -1456,42 +1296,42 @@ store_kv_head:
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; attention (fixed.py attention, for every query head h): with qa = quantize_act(q_h, act_bits_head) and t = 0..pos,
+; attention (fixed.py attention, for each query head h): qa = quantize_act(q_h, act_bits_head) and for t = 0..pos
 ; score[t] = (qa . key[t]) * Dk[t] >> (31 - k); e[t] = exp_lookup(top - score[t]); recip = (2^48 - 1) // sum e;
 ; w[t] = ((e[t] * recip) >> 32) * Dv[t] >> 16; xb[h * head_size + i] = wrap32(sum_t w[t] * value[t][i]) >> 7.
-; Clobbers: everything
+; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 attention:
-        mov word [head], 0
-        mov eax, [pos]
+        mov eax, [var(pos)]
         inc eax
         shl eax, 2
-        add eax, [att_buf]
-        mov [att_end], eax
-        mov eax, [head_size]
-        neg eax
-        mov [neg_head_size], eax
-.head:  movzx eax, word [head]
-        mov esi, eax
-        imul esi, [head_size]
-        shl esi, 2
-        add esi, [qkv_buf]
-        mov cx, [head_size]
-        mov al, [HDR + H_ACT_BITS_HEAD]
-        call quantize_act               ; act = qa
-        movzx eax, word [head]
-        xor edx, edx
-        div dword [kv_mul]
-        mul dword [kv_block]
-        add eax, [layer_kv]
-        mov [att_block], eax
+        add eax, [var(att_buf)]
+        mov [var(att_end)], eax
+        xor eax, eax
+        mov [var(head)], ax
+        mov [var(head_off)], eax
+        sub eax, [var(head_size)]
+        mov [var(neg_head_size)], eax
+.head:  mov esi, [var(head_off)]
+        add esi, [var(qkv_buf)]
+        mov cx, [var(head_size)]
+        mov al, [hdr(H_ACT_BITS_HEAD)]
+        call quantize_act               ; qa
+        mov ax, [var(head)]
+        cwd
+        div word [var(kv_mul)]          ; the kv head
+        movzx eax, ax
+        mul dword [var(kv_block)]
+        add eax, [var(layer_kv)]
+        mov [var(att_block)], eax
         mov cl, 31
-        sub cl, [act_k]
-        mov [att_shift], cl
-        mov esi, [head_size]
-        lea esi, [eax + esi*2]          ; Dk of key row 0; its keys are before it
-        mov edi, [att_buf]
-        mov ebx, [act_end]
+        sub cl, [var(act_k)]
+        mov [var(att_shift)], cl
+        mov esi, [var(head_size)]
+        lea esi, [eax + esi*2]          ; Dk of key row 0, after its keys
+        mov edi, [var(att_buf)]
+        mov ebx, [var(act_end)]
+        push bp
         mov ebp, 1 << 31                ; top
 .score: mov ecx, [neg_head_size]
         xor edx, edx
@@ -1503,7 +1343,7 @@ attention:
         add edx, eax
         add ecx, 2
         jnz .dot
-        a32 lodsd
+        a32 lodsd                       ; Dk
         imul edx
         mov cl, [att_shift]
         shrd eax, edx, cl
@@ -1511,8 +1351,7 @@ attention:
         cmp eax, ebp
         jle .below
         xchg eax, ebp
-.below: mov eax, [head_size]
-        lea esi, [esi + eax*2]
+.below: add esi, [key_skip]
         cmp edi, [att_end]
         jb .score
 
@@ -1527,49 +1366,51 @@ attention:
         add esi, 4
         cmp esi, [att_end]
         jb .exp
+        pop bp
 
         mov edx, 0xFFFF
         or eax, -1
         div edi
         xchg eax, ebx                   ; recip
-        mov esi, [att_buf]
-        mov edi, [att_block]
-        add edi, [off_dv]
+        mov esi, [var(att_buf)]
+        mov edi, [var(key_skip)]
+        add edi, [var(att_block)]       ; Dv of key row 0
 .weight:
         mov eax, [esi]
         mul ebx
         xchg eax, edx
         mul dword [edi]
-        add edi, 4
+        add edi, [var(kv_stride)]
         shrd eax, edx, 16
         mov [esi], eax
         add esi, 4
-        cmp esi, [att_end]
+        cmp esi, [var(att_end)]
         jb .weight
 
-        mov eax, [pos]
+        mov esi, [var(att_block)]
+        add esi, [var(off_vt)]
+        mov eax, [var(pos)]
         inc eax
+        add esi, eax                    ; the end of value row 0
         call set_dot_length
-        mov esi, [att_block]
-        add esi, [off_vt]
-        add esi, [pos]
-        inc esi                         ; end of value row 0
-        mov edi, [att_end]
-        movzx ebp, word [head]
-        imul ebp, [head_size]
-        shl ebp, 2
-        add ebp, [xb_buf]
-        mov bx, [head_size]
+        mov edi, [var(att_end)]
+        mov ebx, [var(head_off)]
+        add ebx, [var(xb_buf)]
+        mov ax, [var(head_size)]
+        mov [var(pairs_left)], ax
 .value: call dot_row
-        sar edx, 7                      ; VALUE_SHIFT
-        mov [ebp], edx
-        add ebp, 4
-        add esi, [HDR + H_SEQ_LEN]
-        dec bx
+        sar edx, VALUE_SHIFT
+        mov [ebx], edx
+        add ebx, 4
+        add esi, [hdr(H_SEQ_LEN)]
+        dec word [var(pairs_left)]
         jnz .value
-        inc word [head]
-        mov ax, [head]
-        cmp ax, [HDR + H_N_HEADS]
+        mov eax, [var(head_size)]
+        shl eax, 2
+        add [var(head_off)], eax
+        inc word [var(head)]
+        mov ax, [var(head)]
+        cmp ax, [hdr(H_N_HEADS)]
         jb .head
         ret
 
@@ -1600,33 +1441,32 @@ lookup:
 ; ---------------------------------------------------------------------------------------------------------------
 ; swiglu (fixed.py forward_token step 8): hb[i] = (silu_lookup(hb[i]) * hb[hidden_dim + i]) >> 16, then
 ; act = quantize_act(hb[0:hidden_dim], act_bits_hidden).
-; Clobbers: everything
+; Clobbers: everything but BP
 ; ---------------------------------------------------------------------------------------------------------------
 swiglu:
-        mov esi, [hb_buf]
-        mov ebx, [silu_pairs]
-        mov ebp, [HDR + H_HIDDEN]
-        shl ebp, 2
-        mov ax, [HDR + H_HIDDEN]
-        mov [rows_left], ax
-.gate:  mov edi, [esi]                  ; x
+        mov esi, [var(hb_buf)]
+        mov ebx, [var(silu_pairs)]
+        mov cx, [hdr(H_HIDDEN)]
+.gate:  push cx
+        mov edi, [esi]                  ; x
         xor eax, eax
-        cmp edi, [HDR + H_SILU_LO]
+        cmp edi, [hdr(H_SILU_LO)]
         jl .silu                        ; below the table: 0
         mov eax, edi
-        sub eax, [HDR + H_SILU_LO]
+        sub eax, [hdr(H_SILU_LO)]
         call lookup
         jc .silu
-        mov eax, edi                    ; above the table: x
-.silu:  imul dword [esi + ebp]
+        xchg eax, edi                   ; past the table: x
+.silu:  mov edx, [hdr(H_HIDDEN)]
+        imul dword [esi + edx*4]        ; times up
         shrd eax, edx, 16
         mov [esi], eax
         add esi, 4
-        dec word [rows_left]
-        jnz .gate
-        mov esi, [hb_buf]
-        mov cx, [HDR + H_HIDDEN]
-        mov al, [HDR + H_ACT_BITS_HIDDEN]
+        pop cx
+        loop .gate
+        mov esi, [var(hb_buf)]
+        mov cx, [hdr(H_HIDDEN)]
+        mov al, [hdr(H_ACT_BITS_HIDDEN)]
         jmp quantize_act
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -1651,70 +1491,69 @@ argmax:
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; sample (fixed.py FixedSampler.sample, sample_fixed): greedy when inv_temperature is 0; otherwise exp-table weights
-; e[i] of (top - logit[i]) * inv_temperature >> 16, the top-k / top-p cut over the order (e descending, index
-; ascending; vocabulary order when both are off), and one 24-bit coin from xorshift64*.
+; sample (fixed.py FixedSampler.sample, sample_fixed): greedy when inv_temperature is 0; otherwise weights
+; e[i] = exp_lookup((top - logit[i]) * inv_temperature >> 16), the top-k / top-p cut over the order (e descending,
+; index ascending; index order when both are off) and one 24-bit coin from xorshift64*.
 ; Output:   EAX = token id
-; Clobbers: everything
+; Clobbers: everything but BP
 ; ---------------------------------------------------------------------------------------------------------------
 sample:
-        mov esi, [logits_buf]
-        mov cx, [HDR + H_VOCAB]
-        call argmax
-        mov ebp, [RUN_BLOCK + RB_INV_TEMPERATURE]
-        test ebp, ebp
-        jz .done
-        mov [sample_top], ebx
-        mov ebx, [exp_pairs]
-        mov edi, [sample_buf]
+        mov esi, [var(logits_buf)]
+        mov cx, [hdr(H_VOCAB)]
+        call argmax                     ; EAX = the greedy choice, EBX = the top logit
+        cmp dword [RUN_BLOCK + RB_INV_TEMPERATURE], 0
+        je .done
+        mov [var(sample_top)], ebx
+        mov ebx, [var(exp_pairs)]
+        mov edi, [var(sample_buf)]
         xor eax, eax
-        mov [sample_total], eax
-        mov ax, [HDR + H_VOCAB]
-        mov [rows_left], ax
+        mov [var(sample_total)], eax
+        mov cx, [hdr(H_VOCAB)]
 .weight:
-        mov eax, [sample_top]
+        push cx
+        mov eax, [var(sample_top)]
         sub eax, [esi]
         add esi, 4
-        mul ebp
+        mul dword [RUN_BLOCK + RB_INV_TEMPERATURE]
         shrd eax, edx, 16
         shr edx, 16
-        jz .in_reach
-        xor eax, eax                    ; d >= 2^32: past the table
-        jmp .store
-.in_reach:
+        jnz .far
         call lookup
+        jmp .store
+.far:   xor eax, eax                    ; the scaled distance is 2^32 or more: past the table
 .store: a32 stosd
-        add [sample_total], eax
-        dec word [rows_left]
-        jnz .weight                     ; EDI = the picks: (index, e) pairs in order
+        add [var(sample_total)], eax
+        pop cx
+        loop .weight                    ; EDI = the picks: (index, e) pairs in the order
 
         call random_u32
         shr eax, 8
-        mov [sample_coin], eax
-        movzx edx, word [HDR + H_VOCAB]
+        mov [var(sample_coin)], eax
+        mov edx, [hdr(H_VOCAB)]
         mov eax, [RUN_BLOCK + RB_TOPK]
         dec eax
         dec edx
         cmp eax, edx
         jb .keep
         xchg eax, edx
-.keep:  inc eax                         ; keep: top-k if 0 < topk < vocab_size, else vocab_size
+.keep:  inc eax                         ; top-k if 0 < topk < vocab_size, else vocab_size
         shl eax, 3
         add eax, edi
-        mov [sample_keep_end], eax
+        mov [var(sample_keep_end)], eax
         mov eax, [RUN_BLOCK + RB_TOPP]
-        or edx, -1                      ; top-p off: no running sum exceeds this
+        or edx, -1                      ; top-p off: no running sum is above this
         cmp eax, 1 << 16
         jae .threshold
-        mul dword [sample_total]
+        mul dword [var(sample_total)]
         shrd eax, edx, 16
         xchg eax, edx
 .threshold:
-        mov [sample_threshold], edx
+        mov [var(sample_threshold)], edx
         inc edx
         or edx, [RUN_BLOCK + RB_TOPK]
-        mov [sample_sorted], edx        ; 0: both off, vocabulary order
-        mov [sample_picks], edi
+        mov [var(sample_sorted)], edx   ; 0 when both are off: index order
+        mov [var(sample_picks)], edi
+        push bp
         xor ebp, ebp                    ; the kept weight
 .pick:  mov eax, edi
         sub eax, [sample_picks]
@@ -1723,10 +1562,10 @@ sample:
         cmp dword [sample_sorted], 0
         je .picked
         mov cx, [HDR + H_VOCAB]
-        call argmax
+        call argmax                     ; the largest weight not picked yet
 .picked:
         a32 stosd
-        mov ebx, -1
+        or ebx, -1
         xchg ebx, [esi + eax*4]
         xchg eax, ebx
         a32 stosd
@@ -1735,11 +1574,12 @@ sample:
         ja .cut
         cmp edi, [sample_keep_end]
         jb .pick
-.cut:   mov esi, [sample_picks]
-        mov eax, [sample_coin]
+.cut:   mov eax, [sample_coin]
         mul ebp
+        pop bp
         shrd eax, edx, 24
-        xchg eax, edx                   ; target < kept
+        xchg eax, edx                   ; target < the kept weight
+        mov esi, [var(sample_picks)]
 .walk:  a32 lodsd
         xchg eax, ebx
         a32 lodsd
@@ -1751,55 +1591,59 @@ sample:
 .done:  ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; random_u32 (sampling.py XorShiftRng.next_u32, run.c's xorshift64*): s ^= s >> 12; s ^= s << 25; s ^= s >> 27;
-; the high dword of the low 64 bits of s * 0x2545F4914F6CDD1D. The state is the run block's seed field.
-; Output:   EAX = u32
-; Clobbers: EBX, ECX, EDX
+; random_u32 (sampling.py XorShiftRng.next_u32, run.c's xorshift64*): s ^= s >> 12; s ^= s << 25; s ^= s >> 27,
+; each as 64-bit shifts one bit at a time; then the high dword of the low 64 bits of s * 0x2545F4914F6CDD1D
+; from three 32 x 32 multiplies.
+; Output:   EAX = u32; the state in the run block's seed field advanced
+; Clobbers: EBX, ECX, EDX, SI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 random_u32:
-        mov eax, [RUN_BLOCK + RB_SEED]
+        mov ebx, [RUN_BLOCK + RB_SEED]  ; s = EDX:EBX
         mov edx, [RUN_BLOCK + RB_SEED + 4]
-        mov ebx, eax
-        shrd ebx, edx, 12
-        xor eax, ebx
-        mov ebx, edx
-        shr ebx, 12
-        xor edx, ebx
-        mov ebx, edx
-        shld ebx, eax, 25
-        xor edx, ebx
-        mov ebx, eax
-        shl ebx, 25
-        xor eax, ebx
-        mov ebx, eax
-        shrd ebx, edx, 27
-        xor eax, ebx
-        mov ebx, edx
-        shr ebx, 27
-        xor edx, ebx
-        mov [RUN_BLOCK + RB_SEED], eax
+        mov si, xorshift_shifts
+.step:  lodsb
+        cbw
+        xchg ax, cx                     ; bits to shift, negative: to the left
+        mov eax, ebx
+        mov edi, edx                    ; t = s
+.bit:   test cx, cx
+        jl .left
+        shr edi, 1
+        rcr eax, 1
+        dec cx
+        jmp .shifted
+.left:  shl eax, 1
+        rcl edi, 1
+        inc cx
+.shifted:
+        jnz .bit
+        xor ebx, eax                    ; s ^= t
+        xor edx, edi
+        cmp si, xorshift_shifts + 3
+        jb .step
+        mov [RUN_BLOCK + RB_SEED], ebx
         mov [RUN_BLOCK + RB_SEED + 4], edx
-        imul ebx, edx, 0x4F6CDD1D
-        imul ecx, eax, 0x2545F491
-        mov edx, 0x4F6CDD1D
-        mul edx
-        add edx, ebx
+        imul ecx, edx, 0x4F6CDD1D       ; hi * low half of the multiplier
+        mov eax, 0x4F6CDD1D
+        mul ebx
+        add edx, ecx
+        imul ecx, ebx, 0x2545F491       ; lo * its high half
         add edx, ecx
         xchg eax, edx
         ret
 
-slot_widths:        dw HDR + H_DIM, HDR + H_HIDDEN, HDR + H_SEQ_LEN, HDR + H_VOCAB
-                    dw SECTION(K_EXP_TABLE) + SEC_LEN, SECTION(K_SILU_TABLE) + SEC_LEN
-SLOT_WIDTHS         equ ($ - slot_widths) / 2
+xorshift_shifts:    db 12, -25, 27
+%endif
 
-gdt:                dq 0
+gdt_descriptor:                         ; lgdt's 6 bytes, which also fill the GDT's unused null descriptor
+gdt:                dw gdt_end - gdt - 1
+                    dd gdt
+                    dw 0
 flat_data:                              ; base 0, limit 0xFFFFF pages = 4 GiB, present writable data, 16-bit
                     dw 0xFFFF, 0x0000
                     db 0x00, 0x92, 0x8F, 0x00
 gdt_end:
 FLAT_DATA_SELECTOR  equ flat_data - gdt
-gdt_descriptor:     dw gdt_end - gdt - 1
-                    dd gdt
 
 dap:                                    ; INT 13h AH=42h disk address packet, buffer fixed at DISK_BUFFER
                     db 16, 0
@@ -1808,81 +1652,85 @@ dap:                                    ; INT 13h AH=42h disk address packet, bu
 .segment:           dw DISK_BUFFER >> 4
 .lba:               dq 0
 
-boot_drive:         db 0
-disk_status:        db 0                ; AH of the last INT 13h read
-a20_probe:          dw 0
-mem_top:            dd 0
-model_sectors:      dd 0
-heap_base:          dd 0
-decimal_digits:     times 10 db 0       ; 2^32 - 1 has 10 digits
-decimal_end:        db 0
-
 msg_banner:         db "sectorllm engine", 10, 0
-msg_bad_run_block:  db "sectorllm: the run block is missing or of another version (rebuild the image)", 10, 0
-msg_a20_closed:     db "sectorllm: the A20 gate did not open (port 0x92): memory above 1 MiB is unusable", 10, 0
-msg_model:          db "model: ", 0
-msg_model_memory:   db " bytes; memory: ", 0
-msg_kib_above_1mib: db " KiB above 1 MiB", 10, 0
-msg_too_large:      db "sectorllm: the model needs ", 0
-msg_too_large_has:  db " KiB above 1 MiB but this machine has ", 0
-msg_disk_error:     db "sectorllm: disk read failed while loading the model, INT 13h status ", 0
-msg_newline:        db 10, 0
+msg_bad_run_block:  db "sectorllm: bad run block (rebuild the image)", 10, 0
+msg_a20_closed:     db "sectorllm: A20 closed", 10, 0
+msg_needs:          db "sectorllm: the model needs ", 0
+msg_has:            db " KiB above 1 MiB but this machine has ", 0
+msg_kib:            db " KiB", 10, 0
+msg_disk_error:     db "sectorllm: disk read failed, INT 13h status ", 0
 
 engine_end:
 
         absolute engine_end
-HDR:                resb HDR_BYTES
-SEC:                resb 16 * 24
-buffers:
-x_buf:              resd 1
-xb_buf:             resd 1
-act_buf:            resd 1
-qkv_buf:            resd 1
-hb_buf:             resd 1
-att_buf:            resd 1
-logits_buf:         resd 1
-sample_buf:         resd 1
-exp_pairs:          resd 1
+boot_drive:         resb 1
+disk_status:        resb 1              ; AH of the last INT 13h read
+a20_probe:          resb 1
+mem_top:            resd 1
+model_sectors:      resd 1
+heap_base:          resd 1
+HDR:                resb HDR_BYTES      ; the packed header's copy: [hdr(H_x)]
+VARS:                                   ; BP in the model code: [var(x)]
+buffers:                                ; N_BUFFERS slots of SLOT_BYTES (setup_model)
+x_buf:              resd 1              ; Q16.16 residual stream (dim)
+xb_buf:             resd 1              ; rmsnorm and attention output (dim)
+act_buf:            resd 1              ; matmul input (dim, hidden_dim or head_size)
+qkv_buf:            resd 1              ; q, k, v (dim + 2 kv_dim)
+hb_buf:             resd 1              ; gate, then up (2 hidden_dim)
+att_buf:            resd 1              ; scores, then e, then weights (pos + 1)
+logits_buf:         resd 1              ; (vocab_size)
+sample_buf:         resd 1              ; the sampler's e (vocab_size), then its picks
+exp_pairs:          resd 1              ; build_pairs tables
 silu_pairs:         resd 1
 N_BUFFERS           equ ($ - buffers) / 4
-kv_base:            resd 1
+layer_kv:           resd 1              ; this layer's first cache block
+kv_block:           resd 1              ; bytes of a cache block
+off_vt:             resd 1              ; the values in a block
+kv_stride:          resd 1              ; bytes of a key row
+key_skip:           resd 1              ; from a key row's Dv to the next row's Dk
 head_size:          resd 1
 kv_dim:             resd 1
-kv_mul:             resd 1
-qkv_rows:           resd 1
-kv_stride:          resd 1
-off_dv:             resd 1
-off_vt:             resd 1
-kv_block:           resd 1
-kv_layer_bytes:     resd 1
-layer_kv:           resd 1
-token:              resd 1
+kv_mul:             resd 1              ; query heads per kv head
+token:              resd 1              ; the token at pos
 pos:                resd 1
-steps:              resw 1
-act_n:              resd 1
+act_n:              resd 1              ; quantize_act's n, k and the end of act
+act_k:              resd 1
 act_end:            resd 1
-act_k:              resb 1
-matvec_shift:       resb 1
-rows_left:          resw 1
-dot_start:          resd 1
-dot_entry:          resw 1
-rms_inv:            resd 1
-heads_left:         resw 1
-pairs_left:         resw 1
-rope_term:          resq 1
-kv_count:           resw 1
+SCRATCH:                                ; each routine's own variables, overlaid
+        absolute SCRATCH
+rows_left:          resd 1              ; matvec
+matvec_shift:       resd 1
+matvec_add:         resd 1
+        absolute SCRATCH
+rms_inv:            resd 1              ; rmsnorm
+        absolute SCRATCH
+heads_left:         resw 1              ; rope
+pairs_left:         resw 1              ; rope, attention
+rope_terms:         resw 3              ; sin, cos, -sin
+        absolute SCRATCH + 4
+kv_step:            resd 1              ; store_kv
 kv_top:             resd 1
-kv_round:           resd 1
-head:               resw 1
-att_end:            resd 1
+kv_half:            resd 1
+kv_count:           resd 1
+        absolute SCRATCH + 4
+head:               resd 1              ; attention
+head_off:           resd 1              ; 4 * head * head_size
 neg_head_size:      resd 1
+att_end:            resd 1
 att_block:          resd 1
-att_shift:          resb 1
-sample_top:         resd 1
+att_shift:          resd 1
+        absolute SCRATCH
+sample_top:         resd 1              ; sample
 sample_total:       resd 1
 sample_coin:        resd 1
 sample_keep_end:    resd 1
 sample_threshold:   resd 1
 sample_sorted:      resd 1
 sample_picks:       resd 1
-
+kv_base:            resd 1              ; the first cache block
+layer_bytes:        resd 1              ; n_kv_heads blocks
+steps:              resd 1              ; forward passes to run
+dot_start:          resd 1              ; dot_row's first index and entry (set_dot_length)
+dot_entry:          resd 1
+VARS_END:
+SEC:                resb 16 * 24        ; per section kind: SEC_ADDR, SEC_LEN, SEC_PARAM
