@@ -127,17 +127,18 @@ def test_run_block_round_trips():
 
 
 def test_run_block_from_sampler_holds_the_fixed_sampler_settings():
-    config = FixedSamplerConfig.from_sampler_config(SamplerConfig(temperature=0.8, topp=0.9, topk=5, seed=42))
+    config = FixedSamplerConfig.from_sampler_config(SamplerConfig(temperature=0.8, topp=0.9, topk=5, minp=0.05,
+                                                                  seed=42))
     run = RunBlock.from_sampler(config, [5, 6], steps=10)
-    assert run == RunBlock((5, 6), 10, inv_temperature_q16=81920, topp_q16=58982, topk=5, seed=42)
+    assert run == RunBlock((5, 6), 10, inv_temperature_q16=81920, topp_q16=58982, topk=5, minp_q16=3277, seed=42)
     assert RunBlock.from_sampler(config, [1], steps=70000).steps == 0  # past u16: the whole context, as 0
     assert RunBlock.from_sampler(FixedSamplerConfig(0), [1], 10).seed != 0  # 0 takes the clock, as FixedSampler
 
 
 def test_run_block_refuses_what_it_cannot_hold():
     layout = img.DiskLayout(1, 3, 0)
-    with pytest.raises(UsageError, match="at most 236"):
-        pack_run_block(RunBlock(prompt_tokens=(1,) * 237), layout)
+    with pytest.raises(UsageError, match="at most 234"):
+        pack_run_block(RunBlock(prompt_tokens=(1,) * 235), layout)
     with pytest.raises(UsageError, match="outside 0..65535"):
         pack_run_block(RunBlock(prompt_tokens=(65536,)), layout)
     with pytest.raises(UsageError, match="seed"):
@@ -218,7 +219,7 @@ def test_image_layout_and_sizes(selftest_image, blob):
 def test_assembly_constants_match_python(selftest_image):
     engine, boot_sector = selftest_image.engine.symbols, selftest_image.boot.symbols
     fields = ["MAGIC", "VERSION", "ENGINE_SECTORS", "MODEL_LBA", "MODEL_BYTES", "INV_TEMPERATURE", "TOPP", "TOPK",
-              "SEED", "STEPS", "PROMPT_COUNT"]
+              "MINP", "SEED", "STEPS", "PROMPT_COUNT"]
     codes = re.findall(r"\d*[A-Za-z]", img.RUN_BLOCK_FORMAT)
     for i, name in enumerate(fields):
         assert engine[f"RB_{name}"] == struct.calcsize("<" + "".join(codes[:i])), name

@@ -65,10 +65,11 @@ RB_MODEL_BYTES      equ 12              ; u32
 RB_INV_TEMPERATURE  equ 16              ; u32, round(65536 / temperature); 0 = greedy
 RB_TOPP             equ 20              ; u32, round(65536 * top-p); 65536 = off
 RB_TOPK             equ 24              ; u32, 0 = off
-RB_SEED             equ 28              ; u64, the xorshift64* state
-RB_STEPS            equ 36              ; u16, forward passes, prompt included; 0 = the whole context
-RB_PROMPT_COUNT     equ 38              ; u16
-RB_PROMPT_IDS       equ 40              ; u16[RB_PROMPT_COUNT], BOS first
+RB_MINP             equ 28              ; u32, round(65536 * min-p); 0 = off
+RB_SEED             equ 32              ; u64, the xorshift64* state
+RB_STEPS            equ 40              ; u16, forward passes, prompt included; 0 = the whole context
+RB_PROMPT_COUNT     equ 42              ; u16
+RB_PROMPT_IDS       equ 44              ; u16[RB_PROMPT_COUNT], BOS first
 RUN_MAGIC           equ 'SLRB'
 RUN_VERSION         equ 2
 
@@ -1492,8 +1493,8 @@ argmax:
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; sample (fixed.py FixedSampler.sample, sample_fixed): greedy when inv_temperature is 0; otherwise weights
-; e[i] = exp_lookup((top - logit[i]) * inv_temperature >> 16), the top-k / top-p cut over the order (e descending,
-; index ascending; index order when both are off) and one 24-bit coin from xorshift64*.
+; e[i] = exp_lookup((top - logit[i]) * inv_temperature >> 16), 0 below min-p, the top-k / top-p cut over the order
+; (e descending, index ascending; index order when both are off) and one 24-bit coin from xorshift64*.
 ; Output:   EAX = token id
 ; Clobbers: everything but BP
 ; ---------------------------------------------------------------------------------------------------------------
@@ -1519,8 +1520,9 @@ sample:
         shr edx, 16
         jnz .far
         call lookup
-        jmp .store
-.far:   xor eax, eax                    ; the scaled distance is 2^32 or more: past the table
+        cmp eax, [RUN_BLOCK + RB_MINP]
+        jae .store
+.far:   xor eax, eax                    ; past the table (the scaled distance is 2^32 or more), or below min-p
 .store: a32 stosd
         add [var(sample_total)], eax
         pop cx
