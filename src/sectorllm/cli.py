@@ -54,7 +54,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     SamplerConfig(args.temperature, args.topp, args.topk, args.minp, args.seed).validate()  # before the slow load
     check_steps(args.steps)
     with _notice_if_slow("loading; the first run also compiles the engine, which takes a few seconds"):
-        model = load(args.checkpoint, args.tokenizer, engine=args.engine, scheme=args.scheme)
+        if args.engine == "boot":
+            from .boot.session import load_boot
+
+            model = load_boot(args.checkpoint, args.tokenizer, scheme=args.scheme)
+        else:
+            model = load(args.checkpoint, args.tokenizer, engine=args.engine, scheme=args.scheme)
     seq_len = model.config.seq_len
     if args.steps > seq_len:
         _note(f"-n {args.steps} is beyond the model's {seq_len}-token context: generating up to {seq_len}")
@@ -111,6 +116,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_model
 
+    if args.boot:
+        return cmd_bench_boot(args)
+
     results = []
     for model in args.models:
         for engine in args.engine or ["float"]:
@@ -122,6 +130,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       f" ({result.prefill_tokens}-token prompt)", flush=True)
     if args.json:
         print(json.dumps([r.as_dict() for r in results]))
+    return 0
+
+
+def cmd_bench_boot(args: argparse.Namespace) -> int:
+    from .boot.session import bench_boot
+
+    result = bench_boot()
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"{result.model:<22} boot   {result.instructions_per_token:>12,.0f} instructions/token ({result.tokens} "
+              f"tokens greedy from BOS, unicorn)   engine {result.code_bytes:,} bytes")
+    return 0
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from .boot.session import make_image, read_image
+
+    info = make_image(args.checkpoint, args.tokenizer, args.output, prompt=args.prompt, steps=args.steps,
+                      temperature=args.temperature, topp=args.topp, topk=args.topk, minp=args.minp, seed=args.seed,
+                      scheme=args.scheme)
+    print(f"wrote {info.path}: {info.image_bytes:,} bytes (boot sector {info.boot_code_bytes} bytes of code, "
+          f"engine {info.engine_bytes:,} bytes, model {info.layout.model_bytes:,} bytes)")
+    if args.temperature > 0 and not args.seed:
+        print(f"seed: {read_image(info.path).run.seed} (taken from the clock)")
+    return 0
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    from .boot.session import run_image
+
+    out = sys.stdout.buffer
+
+    def show(token) -> None:
+        if not args.json:
+            out.write(token.data)
+            out.flush()
+
+    screenshot = Path(args.screenshot) if args.screenshot else None
+    run = run_image(args.image, timeout=args.timeout, cpu=args.cpu, screenshot=screenshot, on_token=show)
+    result = run.result
+    if args.json:
+        print(json.dumps({"prompt_tokens": result.prompt_tokens, "generated_tokens": result.generated_tokens,
+                          "text": result.text, "stop_reason": result.stop_reason, "tok_per_s": result.tok_per_s,
+                          "seed": result.seed, "seconds": run.seconds,
+                          "screenshot": str(run.screenshot) if run.screenshot else None}, ensure_ascii=False))
+    else:
+        out.write(b"\n")
+        out.flush()
+        print(f"achieved tok/s: {result.tok_per_s:.1f} (QEMU, {run.seconds:.1f} s with the boot)", file=sys.stderr)
+        if run.screenshot:
+            print(f"screenshot: {run.screenshot}", file=sys.stderr)
     return 0
 
 
@@ -216,9 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-n", "--steps", type=int, default=256,
                      help="forward passes, prompt included; 0 = the whole context (default 256)")
     run.add_argument("-i", "--prompt", default="", help="prompt text (default: start from BOS)")
-    run.add_argument("--engine", choices=["float", "fixed"],
+    run.add_argument("--engine", choices=["float", "fixed", "boot"],
                      help="float (default for checkpoints) or fixed: the integer engine, quantizing a checkpoint in "
-                          "memory (the only engine for a packed .sllm file)")
+                          "memory (the only engine for a packed .sllm file); boot: the fixed engine's boot image, "
+                          "run in QEMU")
     run.add_argument("--scheme", default="row", choices=SCHEMES, help="quantization scheme for --engine fixed")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.add_argument("-v", "--verbose", action="store_true", help="report the seed taken from the clock")
@@ -238,7 +299,39 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode", type=int, default=256, help="decode steps (default 256)")
     bench.add_argument("--prefill", type=int, default=200, help="prompt length for prefill (default 200)")
     bench.add_argument("--json", action="store_true", help="print a JSON list of results")
+    bench.add_argument("--boot", action="store_true",
+                       help="instead: the boot engine's instructions per token (256 greedy from BOS on stories260K, "
+                            "counted by the unicorn emulator) and its code bytes")
     bench.set_defaults(func=cmd_bench)
+
+    image = sub.add_parser("image", help="write a boot image that generates text (the x86 boot engine)",
+                           description="Build a bootable disk image: boot sector, run block (prompt and sampling "
+                                       "settings), the boot engine and the packed model. Flags are run's.")
+    image.add_argument("checkpoint", help="checkpoint path or model name, or a packed .sllm file")
+    image.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
+    image.add_argument("-o", "--output", required=True, help="image file to write (e.g. boot.img)")
+    image.add_argument("-i", "--prompt", default="", help="prompt text (default: start from BOS)")
+    image.add_argument("-n", "--steps", type=int, default=256,
+                       help="forward passes, prompt included; 0 = the whole context (default 256)")
+    image.add_argument("-t", "--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    image.add_argument("-p", "--topp", type=float, default=0.9, help="top-p in (0, 1]; 1 = off (default 0.9)")
+    image.add_argument("-k", "--topk", type=int, default=0, help="top-k (default 0 = off)")
+    image.add_argument("--minp", type=float, default=0.0, help="min-p (default 0 = off)")
+    image.add_argument("-s", "--seed", type=_run_c_seed, default=0,
+                       help="random seed, read as run.c reads it (default 0 = from the clock now)")
+    image.add_argument("--scheme", default="row", choices=SCHEMES, help="quantization scheme for a checkpoint")
+    image.set_defaults(func=cmd_image)
+
+    boot = sub.add_parser("boot", help="boot an image in QEMU and stream the text it tells",
+                          description="Boot a sectorllm image in qemu-system-i386 (TCG, headless) and print the "
+                                      "tokens as the engine sends them on COM1.")
+    boot.add_argument("image", help="the boot image (sectorllm image)")
+    boot.add_argument("--json", action="store_true",
+                      help="print one JSON object (generated_tokens, text, ...) instead of streaming text")
+    boot.add_argument("--screenshot", help="save the final screen as this PNG")
+    boot.add_argument("--cpu", help="QEMU CPU model, e.g. 486 (default: QEMU's)")
+    boot.add_argument("--timeout", type=float, default=120.0, help="seconds before QEMU is killed (default 120)")
+    boot.set_defaults(func=cmd_boot)
 
     quant = sub.add_parser("quantize", help="write a packed integer model (.sllm) from a checkpoint",
                            description="Quantize a llama2.c checkpoint into sectorllm's packed format (docs/format.md) "

@@ -1,0 +1,294 @@
+"""The boot engine end to end: a model and run settings in, a boot image out; generation and benchmarks through it."""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..api import load
+from ..config import ModelConfig
+from ..engines.fixed import FixedSamplerConfig
+from ..errors import BootError, UsageError
+from ..generate import GenerationResult, Token as TextToken, check_steps, step_budget
+from ..packed import HEADER, PackedModel, is_packed, write_packed
+from ..sampling import SamplerConfig
+from ..tokenizer import BOS, EOS
+from .image import (ADDRESSABLE_TOP, MAX_PROMPT_TOKENS, MODEL_BASE, SECTOR, ImageInfo, RunBlock, Status, Token,
+                    build_image, sectors, unpack_run_block)
+from .qemu import DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT, boot
+
+# engine.asm's memory map after the model: BUFFER_SLOTS buffers of SLOT_BYTES, then the KV cache
+BUFFER_SLOTS = 10  # N_BUFFERS
+SLOT_BYTES = 1 << 20  # SLOT_BYTES
+HEAP_ALIGN = 4096  # HEAP_ALIGN
+MEBIBYTE = 1 << 20
+BIOS_HEADROOM_MIB = 4  # SeaBIOS keeps the top of RAM for its tables
+BENCH_MODEL = "stories260K"
+BENCH_TOKENS = 256
+
+
+def kv_cache_bytes(config: ModelConfig) -> int:
+    """engine.asm store_kv's blocks: per layer and kv head, seq_len key rows (int16 keys, Dk, Dv) and int8 values."""
+    return config.n_layers * config.n_kv_heads * config.seq_len * (3 * config.head_size + 8)
+
+
+def memory_end(model_bytes: int, config: ModelConfig) -> int:
+    """The first physical address past everything the engine uses for a model: itself, buffers, KV cache."""
+    model_end = MODEL_BASE + sectors(model_bytes) * SECTOR
+    heap = -(-model_end // HEAP_ALIGN) * HEAP_ALIGN
+    return heap + BUFFER_SLOTS * SLOT_BYTES + kv_cache_bytes(config)
+
+
+def memory_mib(end: int) -> int:
+    """The machine size to give QEMU or the emulator so that [1 MiB, end) is RAM the BIOS reports."""
+    return max(DEFAULT_MEMORY_MIB, math.ceil(end / MEBIBYTE) + BIOS_HEADROOM_MIB)
+
+
+def packed_model(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+                 scheme: str = "row") -> tuple[bytes, PackedModel]:
+    """A packed .sllm file as it is, or a checkpoint (path or name) quantized with its tokenizer: bytes and model.
+
+    Refuses (BootError) a model whose weights, buffers and KV cache would run past what the engine can address.
+    """
+    loaded = load(model, tokenizer, engine="fixed", scheme=scheme)
+    if is_packed(loaded.path):
+        blob = loaded.path.read_bytes()
+    else:
+        with tempfile.TemporaryDirectory(prefix="sectorllm-pack-") as scratch:
+            path = Path(scratch) / "model.sllm"
+            write_packed(path, loaded.packed)
+            blob = path.read_bytes()
+    end = memory_end(len(blob), loaded.config)
+    if end > ADDRESSABLE_TOP:
+        raise BootError(f"{model} needs memory up to {end:#x} for its weights, buffers and KV cache: "
+                        f"{end - ADDRESSABLE_TOP} bytes more than the boot engine can address (up to "
+                        f"{ADDRESSABLE_TOP:#x})")
+    return blob, loaded.packed
+
+
+def run_block(packed: PackedModel, prompt: str, steps: int, sampler: SamplerConfig) -> RunBlock:
+    """The run block for a prompt and run.c-style settings; refuses what the model or the image cannot hold."""
+    check_steps(steps)
+    tokens = packed.tokenizer.encode(prompt)
+    seq_len = packed.config.seq_len
+    if len(tokens) > seq_len:
+        raise UsageError(f"the prompt is {len(tokens)} tokens but the model's context is {seq_len}: shorten it")
+    if len(tokens) > MAX_PROMPT_TOKENS:
+        raise UsageError(f"the prompt is {len(tokens)} tokens; a boot image holds at most {MAX_PROMPT_TOKENS}: "
+                         "shorten it")
+    return RunBlock.from_sampler(FixedSamplerConfig.from_sampler_config(sampler), tokens, steps)
+
+
+def make_image(model: str | os.PathLike, tokenizer: str | os.PathLike | None, output: str | os.PathLike, *,
+               prompt: str = "", steps: int = 256, temperature: float = 1.0, topp: float = 0.9, topk: int = 0,
+               minp: float = 0.0, seed: int = 0, scheme: str = "row") -> ImageInfo:
+    """Write a boot image that generates from `prompt` with these settings (run.c's meaning, seed 0 = the clock now).
+
+    Listings and map files go to a build/ folder next to the image; the sizes are in the returned ImageInfo.
+    """
+    sampler = SamplerConfig(temperature, topp, topk, minp, seed)
+    sampler.validate()
+    blob, packed = packed_model(model, tokenizer, scheme)
+    return build_image(blob, run_block(packed, prompt, steps, sampler), Path(output))
+
+
+@dataclass(frozen=True)
+class BootImage:
+    """What an image file holds: its run block and the shape of its model."""
+
+    path: Path
+    run: RunBlock
+    model_bytes: int
+    config: ModelConfig
+
+    @property
+    def memory_mib(self) -> int:
+        return memory_mib(memory_end(self.model_bytes, self.config))
+
+    @property
+    def forward_passes(self) -> tuple[int, str]:
+        """run.c's step budget for this run block (generate.step_budget): passes and the reason at the end."""
+        return step_budget(self.run.steps, self.config.seq_len)
+
+    @property
+    def echoed(self) -> int:
+        """Token records that are the prompt echoed (every prompt token after the first, up to the budget)."""
+        return min(len(self.run.prompt_tokens) - 1, self.forward_passes[0])
+
+
+def read_image(path: str | os.PathLike) -> BootImage:
+    """Read a boot image's run block and its model's shape; BootError if the file is not a sectorllm image."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            f.seek(SECTOR)
+            run, layout = unpack_run_block(f.read(SECTOR))
+            f.seek(layout.model_lba * SECTOR)
+            header = f.read(HEADER.size)
+    except OSError as e:
+        raise BootError(f"cannot read boot image {path}: {e.strerror}") from None
+    except struct.error:
+        raise BootError(f"{path} is too short to be a sectorllm boot image") from None
+    if len(header) < HEADER.size or header[:4] != b"SLLM":
+        raise BootError(f"{path} holds no packed model where its run block says: not a sectorllm boot image")
+    fields = HEADER.unpack_from(header)
+    return BootImage(path, run, layout.model_bytes, ModelConfig(*fields[4:11], bool(fields[11] & 1)))
+
+
+def result_of(image: BootImage, tokens: list[Token], seconds: list[float]) -> GenerationResult:
+    """GenerationResult from an image's token records (prompt echo first, then generated, maybe a stop record) and
+    the times they arrived."""
+    generated = tokens[image.echoed:]
+    stop_reason = image.forward_passes[1]
+    if generated and generated[-1].id in (BOS, EOS) and not generated[-1].data:
+        stop_reason = "bos" if generated[-1].id == BOS else "eos"
+        generated = generated[:-1]
+    times = seconds[image.echoed:image.echoed + len(generated)]
+    tok_per_s = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+    text = b"".join(t.data for t in tokens).decode("utf-8", errors="replace")
+    return GenerationResult(list(image.run.prompt_tokens), [t.id for t in generated], text, stop_reason, tok_per_s,
+                            image.run.seed)
+
+
+@dataclass(frozen=True)
+class BootRun:
+    """One boot of an image in QEMU: the generation it did and how the machine ended."""
+
+    result: GenerationResult
+    status: int
+    seconds: float
+    screenshot: Path | None
+
+
+def run_image(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, cpu: str | None = None,
+              screenshot: Path | None = None, on_token: Callable[[Token], None] | None = None) -> BootRun:
+    """Boot an image in QEMU, calling on_token for each token record as it arrives; BootError if the engine fails."""
+    image = read_image(path)
+    tokens: list[Token] = []
+    seconds: list[float] = []
+
+    def arrived(token: Token) -> None:
+        tokens.append(token)
+        seconds.append(time.monotonic())
+        if on_token is not None:
+            on_token(token)
+
+    booted = boot(image.path, timeout=timeout, cpu=cpu, memory_mib=image.memory_mib, screenshot=screenshot,
+                  on_token=arrived)
+    if booted.status != Status.OK:
+        name = Status(booted.status).name if booted.status in Status.__members__.values() else booted.status
+        raise BootError(f"the boot engine ended with status {name}: {booted.log.strip()[-300:] or 'no output'}")
+    return BootRun(result_of(image, tokens, seconds), booted.status, booted.seconds, booted.screenshot)
+
+
+class BootGeneration:
+    """Generation through a boot image in QEMU, iterated like generate.Generation: Tokens as the engine sends them,
+    then `result`. The image is built in a temporary folder when the iteration starts."""
+
+    def __init__(self, blob: bytes, run: RunBlock, timeout: float) -> None:
+        self.blob, self.run, self.timeout = blob, run, timeout
+        self._result: GenerationResult | None = None
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._result is None:
+            for _ in self:
+                pass
+        assert self._result is not None
+        return self._result
+
+    def __iter__(self) -> Iterator[TextToken]:
+        if self._result is not None:
+            return
+        arrivals: queue.Queue[Token | BootRun | BaseException] = queue.Queue()
+        with tempfile.TemporaryDirectory(prefix="sectorllm-boot-") as scratch:
+            path = Path(scratch) / "boot.img"
+            build_image(self.blob, self.run, path)
+            echoed = read_image(path).echoed
+
+            def run() -> None:
+                try:
+                    arrivals.put(run_image(path, timeout=self.timeout, on_token=arrivals.put))
+                except BaseException as error:  # handed to the consumer, which raises it
+                    arrivals.put(error)
+
+            worker = threading.Thread(target=run, daemon=True)
+            worker.start()
+            count = 0
+            while True:
+                item = arrivals.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, BootRun):
+                    break
+                if item.data or item.id not in (BOS, EOS):
+                    yield TextToken(item.id, item.data, generated=count >= echoed)
+                count += 1
+            worker.join()
+        self._result = item.result
+
+
+@dataclass
+class BootModel:
+    """A model loaded for the boot engine, with api.Model's generate(): `sectorllm run --engine boot`."""
+
+    blob: bytes
+    packed: PackedModel
+    timeout: float = DEFAULT_TIMEOUT
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.packed.config
+
+    def generate(self, prompt: str = "", *, steps: int = 256, temperature: float = 1.0, topp: float = 0.9,
+                 topk: int = 0, minp: float = 0.0, seed: int = 0) -> BootGeneration:
+        """As api.Model.generate: iterate for Tokens as QEMU sends them; `.result` holds the whole run."""
+        return BootGeneration(self.blob, run_block(self.packed, prompt, steps,
+                                                   SamplerConfig(temperature, topp, topk, minp, seed)), self.timeout)
+
+
+def load_boot(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, scheme: str = "row",
+              timeout: float = DEFAULT_TIMEOUT) -> BootModel:
+    """Load a checkpoint or packed file for generation through a boot image (packed_model's refusals)."""
+    return BootModel(*packed_model(model, tokenizer, scheme), timeout)
+
+
+@dataclass(frozen=True)
+class BootBench:
+    """The boot engine's deterministic speed and size: unicorn's exact instruction count per generated token."""
+
+    model: str
+    tokens: int  # generated greedily from BOS
+    instructions_per_token: float  # from the start of the first forward pass to the last token's record
+    code_bytes: int  # the engine binary, from nasm's map file
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "tokens": self.tokens, "instructions_per_token": self.instructions_per_token,
+                "code_bytes": self.code_bytes}
+
+
+def bench_boot(model: str = BENCH_MODEL, tokens: int = BENCH_TOKENS) -> BootBench:
+    """Greedy from BOS for `tokens` steps under the unicorn emulator (sectorllm.boot.emulator, needs unicorn)."""
+    from .emulator import Emulator
+
+    with tempfile.TemporaryDirectory(prefix="sectorllm-bench-") as scratch:
+        info = make_image(model, None, Path(scratch) / "bench.img", steps=tokens, temperature=0.0)
+        image = read_image(info.path)
+        emulator = Emulator(info.path.read_bytes(), memory_mib=image.memory_mib)
+        if emulator.run(until=info.engine.symbols["generate"]) != "breakpoint":
+            raise BootError(f"the engine stopped before generating: {emulator.result().log.strip()[-300:]}")
+        start = emulator.instructions
+        emulator.run()
+        result = emulator.result()
+    if result.status != Status.OK or not result.token_instructions:
+        raise BootError(f"the emulated engine failed (status {result.status}): {result.log.strip()[-300:]}")
+    done = result.token_instructions[-1]
+    return BootBench(str(model), len(result.tokens), (done - start) / len(result.tokens), info.engine_bytes)
