@@ -1505,6 +1505,10 @@ sample:
         cmp dword [RUN_BLOCK + RB_INV_TEMPERATURE], 0
         je .done
         mov [var(sample_top)], ebx
+        call random_u32
+        shr eax, 8
+        mov [var(sample_coin)], eax
+        mov esi, [var(logits_buf)]
         mov ebx, [var(exp_pairs)]
         mov edi, [var(sample_buf)]
         xor eax, eax
@@ -1527,10 +1531,6 @@ sample:
         add [var(sample_total)], eax
         pop cx
         loop .weight                    ; EDI = the picks: (index, e) pairs in the order
-
-        call random_u32
-        shr eax, 8
-        mov [var(sample_coin)], eax
         mov edx, [hdr(H_VOCAB)]
         mov eax, [RUN_BLOCK + RB_TOPK]
         dec eax
