@@ -1,7 +1,9 @@
-"""Float engine: the batched prompt pass agrees with the token-by-token pass, and other shapes load and generate."""
+"""Float engine: run.c's float32 arithmetic to the bit, batched or token by token; other shapes load and generate."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 from dataclasses import replace
 
@@ -10,7 +12,7 @@ import pytest
 
 from sectorllm.checkpoint import Checkpoint, load_checkpoint, random_weights, write_checkpoint
 from sectorllm.config import STORIES_SHAPES, ModelConfig
-from sectorllm.engines.float32 import FloatEngine
+from sectorllm.engines.float32 import FloatEngine, attention, matmul, matvec
 from sectorllm.generate import Generation
 from sectorllm.sampling import Sampler, SamplerConfig
 from sectorllm.tokenizer import load_tokenizer
@@ -18,6 +20,9 @@ from sectorllm.tokenizer import load_tokenizer
 from .conftest import make_checkpoint, run_cli
 
 GQA = ModelConfig(dim=48, hidden_dim=96, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=512, seq_len=64)
+# widths that leave remainders for every blocking of rows and columns in matvec and matmul
+ODD = ModelConfig(dim=36, hidden_dim=91, n_layers=2, n_heads=3, n_kv_heads=3, vocab_size=509, seq_len=64,
+                  shared_classifier=False)
 
 
 def _sequential_logits(engine: FloatEngine, tokens: list[int]) -> np.ndarray:
@@ -26,19 +31,95 @@ def _sequential_logits(engine: FloatEngine, tokens: list[int]) -> np.ndarray:
     return logits.copy()
 
 
-@pytest.mark.parametrize("source", ["stories260K", "gqa", "separate_classifier"])
-def test_prefill_matches_token_by_token(source, stories260k):
+@pytest.mark.parametrize("source", ["stories260K", "gqa", "separate_classifier", "odd"])
+def test_prefill_is_bit_identical_to_token_by_token(source, stories260k):
+    """The batched pass adds the same float32 products in the same order: same logits and cache, to the bit."""
     if source == "stories260K":
         checkpoint = load_checkpoint(stories260k)
     else:
-        config = GQA if source == "gqa" else replace(GQA, n_kv_heads=6, shared_classifier=False)
-        checkpoint = Checkpoint(config, random_weights(config, seed=7), version=1)
-    tokens = [1] + np.random.default_rng(3).integers(3, 512, 40).tolist()
-    engine = FloatEngine(checkpoint)
-    expected = _sequential_logits(engine, tokens)
-    batched = FloatEngine(checkpoint).prefill(tokens)
-    np.testing.assert_allclose(batched, expected, rtol=1e-4, atol=1e-4)
-    assert np.argmax(batched) == np.argmax(expected)
+        config = {"gqa": GQA, "separate_classifier": replace(GQA, n_kv_heads=6, shared_classifier=False),
+                  "odd": ODD}[source]
+        checkpoint = Checkpoint(config, random_weights(config, seed=7, scale=0.3), version=1)
+    tokens = [1] + np.random.default_rng(3).integers(3, checkpoint.config.vocab_size, 40).tolist()
+    one_by_one = FloatEngine(checkpoint)
+    expected = _sequential_logits(one_by_one, tokens)
+    batched = FloatEngine(checkpoint)
+    assert np.array_equal(batched.prefill(tokens), expected)
+    assert np.array_equal(batched.key_cache, one_by_one.key_cache)
+    assert np.array_equal(batched.value_cache, one_by_one.value_cache)
+    assert np.array_equal(batched.forward(7, len(tokens)), one_by_one.forward(7, len(tokens)))
+
+
+def _libm_expf():
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    return libm.expf
+
+
+def _run_c_matmul(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """run.c's matmul transcribed one float32 operation at a time (no reassociation, no fused multiply-add)."""
+    out = np.zeros(w.shape[0], np.float32)
+    for i in range(w.shape[0]):
+        val = np.float32(0)
+        for j in range(w.shape[1]):
+            val = np.float32(val + np.float32(w[i, j] * x[j]))
+        out[i] = val
+    return out
+
+
+def _run_c_attention(q: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray, pos: int, n_heads: int,
+                     n_kv_heads: int) -> np.ndarray:
+    """run.c's head loop over cache rows (position, kv_dim), with libm expf for its softmax."""
+    expf = _libm_expf()
+    head_size = q.shape[0] // n_heads
+    kv_mul = n_heads // n_kv_heads
+    xb = np.zeros(q.shape[0], np.float32)
+    for h in range(n_heads):
+        qh = q[h * head_size:(h + 1) * head_size]
+        kv = slice((h // kv_mul) * head_size, (h // kv_mul + 1) * head_size)
+        att = np.zeros(pos + 1, np.float32)
+        for t in range(pos + 1):
+            score = np.float32(0)
+            for i in range(head_size):
+                score = np.float32(score + np.float32(qh[i] * k_rows[t, kv][i]))
+            att[t] = np.float32(score / np.sqrt(np.float32(head_size)))
+        att = np.array([expf(float(a - att.max())) for a in att], np.float32)
+        total = np.float32(0)
+        for a in att:
+            total = np.float32(total + a)
+        att = att / total
+        for t in range(pos + 1):
+            for i in range(head_size):
+                xb[h * head_size + i] = np.float32(xb[h * head_size + i] + np.float32(att[t] * v_rows[t, kv][i]))
+    return xb
+
+
+@pytest.mark.parametrize("rows, width", [(21, 97), (8, 64), (5, 33)])
+def test_matvec_and_matmul_are_run_c_to_the_bit(rows, width):
+    rng = np.random.default_rng(rows)
+    w = rng.standard_normal((rows, width)).astype(np.float32)
+    x = rng.standard_normal((3, width)).astype(np.float32)
+    expected = np.array([_run_c_matmul(w, row) for row in x])
+    out = np.empty(rows, np.float32)
+    matvec(out, w, x[0])
+    assert np.array_equal(out, expected[0])
+    batched = np.empty((3, rows), np.float32)
+    matmul(batched, w, x)
+    assert np.array_equal(batched, expected)
+
+
+@pytest.mark.parametrize("n_kv_heads, pos", [(4, 0), (4, 30), (2, 17)])
+def test_attention_is_run_c_to_the_bit(n_kv_heads, pos):
+    n_heads, head_size, seq_len = 4, 14, 40
+    rng = np.random.default_rng(pos)
+    q = rng.standard_normal(n_heads * head_size).astype(np.float32)
+    k_rows = rng.standard_normal((seq_len, n_kv_heads * head_size)).astype(np.float32)
+    v_rows = rng.standard_normal((seq_len, n_kv_heads * head_size)).astype(np.float32)
+    key_cache = np.ascontiguousarray(k_rows.reshape(seq_len, n_kv_heads, head_size).transpose(1, 2, 0))
+    value_cache = np.ascontiguousarray(v_rows.reshape(seq_len, n_kv_heads, head_size).transpose(1, 0, 2))
+    out = np.empty_like(q)
+    attention(out, q, key_cache, value_cache, pos, np.empty(seq_len, np.float32))
+    assert np.array_equal(out, _run_c_attention(q, k_rows, v_rows, pos, n_heads, n_kv_heads))
 
 
 def test_legacy_and_v1_files_generate_the_same_tokens(tmp_path, tok512):
