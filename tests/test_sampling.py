@@ -63,8 +63,8 @@ def test_bad_settings_are_refused(config):
 
 
 def test_softmax_is_run_c_sequential_float32_even_after_the_engine_ran(stories260k):
-    """run.c's softmax: libm expf, a sequential float32 sum, a division; the engine's reassociated code must not leak
-    into it (numba would otherwise compile it with the flags of its first caller)."""
+    """run.c's softmax: libm expf, a sequential float32 sum, a division, whichever jitted code called it first
+    (numba compiles a function without explicit flags with the flags of its first caller)."""
     libm = ctypes.CDLL(ctypes.util.find_library("m"))
     libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
     FloatEngine(load_checkpoint(stories260k)).forward(5, 1)
