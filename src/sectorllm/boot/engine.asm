@@ -130,6 +130,7 @@ K_PRINTED           equ 22
 SEC_ADDR            equ 4               ; SEC entries, 16 bytes per kind: the section table's entry with its
 SEC_LEN             equ 8               ; offset turned into an address (the weights' addresses then move on
 SEC_PARAM           equ 12              ; layer by layer as the forward pass reads them)
+N_KINDS             equ 24
 %define SECTION(kind) (SEC + 16 * (kind))
 %define hdr(field) bp + (field) - HDR_BYTES
 %define var(name) bp + (name) - VARS
@@ -138,7 +139,7 @@ BOS                 equ 1
 EOS                 equ 2
 KEY_SHIFT           equ 15              ; cached keys are int16, values int8 (fixed.py KEY_SHIFT, VALUE_SHIFT)
 VALUE_SHIFT         equ 7
-DOT_UNROLL          equ 8               ; multiply-adds per pass of dot_row
+DOT_UNROLL          equ 16              ; multiply-adds per pass of dot_row
 SLOT_BYTES          equ 0x100000        ; a buffer: 16 bytes for each of up to 65536 elements
 
         org ENGINE_BASE
@@ -632,8 +633,8 @@ name_weighted_sum:  db "weighted_sum", 0
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; setup_model: copy the packed header to HDR (BP = VARS from here on), derive the shape, place the buffers (a
-; SLOT_BYTES slot each) and the KV cache from heap_base, failing the run if they pass mem_top, and build the
-; interpolation tables.
+; SLOT_BYTES slot each), the KV cache and int16 copies of the weight matrices from heap_base (failing the run if
+; they pass mem_top), keep the section entries in SEC_START and build the interpolation tables.
 ; Output:   BP = VARS
 ; Clobbers: everything
 ; ---------------------------------------------------------------------------------------------------------------
@@ -644,7 +645,7 @@ setup_model:
         push dword HDR_BYTES / 4
         pop ecx
         a32 rep movsd                   ; DI = VARS
-        mov cx, (VARS_END - VARS) / 2
+        mov cx, (SEC_END - VARS) / 2
         xor ax, ax
         rep stosw                       ; so the 16-bit stores below leave zero high words
         call load_sections
@@ -664,12 +665,16 @@ setup_model:
         mov [var(key_skip)], ax         ; from a key row's Dv to the next row's Dk
         add al, 4
         mov [var(kv_stride)], ax        ; a key row: head_size int16 keys, Dk, Dv
+        mov ax, [hdr(H_SEQ_LEN)]
+        add ax, ax
+        mov [var(value_row)], ax        ; a row of transposed int16 values
+        mul bx
+        mov [var(value_bytes)], ax
+        mov [var(value_bytes) + 2], dx
         mov eax, [var(kv_stride)]
         mul dword [hdr(H_SEQ_LEN)]
         mov [var(off_vt)], eax
-        mov eax, [var(head_size)]
-        mul dword [hdr(H_SEQ_LEN)]
-        add eax, [var(off_vt)]
+        add eax, [var(value_bytes)]
         mov [var(kv_block)], eax
         mul dword [hdr(H_N_KV_HEADS)]
         mov [var(layer_bytes)], eax
@@ -682,9 +687,40 @@ setup_model:
         add eax, SLOT_BYTES
         loop .place
         mov [var(kv_base)], eax
-        add eax, edx
+        lea edi, [eax + edx]            ; the int16 weights follow the cache
+        mov si, wide_kinds
+.widen: lodsb                           ; int8 matrices to int16: one dot_row kernel for weights and keys
+        mov bl, 16
+        mul bl
+        add ax, SEC
+        xchg ax, bx
+        mov ecx, [bx + SEC_LEN]
+        lea eax, [edi + ecx*2]
         cmp eax, [mem_top]
         ja memory_too_small
+        push si
+        mov esi, [bx + SEC_ADDR]
+        mov [bx + SEC_ADDR], edi
+        jecxz .widened                  ; an absent classifier: the embedding's, below
+.byte:  a32 lodsb
+        cbw
+        a32 stosw
+        a32 loop .byte
+.widened:
+        pop si
+        cmp si, wide_kinds + WIDE_KINDS
+        jb .widen
+        test byte [hdr(H_FLAGS)], 1
+        jz .own_classifier
+        mov si, SECTION(K_TOKEN_EMBEDDING_Q)
+        mov di, SECTION(K_WCLS_Q)
+        mov cl, 8
+        rep movsd
+.own_classifier:
+        mov si, SEC
+        mov di, SEC_START
+        mov cx, 16 * N_KINDS / 2
+        rep movsw
         mov bx, SECTION(K_EXP_TABLE)
         mov di, exp_pairs
         mov al, [hdr(H_EXP_SHIFT)]
@@ -695,21 +731,27 @@ setup_model:
         ; fall through into build_pairs
 
 ; ---------------------------------------------------------------------------------------------------------------
-; build_pairs: lookup's form of a packed interpolation table t[0..n): n - 1 and the step shift, then the pairs
-; (t[i], t[i+1] - t[i]) for i < n - 1, so an interpolation is one multiply and needs no register for t[i+1].
+; build_pairs: lookup's form of a packed interpolation table t[0..n): the step mask 2^e - 1, n - 1, the step shift
+; e, then the pairs (t[i], t[i+1] - t[i]) for i < n - 1, so an interpolation is one multiply.
 ; Entry:    BX = SEC entry of the table, DI = its buffer variable, AL = step shift
 ; Output:   the variable points at the first pair
-; Clobbers: EAX, ECX, ESI, EDI
+; Clobbers: EAX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 build_pairs:
         movzx eax, al
-        add byte [di], 8
+        add byte [di], 12
         mov edi, [di]
+        mov [edi - 4], eax
+        xchg eax, ecx
+        xor edx, edx
+        inc dx
+        shl edx, cl
+        dec edx
+        mov [edi - 12], edx
         mov ecx, [bx + SEC_LEN]
         shr cx, 2
         dec cx
         mov [edi - 8], ecx
-        mov [edi - 4], eax
         mov esi, [bx + SEC_ADDR]
 .pair:  a32 lodsd
         a32 stosd
@@ -720,10 +762,8 @@ build_pairs:
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; load_sections: SEC[kind] = the section table's entry of each kind, its offset turned into an address; the
-; classifier's are the embedding's when it is shared. The forward pass starts with this: its weight addresses
-; move on layer by layer.
-; Clobbers: EAX, CX, ESI, SI, DI
+; load_sections: SEC[kind] = the section table's entry of each kind, its offset turned into an address.
+; Clobbers: EAX, CX, ESI, DI
 ; ---------------------------------------------------------------------------------------------------------------
 load_sections:
         mov esi, MODEL_BASE + TABLE_OFFSET
@@ -731,20 +771,14 @@ load_sections:
 .entry: a32 lodsd                       ; kind
         shl ax, 4
         add ax, SEC + SEC_ADDR
-        xchg ax, di
+        movzx edi, ax
         a32 lodsd
         add eax, MODEL_BASE
-        stosd
+        a32 stosd
         a32 movsd                       ; length
         a32 movsd                       ; param
         loop .entry
-        test byte [hdr(H_FLAGS)], 1
-        jz .done
-        mov si, SECTION(K_TOKEN_EMBEDDING_Q)
-        mov di, SECTION(K_WCLS_Q)
-        mov cl, 8
-        rep movsd
-.done:  ret
+        ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; generate: run.c's generation loop (generate.py Generation): `steps` forward passes from the first prompt token
@@ -825,25 +859,29 @@ print_token:
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; forward (fixed.py forward_token): one position of the transformer: the logits of [var(token)] at [var(pos)].
+; The weight addresses in SEC move on layer by layer as matvec and rmsnorm read them: they start from SEC_START.
 ; Output:   [var(logits_buf)] = vocab_size Q16.16 logits; cache row [var(pos)] written in every block
 ; Clobbers: everything but BP
 ; ---------------------------------------------------------------------------------------------------------------
 forward:
-        call load_sections
+        mov si, SEC_START               ; the weight addresses of layer 0
+        mov di, SEC
+        mov cx, 16 * N_KINDS / 2
+        rep movsw
         mov eax, [var(token)]           ; x[j] = (emb_q[token, j] * emb_s[token]) >> (S_emb - 16)
         mov ebx, [SECTION(K_TOKEN_EMBEDDING_S) + SEC_ADDR]
         mov ebx, [ebx + eax*4]
         mul dword [hdr(H_DIM)]
         mov esi, [SECTION(K_TOKEN_EMBEDDING_Q) + SEC_ADDR]
-        add esi, eax
+        lea esi, [esi + eax*2]
         mov cl, [SECTION(K_TOKEN_EMBEDDING_S) + SEC_PARAM]
         sub cl, 16
         mov edi, [var(x_buf)]
         mov ax, [hdr(H_DIM)]
         push bp
         xchg ax, bp
-.embed: movsx eax, byte [esi]
-        inc esi
+.embed: a32 lodsw
+        cwde
         imul ebx
         shrd eax, edx, cl
         a32 stosd
@@ -889,22 +927,21 @@ forward:
         mov bx, SECTION(K_WCLS_Q)
         call classifier
         mov bx, SECTION(K_WCLS_RESIDUAL_Q)
-        mov al, 0x01                    ; matvec adds this one
-        jmp classifier.rows
+        mov eax, [var(logits_buf)]
+        mov cx, [hdr(H_VOCAB)]
+        jmp matvec                      ; logits += the residual classifier
 
-; classifier: logits = the BX matrix times act; .rows with AL = 1: logits += it.
+; classifier: logits = the BX matrix times act.
 classifier:
-        mov al, 0
-.rows:  mov cx, [hdr(H_VOCAB)]
-        mov edi, [var(logits_buf)]
-        jmp matvec_into
+        mov eax, [var(logits_buf)]
+        mov cx, [hdr(H_VOCAB)]
+        jmp matvec_store
 
 ; residual: x += the next dim rows of the BX matrix times act (the residual connections).
 residual:
+        mov eax, [var(x_buf)]
         mov cx, [hdr(H_DIM)]
-        mov edi, [var(x_buf)]
-        mov al, 1
-        jmp matvec_into
+        jmp matvec
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; norm_and_quantize: xb = rmsnorm(x) with the BX weights, then act = quantize_act(xb, act_bits_dim);
@@ -922,8 +959,9 @@ quantize_xb:
 ; ---------------------------------------------------------------------------------------------------------------
 ; quantize_act (fixed.py quantize_act): act = v >> k, k = max(0, bit_length(OR of |v[j]|) - bits); then sets
 ; dot_row's length to n.
-; Entry:    ESI = v (i32), CX = n (1..65535), AL = bits
-; Output:   [var(act_buf)] = act, [var(act_n)] = n, [var(act_k)] = k, [var(act_end)] = act + 4n
+; Entry:    ESI = v (i32), CX = n (1..32767), AL = bits
+; Output:   [var(act_buf)] = act, [var(act_n)] = n, [var(act_row)] = 2n (bytes of an int16 row), [var(act_k)] = k,
+;           [var(act_end)] = act + 4n
 ; Clobbers: EAX, BX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 quantize_act:
@@ -931,6 +969,9 @@ quantize_act:
         mov [var(act_n)], cx
         push esi
         push cx
+        add cx, cx
+        mov [var(act_row)], cx
+        shr cx, 1
         xor edi, edi
 .magnitude:
         a32 lodsd
@@ -960,7 +1001,7 @@ quantize_act:
         ; fall through into set_dot_length
 
 ; ---------------------------------------------------------------------------------------------------------------
-; set_dot_length: make dot_row sum n products.
+; set_dot_length: make the dot_row kernel sum n products.
 ; Entry:    EAX = n >= 1
 ; Clobbers: EAX, ECX
 ; ---------------------------------------------------------------------------------------------------------------
@@ -972,77 +1013,75 @@ set_dot_length:
         neg eax
         mov [dot_start], eax
         imul cx, cx, DOT_MAC_BYTES
-        add cx, dot_unrolled
+        add cx, dot_row
         mov [dot_entry], cx
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; dot_row: EDX = wrap32(sum of q[j] * v[j]) over the n int8 q before ESI and the n i32 v before EDI, n as set by
-; set_dot_length. DOT_UNROLL multiply-adds per pass; the first pass enters part-way to do n mod DOT_UNROLL.
+; dot_row: EDX += wrap32(sum of q[j] * v[j]) over the n int16 q before ESI and the n i32 v before EBX, n as set by
+; set_dot_length; callers set ECX = [dot_start], EDX = 0 and call [dot_entry]. DOT_UNROLL multiply-adds per pass;
+; the first pass enters part-way to do n mod DOT_UNROLL.
 ; Clobbers: EAX, ECX (0 on return)
 ; ---------------------------------------------------------------------------------------------------------------
 dot_row:
-        mov ecx, [dot_start]
-        xor edx, edx
-        jmp [dot_entry]
-dot_unrolled:
 %assign k 0
 %rep DOT_UNROLL
-        movsx eax, byte [byte esi + ecx + k]
-        imul eax, [byte edi + ecx*4 + 4*k]
+        movsx eax, word [byte esi + ecx*2 + 2*k]
+        imul eax, [byte ebx + ecx*4 + 4*k]
         add edx, eax
 %assign k k + 1
 %endrep
 .end:   add ecx, DOT_UNROLL
-        jnz dot_unrolled
+        jnz dot_row
         ret
-DOT_MAC_BYTES equ (dot_unrolled.end - dot_unrolled) / DOT_UNROLL
+DOT_MAC_BYTES equ (dot_row.end - dot_row) / DOT_UNROLL
 
 ; ---------------------------------------------------------------------------------------------------------------
-; matvec (fixed.py matvec): out[i] (+)= (sum_j q[i, j] * act[j]) * s[i] >> (S - k) for each of the next `rows`
-; rows of an int8 matrix.
-; Entry:    BX = SEC entry of the matrix's Q section (its S section is the next), CX = rows, EDI = out (matvec_into:
-;           AL = 1 adds to out, 0 stores; matvec_store: EAX = out, stores); act, [var(act_n)], [var(act_k)],
-;           [var(act_end)] and dot_row's length from quantize_act
+; matvec (fixed.py matvec, add=True): out[i] += (sum_j q[i, j] * act[j]) * s[i] >> (S - k) for each of the next
+; `rows` rows of a widened (int16) matrix; matvec_store first clears out (add=False).
+; Entry:    BX = SEC entry of the matrix's Q section (its S section is the next), EAX = out, CX = rows;
+;           act, [var(act_row)], [var(act_k)], [var(act_end)] and dot_row's length from quantize_act
 ; Output:   out; the Q and S addresses moved past these rows
 ; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 matvec_store:
+        pushad
+        movzx ecx, cx
         xchg eax, edi
-        mov al, 0
-matvec_into:
-        mov [var(matvec_add)], al
+        xor eax, eax
+        a32 rep stosd
+        popad
+matvec:
         mov [var(rows_left)], cx
         mov cl, [bx + 16 + SEC_PARAM]
         sub cl, [var(act_k)]
         mov [var(matvec_shift)], cl
         mov esi, [bx + SEC_ADDR]
-        add esi, [var(act_n)]           ; dot_row reads back from the end of a row
+        add esi, [var(act_row)]         ; dot_row reads back from the end of a row
         push bx
-        mov ebx, [bx + 16 + SEC_ADDR]
-        sub ebx, edi                    ; s[i] is at [out + 4i + EBX]
+        mov edi, [bx + 16 + SEC_ADDR]
+        sub edi, eax                    ; s[i] is at [out + 4i + EDI]
+        mov ebx, [var(act_end)]
         push bp
-        mov ebp, edi
-        mov edi, [act_end]
-.row:   call dot_row
-        mov eax, [ebp + ebx]
+        xchg eax, ebp
+.row:   mov ecx, [dot_start]
+        xor edx, edx
+        call [dot_entry]
+        mov eax, [ebp + edi]
         imul edx
         mov cl, [matvec_shift]
         shrd eax, edx, cl
-        cmp byte [matvec_add], 0
-        je .store
-        add eax, [ebp]
-.store: mov [ebp], eax
+        add [ebp], eax
         add ebp, 4
-        add esi, [act_n]
+        add esi, [act_row]
         dec word [rows_left]
         jnz .row
-        add ebx, ebp
+        add edi, ebp
         pop bp
-        sub esi, [var(act_n)]
-        pop di
-        mov [di + SEC_ADDR], esi        ; the next layer's rows and scales
-        mov [di + 16 + SEC_ADDR], ebx
+        sub esi, [var(act_row)]
+        pop bx
+        mov [bx + SEC_ADDR], esi        ; the next layer's rows and scales
+        mov [bx + 16 + SEC_ADDR], edi
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -1177,7 +1216,7 @@ rotate_term:
 ; store_kv (fixed.py forward_token step 4): this position's keys and values of every kv head into the cache.
 ; A cache block, kv_block bytes for each (layer, kv head) from kv_base:
 ;   seq_len key rows of kv_stride bytes: head_size int16 keys, their i32 divisor Dk, the values' divisor Dv
-;   at off_vt, the int8 values transposed: head_size rows of seq_len (a row is then a dot_row operand)
+;   at off_vt, the values (int8 range, stored int16) transposed: head_size rows of seq_len, each a dot_row operand
 ; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 store_kv:
@@ -1198,10 +1237,11 @@ store_kv:
         push esi
         mov eax, [var(kv_dim)]
         lea esi, [esi + eax*4]          ; this kv head's values
-        mov edi, [var(off_vt)]
+        mov edi, [var(pos)]
+        add edi, edi
+        add edi, [var(off_vt)]
         add edi, ebx
-        add edi, [var(pos)]
-        mov eax, [hdr(H_SEQ_LEN)]
+        mov eax, [var(value_row)]
         mov [var(kv_step)], eax
         mov al, VALUE_SHIFT
         call store_kv_head
@@ -1218,7 +1258,7 @@ store_kv:
 ; ---------------------------------------------------------------------------------------------------------------
 ; store_kv_head (fixed.py store_kv): D = M + (M + T - 1) // T with M = min(max |v|, 2^30), T = 2^shift - 1;
 ; c[i] = sign(v[i]) * min(T, (|v[i]| << shift + (D >> 1)) // D), which is trunc((v << shift +- D >> 1) / D),
-; stored as int16 when shift is 15, int8 when 7. M = 0 gives D = 0 and every c = 0.
+; stored as int16 (keys, shift 15, and values, shift 7). M = 0 gives D = 0 and every c = 0.
 ; Entry:    ESI = v (head_size i32), EDI = c[0], AL = shift, [var(kv_step)] = bytes from c[i] to c[i+1]
 ; Output:   EAX = D, EDI = c[head_size]
 ; Clobbers: ECX, EDX
@@ -1284,11 +1324,8 @@ store_kv_head:
         pop edx
         xor eax, edx
         sub eax, edx
-        mov [edi], al
-        cmp cl, 8
-        jb .byte
-        mov [edi + 1], ah
-.byte:  add edi, [var(kv_step)]
+        mov [edi], ax
+        add edi, [var(kv_step)]
         dec word [var(kv_count)]
         jnz .round
         pop eax
@@ -1311,13 +1348,11 @@ attention:
         xor eax, eax
         mov [var(head)], ax
         mov [var(head_off)], eax
-        sub eax, [var(head_size)]
-        mov [var(neg_head_size)], eax
 .head:  mov esi, [var(head_off)]
         add esi, [var(qkv_buf)]
         mov cx, [var(head_size)]
         mov al, [hdr(H_ACT_BITS_HEAD)]
-        call quantize_act               ; qa
+        call quantize_act               ; qa, and dot_row's length head_size
         mov ax, [var(head)]
         cwd
         div word [var(kv_mul)]          ; the kv head
@@ -1334,16 +1369,9 @@ attention:
         mov ebx, [var(act_end)]
         push bp
         mov ebp, 1 << 31                ; top
-.score: mov ecx, [neg_head_size]
+.score: mov ecx, [dot_start]
         xor edx, edx
-.dot:   movsx eax, word [esi + ecx*2]
-        imul eax, [ebx + ecx*4]
-        add edx, eax
-        movsx eax, word [esi + ecx*2 + 2]
-        imul eax, [ebx + ecx*4 + 4]
-        add edx, eax
-        add ecx, 2
-        jnz .dot
+        call [dot_entry]                ; qa . key[t]
         a32 lodsd                       ; Dk
         imul edx
         mov cl, [att_shift]
@@ -1356,15 +1384,23 @@ attention:
         cmp edi, [att_end]
         jb .score
 
-        mov esi, [att_buf]
+        mov esi, [att_buf]              ; e[t] = exp_lookup(top - score[t]), lookup's steps inline
         mov ebx, [exp_pairs]
+        mov cl, [ebx - 4]
         xor edi, edi                    ; total
-.exp:   mov eax, ebp
-        sub eax, [esi]
-        call lookup
-        mov [esi], eax
+.exp:   a32 lodsd
+        neg eax
+        add eax, ebp
+        mov edx, eax
+        shr edx, cl
+        cmp edx, [ebx - 8]
+        jae .past
+        and eax, [ebx - 12]
+        imul eax, [ebx + edx*8 + 4]
+        sar eax, cl
+        add eax, [ebx + edx*8]
+.e:     mov [esi - 4], eax
         add edi, eax
-        add esi, 4
         cmp esi, [att_end]
         jb .exp
         pop bp
@@ -1377,33 +1413,38 @@ attention:
         mov edi, [var(key_skip)]
         add edi, [var(att_block)]       ; Dv of key row 0
 .weight:
-        mov eax, [esi]
+        a32 lodsd
+        test eax, eax
+        jz .no_weight                   ; e = 0 (far below the top) stays 0
         mul ebx
         xchg eax, edx
         mul dword [edi]
-        add edi, [var(kv_stride)]
         shrd eax, edx, 16
-        mov [esi], eax
-        add esi, 4
+        mov [esi - 4], eax
+.no_weight:
+        add edi, [var(kv_stride)]
         cmp esi, [var(att_end)]
         jb .weight
 
+        mov eax, [var(pos)]
+        inc eax
+        call set_dot_length
         mov esi, [var(att_block)]
         add esi, [var(off_vt)]
         mov eax, [var(pos)]
-        inc eax
-        add esi, eax                    ; the end of value row 0
-        call set_dot_length
-        mov edi, [var(att_end)]
-        mov ebx, [var(head_off)]
-        add ebx, [var(xb_buf)]
+        lea esi, [esi + eax*2 + 2]      ; the end of value row 0
+        mov edi, [var(head_off)]
+        add edi, [var(xb_buf)]
+        mov ebx, [var(att_end)]
         mov ax, [var(head_size)]
         mov [var(pairs_left)], ax
-.value: call dot_row
+.value: mov ecx, [dot_start]
+        xor edx, edx
+        call [dot_entry]
         sar edx, VALUE_SHIFT
-        mov [ebx], edx
-        add ebx, 4
-        add esi, [hdr(H_SEQ_LEN)]
+        xchg eax, edx
+        a32 stosd
+        add esi, [var(value_row)]
         dec word [var(pairs_left)]
         jnz .value
         mov eax, [var(head_size)]
@@ -1414,6 +1455,8 @@ attention:
         cmp ax, [hdr(H_N_HEADS)]
         jb .head
         ret
+.past:  xor eax, eax
+        jmp .e
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; lookup (fixed.py exp_lookup, and silu_lookup's interpolation): with i = u >> e and a table from build_pairs,
@@ -1428,9 +1471,7 @@ lookup:
         shr edx, cl
         cmp edx, [ebx - 8]
         jae .past
-        shl edx, cl
-        sub eax, edx
-        shr edx, cl
+        and eax, [ebx - 12]
         imul eax, [ebx + edx*8 + 4]
         sar eax, cl
         add eax, [ebx + edx*8]
@@ -1447,28 +1488,36 @@ lookup:
 swiglu:
         mov esi, [var(hb_buf)]
         mov ebx, [var(silu_pairs)]
-        mov cx, [hdr(H_HIDDEN)]
-.gate:  push cx
-        mov edi, [esi]                  ; x
-        xor eax, eax
-        cmp edi, [hdr(H_SILU_LO)]
-        jl .silu                        ; below the table: 0
-        mov eax, edi
-        sub eax, [hdr(H_SILU_LO)]
-        call lookup
-        jc .silu
-        xchg eax, edi                   ; past the table: x
-.silu:  mov edx, [hdr(H_HIDDEN)]
-        imul dword [esi + edx*4]        ; times up
+        mov cl, [ebx - 4]
+        mov edi, [hdr(H_HIDDEN)]
+        shl edi, 2                      ; from a gate to its up
+        push bp
+        mov bp, [hdr(H_HIDDEN)]
+.gate:  a32 lodsd                       ; x
+        sub eax, [HDR + H_SILU_LO]      ; u = x - silu_lo, and the signed compare of x with silu_lo
+        jl .below
+        mov edx, eax                    ; lookup's steps inline
+        shr edx, cl
+        cmp edx, [ebx - 8]
+        jae .above
+        and eax, [ebx - 12]
+        imul eax, [ebx + edx*8 + 4]
+        sar eax, cl
+        add eax, [ebx + edx*8]
+.silu:  imul dword [esi + edi - 4]      ; times up
         shrd eax, edx, 16
-        mov [esi], eax
-        add esi, 4
-        pop cx
-        loop .gate
+        mov [esi - 4], eax
+        dec bp
+        jnz .gate
+        pop bp
         mov esi, [var(hb_buf)]
         mov cx, [hdr(H_HIDDEN)]
         mov al, [hdr(H_ACT_BITS_HIDDEN)]
         jmp quantize_act
+.below: xor eax, eax                    ; below the table: 0
+        jmp .silu
+.above: add eax, [HDR + H_SILU_LO]      ; past the table: x
+        jmp .silu
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; argmax: the first index of the largest value (signed), as np.argmax.
@@ -1635,6 +1684,8 @@ random_u32:
         ret
 
 xorshift_shifts:    db 12, -25, 27
+wide_kinds:         db K_TOKEN_EMBEDDING_Q, K_WQKV_Q, K_WO_Q, K_W13_Q, K_W2_Q, K_WCLS_Q, K_WCLS_RESIDUAL_Q
+WIDE_KINDS          equ $ - wide_kinds
 %endif
 
 gdt_descriptor:                         ; lgdt's 6 bytes, which also fill the GDT's unused null descriptor
@@ -1689,13 +1740,16 @@ layer_kv:           resd 1              ; this layer's first cache block
 kv_block:           resd 1              ; bytes of a cache block
 off_vt:             resd 1              ; the values in a block
 kv_stride:          resd 1              ; bytes of a key row
+value_row:          resd 1              ; bytes of a transposed value row
+value_bytes:        resd 1              ; of a block's values
 key_skip:           resd 1              ; from a key row's Dv to the next row's Dk
 head_size:          resd 1
 kv_dim:             resd 1
 kv_mul:             resd 1              ; query heads per kv head
 token:              resd 1              ; the token at pos
 pos:                resd 1
-act_n:              resd 1              ; quantize_act's n, k and the end of act
+act_n:              resd 1              ; quantize_act's n, 2n, k and the end of act
+act_row:            resd 1
 act_k:              resd 1
 act_end:            resd 1
 SCRATCH:                                ; each routine's own variables, overlaid
@@ -1735,4 +1789,6 @@ steps:              resd 1              ; forward passes to run
 dot_start:          resd 1              ; dot_row's first index and entry (set_dot_length)
 dot_entry:          resd 1
 VARS_END:
-SEC:                resb 16 * 24        ; per section kind: SEC_ADDR, SEC_LEN, SEC_PARAM
+SEC:                resb 16 * N_KINDS   ; per section kind: SEC_ADDR, SEC_LEN, SEC_PARAM
+SEC_END:
+SEC_START:          resb 16 * N_KINDS   ; SEC as setup_model leaves it: each matrix's layer 0

@@ -25,7 +25,7 @@ from .image import (ADDRESSABLE_TOP, MAX_PROMPT_TOKENS, MODEL_BASE, SECTOR, Imag
                     build_image, sectors, unpack_run_block)
 from .qemu import DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT, boot
 
-# engine.asm's memory map after the model: BUFFER_SLOTS buffers of SLOT_BYTES, then the KV cache
+# engine.asm's memory map after the model: BUFFER_SLOTS buffers of SLOT_BYTES, the KV cache, int16 weight copies
 BUFFER_SLOTS = 10  # N_BUFFERS
 SLOT_BYTES = 1 << 20  # SLOT_BYTES
 HEAP_ALIGN = 4096  # HEAP_ALIGN
@@ -36,15 +36,24 @@ BENCH_TOKENS = 256
 
 
 def kv_cache_bytes(config: ModelConfig) -> int:
-    """engine.asm store_kv's blocks: per layer and kv head, seq_len key rows (int16 keys, Dk, Dv) and int8 values."""
-    return config.n_layers * config.n_kv_heads * config.seq_len * (3 * config.head_size + 8)
+    """engine.asm store_kv's blocks: per layer and kv head, seq_len key rows (int16 keys, Dk, Dv) and int16 values."""
+    return config.n_layers * config.n_kv_heads * config.seq_len * (4 * config.head_size + 8)
+
+
+def wide_weight_bytes(config: ModelConfig) -> int:
+    """engine.asm setup_model's int16 copies of the int8 matrices (packed.py's shapes)."""
+    c = config
+    layers = c.n_layers * ((c.dim + 2 * c.kv_dim) * c.dim + c.dim * c.dim + 3 * c.hidden_dim * c.dim)
+    classifiers = (1 if c.shared_classifier else 2) * c.vocab_size * c.dim
+    return 2 * (c.vocab_size * c.dim + layers + classifiers)
 
 
 def memory_end(model_bytes: int, config: ModelConfig) -> int:
-    """The first physical address past everything the engine uses for a model: itself, buffers, KV cache."""
+    """The first physical address past everything the engine uses for a model: itself, buffers, KV cache and the
+    int16 weights."""
     model_end = MODEL_BASE + sectors(model_bytes) * SECTOR
     heap = -(-model_end // HEAP_ALIGN) * HEAP_ALIGN
-    return heap + BUFFER_SLOTS * SLOT_BYTES + kv_cache_bytes(config)
+    return heap + BUFFER_SLOTS * SLOT_BYTES + kv_cache_bytes(config) + wide_weight_bytes(config)
 
 
 def memory_mib(end: int) -> int:
