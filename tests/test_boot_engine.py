@@ -217,12 +217,19 @@ def test_engine_memory_layout_matches_session(stories, tmp_path):
     assert machine.run(until=symbols["generate"]) == "breakpoint"
 
     def var(name: str) -> int:
-        return struct.unpack("<I", machine.read_memory(symbols[name], 4))[0]
+        return var_at(machine, symbols[name])
 
     config = stories[1].config
-    end = var("kv_base") + config.n_layers * var("layer_bytes")
-    assert end == session.memory_end(info.model_bytes, config)
+    kv_end = var("kv_base") + config.n_layers * var("layer_bytes")
     assert var("kv_block") * config.n_kv_heads * config.n_layers == session.kv_cache_bytes(config)
+    last_wide = symbols["SEC_START"] + 16 * symbols["K_WCLS_RESIDUAL_Q"]  # the last int16 copy, then the end
+    wide_end = var_at(machine, last_wide + 4) + 2 * var_at(machine, last_wide + 8)
+    assert wide_end - kv_end == session.wide_weight_bytes(config)
+    assert wide_end == session.memory_end(info.model_bytes, config)
+
+
+def var_at(machine, address: int) -> int:
+    return struct.unpack("<I", machine.read_memory(address, 4))[0]
 
 
 def test_make_image_sizes_and_run_block(stories260k, tok512, tmp_path):
