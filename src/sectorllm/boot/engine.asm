@@ -139,7 +139,7 @@ BOS                 equ 1
 EOS                 equ 2
 KEY_SHIFT           equ 15              ; cached keys are int16, values int8 (fixed.py KEY_SHIFT, VALUE_SHIFT)
 VALUE_SHIFT         equ 7
-DOT_UNROLL          equ 16              ; multiply-adds per pass of dot_row
+DOT_UNROLL          equ 32              ; multiply-adds per pass of dot_row
 SLOT_BYTES          equ 0x100000        ; a buffer: 16 bytes for each of up to 65536 elements
 
         org ENGINE_BASE
