@@ -11,17 +11,20 @@
 ;   0x07E00 - 0x07FFF   RUN_BLOCK: the run block sector, fields at RB_* (image.py RunBlock); the seed field is
 ;                       the xorshift64* state, advanced in place
 ;   0x08000 - 0x0FFFF   ENGINE_BASE: this program, then its variables (from engine_end; 16-bit offsets, DS=0):
-;                       the packed header's first HDR_BYTES, the variables at VARS, the section entries at SEC
+;                       the packed header's first HDR_BYTES (HDR), the variables (VARS), the section entries
+;                       as the forward pass moves them (SEC) and as each pass starts (SEC_START)
 ;   0x10000 - 0x17FFF   DISK_BUFFER: INT 13h reads land here, LOAD_CHUNK_SECTORS at a time
 ;   0x18000 - 0x7FFFF   free
 ;   0x80000 - 0xFFFFF   EBDA, VGA memory, option ROMs, BIOS                                    not ours
 ;   0x100000            MODEL_BASE: the packed model (docs/format.md), [RUN_BLOCK + RB_MODEL_BYTES] long
-;   heap_base           the end of the model rounded up to 4 KiB; from there, N_BUFFERS slots of slot_bytes
-;                       (16 bytes per element of the widest vector): x, xb, act, qkv, hb, att, logits, the
-;                       sampler's weights and picks, the exp and SiLU interpolation tables (build_pairs);
-;   kv_base             then the KV cache: n_layers * n_kv_heads blocks of kv_block bytes (store_kv)
-;   mem_top             the end of the RAM that starts at 1 MiB (INT 15h E801h)
-;
+;   heap_base           the end of the model rounded up to 4 KiB; from there N_BUFFERS buffers of SLOT_BYTES
+;                       (up to 65536 elements of 16 bytes): x, xb, act, qkv, hb, att, logits, the sampler's
+;                       weights and picks, the exp and SiLU interpolation tables (build_pairs)
+;   kv_base             the KV cache: n_layers * n_kv_heads blocks of kv_block bytes (store_kv)
+;   after the cache     int16 copies of the int8 weight matrices (setup_model), read by the dot_row kernel
+;   mem_top             the end of the RAM that starts at 1 MiB (INT 15h E801h); session.py memory_end mirrors
+;                       this map to size the machine and to refuse models that do not fit
+
 ; REGISTER CONVENTIONS
 ;   CS = DS = ES = FS = GS = SS = 0 always. DS, ES, FS and GS are "unreal": their hidden limits are 4 GiB, so a
 ;   32-bit offset is a physical address (mov eax, [esi]; a32 rep movsd) and the model above 1 MiB is reachable.
@@ -1459,10 +1462,10 @@ attention:
         jmp .e
 
 ; ---------------------------------------------------------------------------------------------------------------
-; lookup (fixed.py exp_lookup, and silu_lookup's interpolation): with i = u >> e and a table from build_pairs,
-; t[i] + ((t[i+1] - t[i]) * (u mod 2^e)) >> e.
+; lookup (fixed.py exp_lookup): with i = u >> e and a table from build_pairs, t[i] + ((t[i+1] - t[i]) *
+; (u mod 2^e)) >> e, or 0 when i >= n - 1 (past the table). attention and swiglu do the same steps inline.
 ; Entry:    EAX = u (unsigned), EBX = first pair of the table
-; Output:   CF = 1 and EAX = the interpolation; or CF = 0 and EAX = 0 when i >= n - 1 (past the table)
+; Output:   EAX
 ; Clobbers: ECX, EDX
 ; ---------------------------------------------------------------------------------------------------------------
 lookup:
@@ -1475,7 +1478,6 @@ lookup:
         imul eax, [ebx + edx*8 + 4]
         sar eax, cl
         add eax, [ebx + edx*8]
-        stc
         ret
 .past:  xor eax, eax
         ret
@@ -1706,12 +1708,12 @@ dap:                                    ; INT 13h AH=42h disk address packet, bu
 .lba:               dq 0
 
 msg_banner:         db "sectorllm engine", 10, 0
-msg_bad_run_block:  db "sectorllm: bad run block (rebuild the image)", 10, 0
+msg_bad_run_block:  db "sectorllm: bad run block", 10, 0
 msg_a20_closed:     db "sectorllm: A20 closed", 10, 0
-msg_needs:          db "sectorllm: the model needs ", 0
-msg_has:            db " KiB above 1 MiB but this machine has ", 0
+msg_needs:          db "sectorllm: needs ", 0
+msg_has:            db " KiB above 1 MiB, has ", 0
 msg_kib:            db " KiB", 10, 0
-msg_disk_error:     db "sectorllm: disk read failed, INT 13h status ", 0
+msg_disk_error:     db "sectorllm: disk error ", 0
 
 engine_end:
 
@@ -1756,7 +1758,6 @@ SCRATCH:                                ; each routine's own variables, overlaid
         absolute SCRATCH
 rows_left:          resd 1              ; matvec
 matvec_shift:       resd 1
-matvec_add:         resd 1
         absolute SCRATCH
 rms_inv:            resd 1              ; rmsnorm
         absolute SCRATCH
