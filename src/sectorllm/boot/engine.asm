@@ -34,6 +34,7 @@
 ;   not list under Clobbers; flags are always clobbered.
 ;   In the model code (setup_model and what it calls) BP = VARS: [hdr(H_x)] is a packed header field and
 ;   [var(x)] a variable, with 8-bit displacements. A routine that needs EBP saves BP and uses absolute addresses.
+;   SS keeps its 64 KiB limit: a 32-bit address with an EBP or ESP base needs a ds: override (KVM faults on it).
 ;   A BIOS call may come back with 64 KiB segment limits (see enter_unreal_mode), so every BIOS call site calls
 ;   enter_unreal_mode right after it; the output routines here already do. New BIOS calls must do the same.
 ;
@@ -1070,11 +1071,11 @@ matvec:
 .row:   mov ecx, [dot_start]
         xor edx, edx
         call [dot_entry]
-        mov eax, [ebp + edi]
+        mov eax, [ds:ebp + edi]         ; ds: an EBP base means SS, whose limit is not unreal
         imul edx
         mov cl, [matvec_shift]
         shrd eax, edx, cl
-        add [ebp], eax
+        add [ds:ebp], eax
         add ebp, 4
         add esi, [act_row]
         dec word [rows_left]
