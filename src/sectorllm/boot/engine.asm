@@ -10,7 +10,7 @@
 ;   0x07C00 - 0x07DFF   boot sector                                                            done with
 ;   0x07E00 - 0x07FFF   RUN_BLOCK: the run block sector, fields at RB_* (image.py RunBlock); the seed field is
 ;                       the xorshift64* state, advanced in place
-;   0x08000 - 0x0FFFF   ENGINE_BASE: this program, then its variables (from engine_end; 16-bit offsets, DS=0):
+;   0x08000 - 0x0FFFF   ENGINE_BASE: this program, then its variables (from the page after it; 16-bit offsets):
 ;                       the packed header's first HDR_BYTES (HDR), the variables (VARS), the section entries
 ;                       as the forward pass moves them (SEC) and as each pass starts (SEC_START)
 ;   0x10000 - 0x17FFF   DISK_BUFFER: INT 13h reads land here, LOAD_CHUNK_SECTORS at a time
@@ -1719,6 +1719,8 @@ msg_disk_error:     db "sectorllm: disk error ", 0
 engine_end:
 
         absolute engine_end
+                    resb -(engine_end - engine_start) & 0xFFF  ; a page of their own: QEMU retranslates the code
+                                                                ; of any page that is written to
 boot_drive:         resb 1
 disk_status:        resb 1              ; AH of the last INT 13h read
 a20_probe:          resb 1
