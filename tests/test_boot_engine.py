@@ -243,6 +243,17 @@ def test_engine_memory_layout_matches_session(stories, tmp_path):
     assert wide_end == session.memory_end(info.model_bytes, config)
 
 
+def test_breakpoint_on_code_that_already_ran(stories, tmp_path):
+    """serial_put prints the start-up banner before generation; a breakpoint set later must still stop there."""
+    emulator = emulator_module()
+    case = make_case(tmp_path, stories, "", GREEDY)
+    machine = emulator.Emulator(case.image.read_bytes(), memory_mib=session.read_image(case.image).memory_mib)
+    symbols = assemble(ENGINE_SOURCE, tmp_path / "build" / "engine.bin").symbols
+    assert machine.run(until=symbols["generate"]) == "breakpoint"
+    assert machine.run(until=symbols["serial_put"]) == "breakpoint"
+    assert machine.registers()["eip"] == symbols["serial_put"]
+
+
 def var_at(machine, address: int) -> int:
     return struct.unpack("<I", machine.read_memory(address, 4))[0]
 

@@ -108,6 +108,7 @@ class Emulator:
         or has executed max_instructions in total; returns the reason (also in self.stop). Call again to go on."""
         if until is not None and until not in self._breakpoints:
             self._breakpoints[until] = self.uc.hook_add(UC_HOOK_CODE, self._on_breakpoint, None, until, until)
+            self.uc.ctl_flush_tb()  # code translated before the hook existed would never call it
         self._limit = max_instructions
         self.stop = ""
         ip = self.uc.reg_read(x86.UC_X86_REG_EIP)
