@@ -56,7 +56,24 @@ def step_budget(steps: int, seq_len: int) -> tuple[int, str]:
     return steps, "steps"
 
 
-class Generation:
+class StreamedGeneration:
+    """A run that streams Tokens when iterated and sets `_result` at the end; `result` finishes it if need be."""
+
+    _result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[Token]:
+        raise NotImplementedError
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._result is None:
+            for _ in self:
+                pass
+        assert self._result is not None
+        return self._result
+
+
+class Generation(StreamedGeneration):
     """Iterate for the Tokens as they come; `result` is ready once the iteration ends."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, prompt: str, steps: int, sampler: TokenSampler) -> None:
@@ -68,15 +85,6 @@ class Generation:
                 f"the prompt is {len(self.prompt_tokens)} tokens but the model's context is {seq_len}: shorten it"
             )
         self.steps, self._limit_reason = step_budget(steps, seq_len)
-        self._result: GenerationResult | None = None
-
-    @property
-    def result(self) -> GenerationResult:
-        if self._result is None:
-            for _ in self:
-                pass
-        assert self._result is not None
-        return self._result
 
     def __iter__(self) -> Iterator[Token]:
         if self._result is not None:

@@ -17,7 +17,7 @@ from ..api import load
 from ..config import ModelConfig
 from ..engines.fixed import FixedSamplerConfig
 from ..errors import BootError, UsageError
-from ..generate import GenerationResult, Token as TextToken, check_steps, step_budget
+from ..generate import GenerationResult, StreamedGeneration, Token as TextToken, check_steps, step_budget
 from ..packed import HEADER, PackedModel, is_packed, write_packed
 from ..sampling import SamplerConfig
 from ..tokenizer import BOS, EOS
@@ -198,21 +198,12 @@ def run_image(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, cpu:
     return BootRun(result_of(image, tokens, seconds), booted.status, booted.seconds, booted.screenshot)
 
 
-class BootGeneration:
+class BootGeneration(StreamedGeneration):
     """Generation through a boot image in QEMU, iterated like generate.Generation: Tokens as the engine sends them,
     then `result`. The image is built in a temporary folder when the iteration starts."""
 
     def __init__(self, blob: bytes, run: RunBlock, timeout: float) -> None:
         self.blob, self.run, self.timeout = blob, run, timeout
-        self._result: GenerationResult | None = None
-
-    @property
-    def result(self) -> GenerationResult:
-        if self._result is None:
-            for _ in self:
-                pass
-        assert self._result is not None
-        return self._result
 
     def __iter__(self) -> Iterator[TextToken]:
         if self._result is not None:
