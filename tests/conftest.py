@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,22 @@ def llama_tokenizer(models_dir: Path) -> Path:
 def reference() -> dict:
     path = Path(os.environ.get("SECTORLLM_REFERENCE", ROOT.parent / "shared" / "reference"))
     return json.loads(_require(path / "run_c_stories260K.json", "run.c reference outputs").read_text())
+
+
+def require(tool: str) -> None:
+    """Skip without the tool, except in CI, where a missing tool is a failure."""
+    if shutil.which(tool) is None:
+        if IN_CI:
+            pytest.fail(f"{tool} is missing in CI: .ci/run must install it")
+        pytest.skip(f"{tool} is not installed")
+
+
+def emulator_module():
+    """sectorllm.boot.emulator, which needs unicorn: skipped without it, except in CI."""
+    if IN_CI:
+        from sectorllm.boot import emulator
+        return emulator
+    return pytest.importorskip("sectorllm.boot.emulator", reason="unicorn is not installed")
 
 
 def make_checkpoint(directory: Path, config: ModelConfig, version: int = 0, seed: int = 0) -> Path:

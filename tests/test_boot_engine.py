@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,8 @@ from sectorllm.generate import Generation, GenerationResult
 from sectorllm.packed import PackedModel
 from sectorllm.sampling import SamplerConfig
 
-from .conftest import make_checkpoint, run_cli
+from .conftest import emulator_module, make_checkpoint, require, run_cli
 
-IN_CI = os.environ.get("CI") == "true"
 TOKENS = 128  # generated tokens per case at least (fewer only when the model ends its story)
 CODE_BUDGET = 2048
 INSTRUCTIONS_BUDGET = 1_500_000
@@ -35,20 +33,6 @@ SHAPES = {  # random weights: kv heads = heads with a separate classifier; odd-i
     "kv_equal_separate_cls": ModelConfig(64, 100, 2, 4, 4, 512, 160, shared_classifier=False),
     "dim48_gqa3": ModelConfig(48, 128, 3, 6, 2, 512, 160),
 }
-
-
-def require(tool: str) -> None:
-    if shutil.which(tool) is None:
-        if IN_CI:
-            pytest.fail(f"{tool} is missing in CI: .ci/run must install it")
-        pytest.skip(f"{tool} is not installed")
-
-
-def emulator_module():
-    if IN_CI:
-        from sectorllm.boot import emulator
-        return emulator
-    return pytest.importorskip("sectorllm.boot.emulator", reason="unicorn is not installed")
 
 
 @dataclass(frozen=True)

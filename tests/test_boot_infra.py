@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -21,27 +20,12 @@ from sectorllm.engines.fixed import FixedSamplerConfig
 from sectorllm.errors import BootError, UsageError
 from sectorllm.sampling import SamplerConfig
 
-IN_CI = os.environ.get("CI") == "true"
+from .conftest import emulator_module, require
 SELFTEST = {"SELFTEST": None}
 SELFTEST_TOKENS = [Token(1, b"Once"), Token(9038, b" upon\n"), Token(13, b"\n"), Token(0, b""),
                    Token(400, bytes([0x00, 0xFF, 0x02, 0x03, 0x12, 0x80, 0x0D])), Token(65535, b" time.\r\n\x7f")]
 RUN = RunBlock(prompt_tokens=(1, 403, 65535, 0), steps=77, inv_temperature_q16=81920, topp_q16=58982, topk=40,
                seed=0x1234_5678_9ABC_DEF1)
-
-
-def require(tool: str) -> None:
-    """Skip without the tool, except in CI, where a missing tool is a failure."""
-    if shutil.which(tool) is None:
-        if IN_CI:
-            pytest.fail(f"{tool} is missing in CI: .ci/run must install it")
-        pytest.skip(f"{tool} is not installed")
-
-
-def emulator_module():
-    if IN_CI:
-        from sectorllm.boot import emulator
-        return emulator
-    return pytest.importorskip("sectorllm.boot.emulator", reason="unicorn is not installed")
 
 
 def pattern_blob(n: int) -> bytes:
