@@ -255,6 +255,24 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    """run.c's flags (-z -t -p -s -n -i), our -k and --minp, and the quantization scheme: for run and image."""
+    parser.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
+    parser.add_argument("-t", "--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    parser.add_argument("-p", "--topp", type=float, default=0.9,
+                        help="top-p (nucleus) in (0, 1]; 1 = off (default 0.9)")
+    parser.add_argument("-k", "--topk", type=int, default=0, help="keep only the k likeliest tokens (default 0 = off)")
+    parser.add_argument("--minp", type=float, default=0.0,
+                        help="drop tokens below minp x the top probability (0 = off)")
+    parser.add_argument("-s", "--seed", type=_run_c_seed, default=0,
+                        help="random seed, read as run.c reads it (a 32-bit int; default 0 = from the clock)")
+    parser.add_argument("-n", "--steps", type=int, default=256,
+                        help="forward passes, prompt included; 0 = the whole context (default 256)")
+    parser.add_argument("-i", "--prompt", default="", help="prompt text (default: start from BOS)")
+    parser.add_argument("--scheme", default="row", choices=SCHEMES,
+                        help="quantization scheme when a checkpoint is quantized (fixed and boot engines)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sectorllm", description="Tiny Llama 2 inference: float engine, integer engine, boot image.")
     parser.add_argument("--version", action="version", version=f"sectorllm {__version__}")
@@ -266,21 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("checkpoint", nargs="?", default=DEFAULT_MODEL,
                      help=f"checkpoint path or model name (stories260K, stories15M, stories42M, stories110M; "
                           f"default {DEFAULT_MODEL})")
-    run.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
-    run.add_argument("-t", "--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    run.add_argument("-p", "--topp", type=float, default=0.9, help="top-p (nucleus) in (0, 1]; 1 = off (default 0.9)")
-    run.add_argument("-k", "--topk", type=int, default=0, help="keep only the k likeliest tokens (default 0 = off)")
-    run.add_argument("--minp", type=float, default=0.0, help="drop tokens below minp x the top probability (0 = off)")
-    run.add_argument("-s", "--seed", type=_run_c_seed, default=0,
-                     help="random seed, read as run.c reads it (a 32-bit int; default 0 = from the clock)")
-    run.add_argument("-n", "--steps", type=int, default=256,
-                     help="forward passes, prompt included; 0 = the whole context (default 256)")
-    run.add_argument("-i", "--prompt", default="", help="prompt text (default: start from BOS)")
+    _add_generation_flags(run)
     run.add_argument("--engine", choices=["float", "fixed", "boot"],
                      help="float (default for checkpoints) or fixed: the integer engine, quantizing a checkpoint in "
                           "memory (the only engine for a packed .sllm file); boot: the fixed engine's boot image, "
                           "run in QEMU")
-    run.add_argument("--scheme", default="row", choices=SCHEMES, help="quantization scheme for --engine fixed")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.add_argument("-v", "--verbose", action="store_true", help="report the seed taken from the clock")
     run.set_defaults(func=cmd_run)
@@ -308,18 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Build a bootable disk image: boot sector, run block (prompt and sampling "
                                        "settings), the boot engine and the packed model. Flags are run's.")
     image.add_argument("checkpoint", help="checkpoint path or model name, or a packed .sllm file")
-    image.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
     image.add_argument("-o", "--output", required=True, help="image file to write (e.g. boot.img)")
-    image.add_argument("-i", "--prompt", default="", help="prompt text (default: start from BOS)")
-    image.add_argument("-n", "--steps", type=int, default=256,
-                       help="forward passes, prompt included; 0 = the whole context (default 256)")
-    image.add_argument("-t", "--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    image.add_argument("-p", "--topp", type=float, default=0.9, help="top-p in (0, 1]; 1 = off (default 0.9)")
-    image.add_argument("-k", "--topk", type=int, default=0, help="top-k (default 0 = off)")
-    image.add_argument("--minp", type=float, default=0.0, help="min-p (default 0 = off)")
-    image.add_argument("-s", "--seed", type=_run_c_seed, default=0,
-                       help="random seed, read as run.c reads it (default 0 = from the clock now)")
-    image.add_argument("--scheme", default="row", choices=SCHEMES, help="quantization scheme for a checkpoint")
+    _add_generation_flags(image)
     image.set_defaults(func=cmd_image)
 
     boot = sub.add_parser("boot", help="boot an image in QEMU and stream the text it tells",
