@@ -312,7 +312,6 @@ def test_cli_boot_errors_are_one_line(tmp_path):
 # ----------------------------------------------------------------------------------------------- the budget
 
 
-@pytest.mark.slow
 def test_bench_boot_reports_instructions_and_code_bytes(models_dir):
     emulator_module()
     require("nasm")
@@ -330,7 +329,6 @@ def test_engine_code_fits_the_budget(tmp_path):
         pytest.xfail(f"the engine is {size} bytes, {size - CODE_BUDGET} over the {CODE_BUDGET}-byte budget")
 
 
-@pytest.mark.slow
 def test_instructions_per_token_fit_the_budget(stories260k):
     emulator_module()
     require("nasm")
