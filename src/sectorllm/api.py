@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint
 from .config import ModelConfig
 from .engines import Engine
 from .engines.fixed import FixedEngine, FixedSampler, FixedSamplerConfig
@@ -57,17 +57,28 @@ def load(model: str | os.PathLike = "stories260K", tokenizer: str | os.PathLike 
     if engine is not None and engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     path = resolve_model(str(model), download=download)
-    if is_packed(path):
+    if engine == "fixed" or is_packed(path):
         if engine == "float":
             raise UsageError(f"{path} is a packed integer model: run it with the fixed engine (drop --engine float)")
-        if tokenizer is not None:
-            raise UsageError(f"{path} carries its own tokenizer: drop -z")
-        packed = read_packed(path)
+        packed = load_packed(path, tokenizer, scheme)
         return Model(packed.config, packed.tokenizer, FixedEngine(packed), path, packed)
     checkpoint = load_checkpoint(path)
+    return Model(checkpoint.config, _load_tokenizer(checkpoint, path, tokenizer), FloatEngine(checkpoint), path)
+
+
+def load_packed(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, scheme: str = "row",
+                download: bool = True) -> PackedModel:
+    """The integer model: a packed .sllm file as it is, or a checkpoint quantized in memory with `scheme`."""
+    path = resolve_model(str(model), download=download)
+    if is_packed(path):
+        if tokenizer is not None:
+            raise UsageError(f"{path} carries its own tokenizer: drop -z")
+        return read_packed(path)
+    checkpoint = load_checkpoint(path)
+    packed, _ = quantize(checkpoint, _load_tokenizer(checkpoint, path, tokenizer), scheme)
+    return packed
+
+
+def _load_tokenizer(checkpoint: Checkpoint, path: Path, tokenizer: str | os.PathLike | None) -> Tokenizer:
     vocab = checkpoint.config.vocab_size
-    tok = load_tokenizer(resolve_tokenizer(None if tokenizer is None else str(tokenizer), path, vocab), vocab)
-    if engine == "fixed":
-        packed, _ = quantize(checkpoint, tok, scheme)
-        return Model(checkpoint.config, tok, FixedEngine(packed), path, packed)
-    return Model(checkpoint.config, tok, FloatEngine(checkpoint), path)
+    return load_tokenizer(resolve_tokenizer(None if tokenizer is None else str(tokenizer), path, vocab), vocab)

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..api import load
+from ..api import load_packed
 from ..config import ModelConfig
 from ..engines.fixed import FixedSamplerConfig
 from ..errors import BootError, UsageError
 from ..generate import GenerationResult, StreamedGeneration, Token as TextToken, check_steps, step_budget
-from ..packed import HEADER, PackedModel, is_packed, write_packed
+from ..packed import HEADER, PackedModel, write_packed
 from ..sampling import SamplerConfig
 from ..tokenizer import BOS, EOS
 from .image import (ADDRESSABLE_TOP, MAX_PROMPT_TOKENS, MODEL_BASE, SECTOR, ImageInfo, RunBlock, Status, Token,
@@ -67,20 +67,17 @@ def packed_model(model: str | os.PathLike, tokenizer: str | os.PathLike | None =
 
     Refuses (BootError) a model whose weights, buffers and KV cache would run past what the engine can address.
     """
-    loaded = load(model, tokenizer, engine="fixed", scheme=scheme)
-    if is_packed(loaded.path):
-        blob = loaded.path.read_bytes()
-    else:
-        with tempfile.TemporaryDirectory(prefix="sectorllm-pack-") as scratch:
-            path = Path(scratch) / "model.sllm"
-            write_packed(path, loaded.packed)
-            blob = path.read_bytes()
-    end = memory_end(len(blob), loaded.config)
+    packed = load_packed(model, tokenizer, scheme)
+    with tempfile.TemporaryDirectory(prefix="sectorllm-pack-") as scratch:
+        path = Path(scratch) / "model.sllm"
+        write_packed(path, packed)
+        blob = path.read_bytes()
+    end = memory_end(len(blob), packed.config)
     if end > ADDRESSABLE_TOP:
         raise BootError(f"{model} needs memory up to {end:#x} for its weights, buffers and KV cache: "
                         f"{end - ADDRESSABLE_TOP} bytes more than the boot engine can address (up to "
                         f"{ADDRESSABLE_TOP:#x})")
-    return blob, loaded.packed
+    return blob, packed
 
 
 def run_block(packed: PackedModel, prompt: str, steps: int, sampler: SamplerConfig) -> RunBlock:
