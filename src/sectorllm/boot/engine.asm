@@ -503,30 +503,18 @@ selftest:
         shr eax, 10
         mov si, name_mem_top_kib
         call report_value
-        mov eax, [heap_base]
-        mov si, name_heap_base
-        call report_value
-        mov eax, [RUN_BLOCK + RB_MODEL_BYTES]
-        mov si, name_model_bytes
-        call report_value
         movzx eax, word [RUN_BLOCK + RB_STEPS]
         mov si, name_steps
         call report_value
-        mov eax, [RUN_BLOCK + RB_INV_TEMPERATURE]
-        mov si, name_inv_temperature
+        mov bx, selftest_dwords         ; the 32-bit values, one table entry each
+.dword:
+        mov si, [bx]
+        mov eax, [si]
+        mov si, [bx + 2]
         call report_value
-        mov eax, [RUN_BLOCK + RB_TOPP]
-        mov si, name_topp
-        call report_value
-        mov eax, [RUN_BLOCK + RB_TOPK]
-        mov si, name_topk
-        call report_value
-        mov eax, [RUN_BLOCK + RB_SEED]
-        mov si, name_seed_low
-        call report_value
-        mov eax, [RUN_BLOCK + RB_SEED + 4]
-        mov si, name_seed_high
-        call report_value
+        add bx, 4
+        cmp bx, selftest_dwords_end
+        jb .dword
         movzx ecx, word [RUN_BLOCK + RB_PROMPT_COUNT]
         mov eax, ecx
         mov si, name_prompt_count
@@ -599,6 +587,16 @@ report_value:
         call decimal
         mov al, ETX
         jmp di
+
+selftest_dwords:                        ; address of the value, address of its name
+        dw heap_base, name_heap_base
+        dw RUN_BLOCK + RB_MODEL_BYTES, name_model_bytes
+        dw RUN_BLOCK + RB_INV_TEMPERATURE, name_inv_temperature
+        dw RUN_BLOCK + RB_TOPP, name_topp
+        dw RUN_BLOCK + RB_TOPK, name_topk
+        dw RUN_BLOCK + RB_SEED, name_seed_low
+        dw RUN_BLOCK + RB_SEED + 4, name_seed_high
+selftest_dwords_end:
 
 selftest_tokens:
         db 6
