@@ -299,6 +299,11 @@ def read_sections(data: bytes | mmap.mmap, name: str = "packed file") -> tuple[t
     return header, entries
 
 
+def header_config(header: tuple) -> ModelConfig:
+    """The model shape from the header's fields (HEADER.unpack): dims at 4..10, flags (bit 0: shared classifier) at 11."""
+    return ModelConfig(*header[4:11], shared_classifier=bool(header[11] & 1))
+
+
 def read_packed(path: str | os.PathLike) -> PackedModel:
     """Memory-map a packed model: every array is a read-only view of the file, nothing is copied."""
     path = Path(path)
@@ -310,9 +315,8 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
     except OSError as e:
         raise PackedFormatError(f"cannot read packed model {path}: {e.strerror}") from None
     header, entries = read_sections(data, str(path))
-    (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len, flags,
-     scheme, *quant, max_token_length) = header[4:-2]
-    config = ModelConfig(dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len, bool(flags & 1))
+    scheme, *quant, max_token_length = header[12:-2]
+    config = header_config(header)
     try:
         config.validate()
     except CheckpointError as e:
@@ -343,7 +347,7 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
     pieces_entry = section(Section.PIECES)
     section(Section.PRINTED)
     view = memoryview(data)[pieces_entry.offset:pieces_entry.offset + pieces_entry.length]
-    pieces = _read_string_table(view, vocab_size, "PIECES")
+    pieces = _read_string_table(view, config.vocab_size, "PIECES")
     ids: dict[bytes, int] = {}
     for i, piece in enumerate(pieces):
         ids.setdefault(piece, i)

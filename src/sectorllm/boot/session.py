@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..api import load_packed
@@ -18,7 +18,7 @@ from ..config import ModelConfig
 from ..engines.fixed import FixedSamplerConfig
 from ..errors import BootError, UsageError
 from ..generate import GenerationResult, StreamedGeneration, Token as TextToken, check_steps, step_budget
-from ..packed import HEADER, PackedModel, write_packed
+from ..packed import HEADER, PackedModel, header_config, write_packed
 from ..sampling import SamplerConfig
 from ..tokenizer import BOS, EOS
 from .image import (ADDRESSABLE_TOP, MAX_PROMPT_TOKENS, MODEL_BASE, SECTOR, ImageInfo, RunBlock, Status, Token,
@@ -145,8 +145,7 @@ def read_image(path: str | os.PathLike) -> BootImage:
         raise BootError(f"{path} is too short to be a sectorllm boot image") from None
     if len(header) < HEADER.size or header[:4] != b"SLLM":
         raise BootError(f"{path} holds no packed model where its run block says: not a sectorllm boot image")
-    fields = HEADER.unpack_from(header)
-    return BootImage(path, run, layout.model_bytes, ModelConfig(*fields[4:11], bool(fields[11] & 1)))
+    return BootImage(path, run, layout.model_bytes, header_config(HEADER.unpack_from(header)))
 
 
 def result_of(image: BootImage, tokens: list[Token], seconds: list[float]) -> GenerationResult:
@@ -268,8 +267,7 @@ class BootBench:
     code_bytes: int  # the engine binary, from nasm's map file
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "tokens": self.tokens, "instructions_per_token": self.instructions_per_token,
-                "code_bytes": self.code_bytes}
+        return asdict(self)
 
 
 def bench_boot(model: str = BENCH_MODEL, tokens: int = BENCH_TOKENS) -> BootBench:
