@@ -5,11 +5,13 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomically
 from .config import ModelConfig
 from .errors import CheckpointError
 
@@ -210,39 +212,39 @@ def random_weights(config: ModelConfig, seed: int = 0, scale: float = 0.02) -> W
 def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: Weights,
                      version: int = 0, group_size: int = 64) -> None:
     """Write a llama2.c checkpoint (as export.py lays it out), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    write_atomically(path, _checkpoint_parts(config, weights, version, group_size))
+
+
+def _checkpoint_parts(config: ModelConfig, weights: Weights, version: int, group_size: int) -> Iterator[bytes]:
     tensors = {f.name: np.ascontiguousarray(getattr(weights, f.name), dtype="<f4") for f in fields(Weights)}
     dims = (config.dim, config.hidden_dim, config.n_layers, config.n_heads, config.n_kv_heads)
-    with open(tmp, "wb") as f:
-        if version == 0:
-            vocab = config.vocab_size if config.shared_classifier else -config.vocab_size
-            f.write(LEGACY_HEADER.pack(*dims, vocab, config.seq_len))
-            tensors["freq_cis"] = _legacy_rope_table(config)
-            for name in _tensor_order(0, config):
-                f.write(tensors[name].tobytes())
-        else:
-            header = struct.pack("<Ii7iB", MAGIC, version, *dims, config.vocab_size, config.seq_len,
-                                 int(config.shared_classifier))
-            if version == 2:
-                header += struct.pack("<i", group_size)
-            f.write(header.ljust(HEADER_BYTES, b"\0"))
-            if version == 1:
-                for name in _tensor_order(1, config):
-                    f.write(tensors[name].tobytes())
-            else:
-                for name in _V2_FLOAT_ORDER:
-                    f.write(tensors[name].tobytes())
-                scales = []
-                for name in _v2_quant_names(config):
-                    groups = tensors[name].reshape(-1, group_size)
-                    scale = (np.abs(groups).max(axis=1) / np.float32(127.0)).astype(np.float32)
-                    safe = np.where(scale == 0, np.float32(1), scale)
-                    f.write(np.round(groups / safe[:, None]).astype(np.int8).tobytes())
-                    scales.append(scale)
-                for scale in scales:
-                    f.write(scale.astype("<f4").tobytes())
-    os.replace(tmp, path)
+    if version == 0:
+        vocab = config.vocab_size if config.shared_classifier else -config.vocab_size
+        yield LEGACY_HEADER.pack(*dims, vocab, config.seq_len)
+        tensors["freq_cis"] = _legacy_rope_table(config)
+        for name in _tensor_order(0, config):
+            yield tensors[name].tobytes()
+        return
+    header = struct.pack("<Ii7iB", MAGIC, version, *dims, config.vocab_size, config.seq_len,
+                         int(config.shared_classifier))
+    if version == 2:
+        header += struct.pack("<i", group_size)
+    yield header.ljust(HEADER_BYTES, b"\0")
+    if version == 1:
+        for name in _tensor_order(1, config):
+            yield tensors[name].tobytes()
+        return
+    for name in _V2_FLOAT_ORDER:
+        yield tensors[name].tobytes()
+    scales = []
+    for name in _v2_quant_names(config):
+        groups = tensors[name].reshape(-1, group_size)
+        scale = (np.abs(groups).max(axis=1) / np.float32(127.0)).astype(np.float32)
+        safe = np.where(scale == 0, np.float32(1), scale)
+        yield np.round(groups / safe[:, None]).astype(np.int8).tobytes()
+        scales.append(scale)
+    for scale in scales:
+        yield scale.astype("<f4").tobytes()
 
 
 def _legacy_rope_table(config: ModelConfig) -> np.ndarray:

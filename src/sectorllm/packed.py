@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomically
 from .config import ModelConfig
 from .errors import CheckpointError, PackedFormatError, QuantizeError
 from .tokenizer import EOS, Tokenizer
@@ -245,11 +246,7 @@ def write_packed(path: str | os.PathLike, model: PackedModel) -> None:
     image[:HEADER.size] = _header(model, file_bytes, 0, len(payloads))
     crc = zlib.crc32(memoryview(image)[CRC_START:])
     image[:HEADER.size] = _header(model, file_bytes, crc, len(payloads))
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(image)
-    os.replace(tmp, path)
+    write_atomically(path, (image,))
 
 
 def is_packed(path: str | os.PathLike) -> bool:

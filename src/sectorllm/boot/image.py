@@ -22,18 +22,17 @@ between records `STX tag fields ETX`: `T id,n` followed by the token's n raw byt
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import struct
 import subprocess
-import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
 from ..engines.fixed import ONE_Q16, FixedSamplerConfig
+from ..atomic import write_atomically
 from ..errors import BootError, UsageError
 from ..sampling import clock_seed
 
@@ -226,24 +225,9 @@ def build_image(model_blob: bytes, run: RunBlock, output: Path, *,
                         f"{MAX_ENGINE_BYTES} it can have below 64 KiB")
     layout = DiskLayout(sectors(engine.size), ENGINE_LBA + sectors(engine.size), len(model_blob))
     parts = (boot.binary.read_bytes(), pack_run_block(run, layout), engine.binary.read_bytes(), model_blob)
+    output.parent.mkdir(parents=True, exist_ok=True)
     image_bytes = write_atomically(output, [piece for part in parts for piece in (part, bytes(-len(part) % SECTOR))])
     return ImageInfo(output, layout, boot.symbols["code_end"] - boot.origin, engine.size, image_bytes, boot, engine)
-
-
-def write_atomically(path: Path, parts: Iterable[bytes]) -> int:
-    """Write the concatenated parts through a temporary file, so readers never see half a file; returns its size."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            for part in parts:
-                f.write(part)
-            size = f.tell()
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    return size
 
 
 @dataclass(frozen=True)

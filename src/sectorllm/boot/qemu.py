@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_atomically
 from ..errors import BootError
-from .image import SERIAL_GO, SERIAL_HOLD, End, EngineOutput, Record, SerialDecoder, Token, write_atomically
+from .image import SERIAL_GO, SERIAL_HOLD, End, EngineOutput, Record, SerialDecoder, Token
 
 QEMU = "qemu-system-i386"
 QEMU_INSTALL = "apt-get install qemu-system-x86"
@@ -149,6 +150,7 @@ def take_screenshot(monitor: Path, ppm: Path, png: Path, deadline: float) -> Pat
         raise BootError(f"cannot take the screenshot through QEMU's monitor: {error}") from None
     if not ppm.is_file():
         raise BootError(f"QEMU's screendump wrote no file ({ppm})")
+    png.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(png, (ppm_to_png(ppm.read_bytes()),))
     return png
 
