@@ -111,10 +111,11 @@ class Emulator:
             self.uc.ctl_flush_tb()  # code translated before the hook existed would never call it
         self._limit = max_instructions
         self.stop = ""
-        ip = self.uc.reg_read(x86.UC_X86_REG_EIP)
         self._resume_at_breakpoint = self._linear_pc() in self._breakpoints
+        # A 16-bit unicorn sets EIP = begin - 16 * CS, in protected mode too: give it what makes EIP stay.
+        begin = (self.uc.reg_read(x86.UC_X86_REG_CS) << 4) + self.uc.reg_read(x86.UC_X86_REG_EIP)
         try:
-            self.uc.emu_start(ip, 0)
+            self.uc.emu_start(begin, 0)
         except UcError as error:
             raise BootError(f"the emulated CPU stopped at {self.location()}: {error}") from None
         if not self.stop:
@@ -141,12 +142,19 @@ class Emulator:
         """The general, pointer, flag and segment registers by lower-case name."""
         return {name: self.uc.reg_read(register) for name, register in REGISTERS.items()}
 
+    def _protected(self) -> bool:
+        return bool(self.uc.reg_read(x86.UC_X86_REG_CR0) & 1)
+
     def _linear_pc(self) -> int:
-        return (self.uc.reg_read(x86.UC_X86_REG_CS) << 4) + self.uc.reg_read(x86.UC_X86_REG_EIP)
+        """The address of the next instruction: the engine's protected-mode code segment is flat (base 0)."""
+        base = 0 if self._protected() else self.uc.reg_read(x86.UC_X86_REG_CS) << 4
+        return base + self.uc.reg_read(x86.UC_X86_REG_EIP)
 
     def location(self) -> str:
-        """CS:IP, for messages."""
-        return f"{self.uc.reg_read(x86.UC_X86_REG_CS):04x}:{self.uc.reg_read(x86.UC_X86_REG_EIP):04x}"
+        """CS:IP (real mode) or CS:EIP (protected mode), for messages."""
+        ip = self.uc.reg_read(x86.UC_X86_REG_EIP)
+        return f"{self.uc.reg_read(x86.UC_X86_REG_CS):04x}:{ip:08x}" if self._protected() else \
+            f"{self.uc.reg_read(x86.UC_X86_REG_CS):04x}:{ip:04x}"
 
     def _halt(self, reason: str) -> None:
         self.stop = reason

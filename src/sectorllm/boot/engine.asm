@@ -1,18 +1,21 @@
 ; engine.asm - sectorllm boot engine: loads a packed model above 1 MiB and tells a story with it, token for token
 ; what the fixed-point golden model (engines/fixed.py, docs/arithmetic.md) computes, on COM1 and the screen.
 ;
-; The boot sector (boot.asm) loads the run block and this file and jumps to its first byte, with COM1 set up.
+; The boot sector (boot.asm) loads the run block and this file and jumps to its first byte in real mode. The engine
+; switches to 32-bit protected mode at once and stays there: flat 32-bit code reaches the model above 1 MiB with no
+; segment tricks and no operand- or address-size prefixes. Only the BIOS needs real mode: `bios` drops back to it
+; for one BIOS call (disk reads, memory size, teletype) and returns.
 ; Routines that mirror a golden-model function carry its name; docs/arithmetic.md gives every rounding step.
 ;
 ; MEMORY MAP (physical addresses)
 ;   0x00000 - 0x004FF   interrupt vectors, BIOS data area                                      BIOS
-;   0x00500 - 0x07BFF   stack: SS:SP = 0:STACK_TOP, grows down (about 29 KiB)
+;   0x00500 - 0x07BFF   stack: ESP from STACK_TOP down (about 29 KiB; below 64 KiB, so real mode shares it)
 ;   0x07C00 - 0x07DFF   boot sector                                                            done with
 ;   0x07E00 - 0x07FFF   RUN_BLOCK: the run block sector, fields at RB_* (image.py RunBlock); the seed field is
 ;                       the xorshift64* state, advanced in place
-;   0x08000 - 0x0FFFF   ENGINE_BASE: this program, then its variables (from the page after it; 16-bit offsets):
-;                       the packed header's first HDR_BYTES (HDR), the variables (VARS), the section entries
-;                       as the forward pass moves them (SEC) and as each pass starts (SEC_START)
+;   0x08000 - 0x0FFFF   ENGINE_BASE: this program, then its variables (from the page after it): the packed
+;                       header's first HDR_BYTES (HDR), the variables (VARS), the section entries as the forward
+;                       pass moves them (SEC) and as each pass starts (SEC_START)
 ;   0x10000 - 0x17FFF   DISK_BUFFER: INT 13h reads land here, LOAD_CHUNK_SECTORS at a time
 ;   0x18000 - 0x7FFFF   free
 ;   0x80000 - 0xFFFFF   EBDA, VGA memory, option ROMs, BIOS                                    not ours
@@ -24,19 +27,15 @@
 ;   after the cache     int16 copies of the int8 weight matrices (setup_model), read by the dot_row kernel
 ;   mem_top             the end of the RAM that starts at 1 MiB (INT 15h E801h); session.py memory_end mirrors
 ;                       this map to size the machine and to refuse models that do not fit
-
+;
 ; REGISTER CONVENTIONS
-;   CS = DS = ES = FS = GS = SS = 0 always. DS, ES, FS and GS are "unreal": their hidden limits are 4 GiB, so a
-;   32-bit offset is a physical address (mov eax, [esi]; a32 rep movsd) and the model above 1 MiB is reachable.
-;   Code and stack stay 16-bit: near calls, IP and SP below 0x10000. Direction flag clear.
-;   Interrupts on, except inside enter_unreal_mode.
+;   Protected mode, 32-bit code: CS = CODE32, DS = ES = SS = DATA32, both flat (base 0, 4 GiB), so an address is
+;   a physical address. Interrupts stay off (there is no protected-mode IDT); `bios` turns them on in real mode
+;   only. Direction flag clear.
 ;   Routines take their arguments in registers as their banner says and preserve every register their banner does
 ;   not list under Clobbers; flags are always clobbered.
-;   In the model code (setup_model and what it calls) BP = VARS: [hdr(H_x)] is a packed header field and
-;   [var(x)] a variable, with 8-bit displacements. A routine that needs EBP saves BP and uses absolute addresses.
-;   SS keeps its 64 KiB limit: a 32-bit address with an EBP or ESP base needs a ds: override (KVM faults on it).
-;   A BIOS call may come back with 64 KiB segment limits (see enter_unreal_mode), so every BIOS call site calls
-;   enter_unreal_mode right after it; the output routines here already do. New BIOS calls must do the same.
+;   In the model code (setup_model and what it calls) EBP = VARS: [hdr(H_x)] is a packed header field and
+;   [var(x)] a variable, with 8-bit displacements. A routine that needs EBP saves it and uses absolute addresses.
 ;
 ; SERIAL PROTOCOL (COM1, 115200 8N1; image.py SerialDecoder parses it)
 ;   Outside records the stream is log text: ASCII, never STX. A record is STX, one tag letter, fields, ETX:
@@ -136,8 +135,9 @@ SEC_LEN             equ 8               ; offset turned into an address (the wei
 SEC_PARAM           equ 12              ; layer by layer as the forward pass reads them)
 N_KINDS             equ 24
 %define SECTION(kind) (SEC + 16 * (kind))
-%define hdr(field) bp + (field) - HDR_BYTES
-%define var(name) bp + (name) - VARS
+%define hdr(field) ebp + (field) - HDR_BYTES - VARS_BIAS
+%define var(name) ebp + (name) - VARS - VARS_BIAS
+VARS_BIAS           equ 16              ; EBP = VARS + VARS_BIAS: header fields and variables both within disp8
 
 BOS                 equ 1
 EOS                 equ 2
@@ -146,34 +146,129 @@ VALUE_SHIFT         equ 7
 DOT_UNROLL          equ 32              ; multiply-adds per pass of dot_row
 SLOT_BYTES          equ 0x100000        ; a buffer: 16 bytes for each of up to 65536 elements
 
+CODE32              equ gdt.code32 - gdt  ; selectors
+DATA32              equ gdt.data32 - gdt
+CODE16              equ gdt.code16 - gdt
+DATA16              equ gdt.data16 - gdt
+
         org ENGINE_BASE
 
 ; ---------------------------------------------------------------------------------------------------------------
-; engine_start: the entry point: check the run block, open A20, enter unreal mode, load the model, generate.
+; engine_start: the entry point, in real mode: load the GDT and enter protected mode at main.
 ; Entry:    CS = DS = ES = SS = 0, SP = STACK_TOP, DL = BIOS boot drive, run block at RUN_BLOCK (boot.asm)
-; Output:   never returns: end_run
 ; ---------------------------------------------------------------------------------------------------------------
 engine_start:
         mov [boot_drive], dl
-        mov si, msg_banner
+        lgdt [gdt]
+        push dword main                 ; what bios.protected returns to
+        push ebp
+        jmp bios.protected
+
+; ---------------------------------------------------------------------------------------------------------------
+; bios: call a BIOS routine from protected mode: through a 16-bit segment back to real mode, `call di` there with
+; interrupts on, then back to protected mode.
+; Entry:    EDI = one of the real-mode stubs int10, int13, int15; EAX, EBX, ECX, EDX, ESI as the BIOS wants them
+;           (DS = ES = 0 in real mode: SI is an offset in segment 0)
+; Output:   EAX, EBX, ECX, EDX, ESI, EDI and CF as the BIOS leaves them
+; Clobbers: whatever the BIOS clobbers
+; ---------------------------------------------------------------------------------------------------------------
+        bits 32
+bios:   push ebp
+        jmp CODE16:.code16
+        bits 16
+.code16:
+        mov bp, DATA16                  ; real mode keeps these hidden limits and 16-bit stack: a real-mode SS
+        mov ds, bp
+        mov es, bp
+        mov ss, bp
+        mov ebp, cr0
+        dec bp                          ; PE off
+        mov cr0, ebp
+        jmp 0:.real
+.real:  xor bp, bp
+        mov ds, bp
+        mov es, bp
+        mov ss, bp
+        sti
+        call di
+.protected:
+        cli
+        mov ebp, cr0
+        inc bp                          ; PE on (inc and dec leave CF, the BIOS's answer, alone)
+        mov cr0, ebp
+        jmp dword CODE32:.code32
+        bits 32
+.code32:
+        mov bp, DATA32
+        mov ss, bp
+        mov ds, bp
+        mov es, bp
+        pop ebp
+        ret
+
+        bits 16
+int10:  int 0x10
+        ret
+int13:  int 0x13
+        ret
+int15:  int 0x15
+        ret
+        bits 32
+
+; ---------------------------------------------------------------------------------------------------------------
+; main: check the run block, open A20, size the memory, load the model, generate, end the run.
+; ---------------------------------------------------------------------------------------------------------------
+main:
+        mov esi, msg_banner
         call print_string
         mov al, STATUS_BAD_RUN_BLOCK
-        mov si, msg_bad_run_block
+        mov esi, msg_bad_run_block
         cmp word [RUN_BLOCK + RB_VERSION], RUN_VERSION   ; the boot sector checked the magic
         jne fail
         in al, SYSTEM_CONTROL_A
         or al, 0x02
         and al, 0xFE                    ; bit 0 would reset the machine
         out SYSTEM_CONTROL_A, al
-        call enter_unreal_mode
-        mov byte [a20_probe], 0         ; with A20 closed, 1 MiB higher is the same byte
-        mov byte [dword a20_probe + 0x100000], 1
+        mov ebx, a20_probe
+        mov byte [ebx], 0               ; with A20 closed, 1 MiB higher is the same byte
+        mov byte [ebx + 0x100000], 1
         mov al, STATUS_A20_CLOSED
-        mov si, msg_a20_closed
-        cmp byte [a20_probe], 0
+        mov esi, msg_a20_closed
+        cmp byte [ebx], 0
         jne fail
-        call detect_memory
-        call place_model
+
+        mov eax, 0xE801                 ; the RAM from 1 MiB: KiB up to 16 MiB, 64 KiB blocks above
+        xor ebx, ebx
+        xor ecx, ecx
+        xor edx, edx
+        mov edi, int15
+        call bios
+        jnc .answer
+        xor eax, eax
+.answer:
+        jecxz .ax_bx                    ; BIOSes answer in AX/BX, CX/DX or both
+        xchg eax, ecx
+        mov ebx, edx
+.ax_bx: movzx eax, ax
+        shl eax, 10
+        add eax, MODEL_BASE
+        cmp eax, 0x1000000
+        jb .top                         ; a hole below 16 MiB: what lies above it is not contiguous
+        movzx ebx, bx
+        shl ebx, 16
+        add eax, ebx
+.top:   mov [mem_top], eax
+
+        mov eax, [RUN_BLOCK + RB_MODEL_BYTES]
+        add eax, SECTOR - 1
+        shr eax, 9
+        mov [model_sectors], eax
+        shl eax, 9
+        add eax, MODEL_BASE
+        call check_memory
+        add eax, HEAP_ALIGN - 1
+        and eax, -HEAP_ALIGN
+        mov [heap_base], eax
         call load_model
 %ifdef SELFTEST
         call selftest
@@ -186,7 +281,7 @@ engine_start:
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; fail: print a reason (log text on COM1 and the screen) and end the run with a status.
-; Entry:    SI = NUL-terminated message, AL = status
+; Entry:    ESI = NUL-terminated message, AL = status
 ; Output:   never returns
 ; ---------------------------------------------------------------------------------------------------------------
 fail:
@@ -200,14 +295,14 @@ fail:
 ; Output:   never returns
 ; ---------------------------------------------------------------------------------------------------------------
 end_run:
-        xchg ax, bx
-        mov di, serial_put
+        xchg eax, ebx
+        mov edi, serial_put
         mov al, 'E'
         call record_start
         movzx eax, bl
         call decimal
         mov al, ETX
-        call di
+        call edi
         mov dx, UART_LSR                ; no byte waiting, or no UART at all (it reads 0xFF): go
         in al, dx
         test al, LSR_DATA_READY
@@ -224,182 +319,102 @@ end_run:
         in al, dx
         cmp al, SERIAL_GO
         jne .wait
-.exit:  xchg ax, bx
+.exit:  xchg eax, ebx
         out DEBUG_EXIT_PORT, al
-.halt:  cli
-        hlt
+.halt:  hlt
         jmp .halt
 
 ; ---------------------------------------------------------------------------------------------------------------
-; enter_unreal_mode: give DS, ES, FS and GS 4 GiB limits and return to real mode with all of them 0 again.
-; Measured (QEMU 7.2, SeaBIOS 1.16.2, IDE disk; hidden limits read with the monitor's info registers): INT 13h
-; AH=42h, INT 10h AH=0Eh, INT 15h E801h, INT 16h and INT 1Ah all kept the 4 GiB limits, under TCG and KVM.
-; But BIOSes that run drivers in protected mode (SeaBIOS's call32 for AHCI/virtio/USB disks, many firmware
-; CSMs) come back with 64 KiB limits, so every BIOS call site here calls this again afterwards. Note TCG (QEMU
-; and unicorn) never checks real-mode limits: only KVM or real hardware would catch a lost unreal mode.
-; Clobbers: nothing
+; check_memory: fail the run, saying how much memory above 1 MiB is needed and how much there is, when the address
+; EAX is past mem_top.
+; Entry:    EAX = the end address needed
+; Clobbers: nothing when it returns
 ; ---------------------------------------------------------------------------------------------------------------
-enter_unreal_mode:
-        pushf
-        pushad
-        cli                             ; an interrupt handler would run with protected-mode segment semantics
-        lgdt [gdt_descriptor]
-        mov eax, cr0
-        or al, 1
-        mov cr0, eax
-        jmp .protected                  ; the 386 needs its prefetch queue flushed after a mode switch
-.protected:
-        mov bx, FLAT_DATA_SELECTOR      ; loading a selector in protected mode fills the hidden 4 GiB limit
-        call .load
-        and al, 0xFE
-        mov cr0, eax
-        jmp .real
-.real:  xor bx, bx                      ; back in real mode the bases return to 0; the limits stay
-        call .load
-        popad
-        popf
-        ret
-.load:  mov ds, bx
-        mov es, bx
-        mov fs, bx
-        mov gs, bx
-        ret
-
-; ---------------------------------------------------------------------------------------------------------------
-; detect_memory: find where the RAM that starts at 1 MiB ends, with INT 15h E801h (none if it fails).
-; Output:   [mem_top] = physical end address of that RAM
-; Clobbers: EAX, EBX, ECX, EDX
-; ---------------------------------------------------------------------------------------------------------------
-detect_memory:
-        mov ax, 0xE801
-        xor bx, bx
-        xor cx, cx
-        xor dx, dx
-        int 0x15
-        call enter_unreal_mode
-        jnc .answer
-        xor ax, ax
-.answer:
-        jcxz .ax_bx                     ; BIOSes answer in AX/BX, CX/DX or both
-        xchg ax, cx
-        mov bx, dx
-.ax_bx: movzx eax, ax                   ; KiB between 1 MiB and 16 MiB
-        shl eax, 10
-        add eax, MODEL_BASE
-        cmp eax, 0x1000000
-        jb .store                       ; a hole below 16 MiB: what lies above it is not contiguous
-        movzx ebx, bx                   ; 64 KiB blocks above 16 MiB
-        shl ebx, 16
-        add eax, ebx
-.store: mov [mem_top], eax
-        ret
-
-; ---------------------------------------------------------------------------------------------------------------
-; place_model: size the model in sectors, check that it fits the RAM above 1 MiB, and put the heap after it.
-; Output:   [model_sectors], [heap_base]; fails the run with the sizes when the model does not fit
-; Clobbers: EAX, SI
-; ---------------------------------------------------------------------------------------------------------------
-place_model:
-        mov eax, [RUN_BLOCK + RB_MODEL_BYTES]
-        add eax, SECTOR - 1
-        shr eax, 9
-        mov [model_sectors], eax
-        shl eax, 9
-        add eax, MODEL_BASE
+check_memory:
         cmp eax, [mem_top]
-        ja memory_too_small
-        add eax, HEAP_ALIGN - 1
-        and eax, -HEAP_ALIGN
-        mov [heap_base], eax
-        ret
-
-; ---------------------------------------------------------------------------------------------------------------
-; memory_too_small: fail the run, saying how much memory above 1 MiB the model needs and how much there is.
-; Entry:    EAX = the end address the model needs
-; Output:   never returns
-; ---------------------------------------------------------------------------------------------------------------
-memory_too_small:
-        mov si, msg_needs
+        jna .fits
+        mov esi, msg_needs
         call print_kib
         mov eax, [mem_top]
-        mov si, msg_has
+        mov esi, msg_has
         call print_kib
-        mov si, msg_kib
+        mov esi, msg_kib
         mov al, STATUS_MODEL_TOO_LARGE
         jmp fail
+.fits:  ret
 
-; print_kib: log text, then the KiB from 1 MiB to the address EAX, rounded up. Clobbers: SI, DI
+; print_kib: log text, then the KiB from 1 MiB to the address EAX, rounded up. Clobbers: ESI, EDI
 print_kib:
         call print_string
         sub eax, MODEL_BASE - 1023
         shr eax, 10
         ; fall through into print_decimal
 
-; print_decimal: EAX in decimal as log text. Clobbers: DI
+; print_decimal: EAX in decimal as log text. Clobbers: EDI
 print_decimal:
-        mov di, put_char
+        mov edi, put_char
         ; fall through into decimal
 
 ; ---------------------------------------------------------------------------------------------------------------
-; decimal: the unsigned decimal digits of EAX, most significant first, each given to the routine at DI.
-; Entry:    EAX = number, DI = serial_put or put_char
+; decimal: the unsigned decimal digits of EAX, most significant first, each given to the routine at EDI.
+; Entry:    EAX = number, EDI = serial_put or put_char
 ; Clobbers: nothing
 ; ---------------------------------------------------------------------------------------------------------------
 decimal:
         pushad
-        push dword 10
+        push byte 10
         pop ecx
         xor edx, edx
         div ecx
         test eax, eax
         jz .digit
         call decimal                    ; the higher digits first
-.digit: xchg ax, dx
+.digit: xchg eax, edx
         add al, '0'
-        call di
+        call edi
         popad
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; load_model: read the model from disk to MODEL_BASE, LOAD_CHUNK_SECTORS at a time through DISK_BUFFER.
-; Entry:    [model_sectors] > 0 (place_model)
-; Output:   the model at MODEL_BASE; unreal mode; fails the run on a disk error
+; Entry:    [model_sectors] > 0
+; Output:   the model at MODEL_BASE; fails the run on a disk error
 ; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI, EBP
 ; ---------------------------------------------------------------------------------------------------------------
 load_model:
         mov edi, MODEL_BASE
         mov ebx, [RUN_BLOCK + RB_MODEL_LBA]
         mov ebp, [model_sectors]
-.chunk: push dword LOAD_CHUNK_SECTORS
+.chunk: push byte LOAD_CHUNK_SECTORS
         pop ecx
         cmp ebp, ecx
         jae .read
         mov ecx, ebp
 .read:  mov [dap.count], cx
         mov [dap.lba], ebx
-        mov si, dap
+        pushad                          ; BIOSes differ in which registers they keep
+        mov esi, dap
         mov dl, [boot_drive]
         mov ah, 0x42
-        pushad                          ; BIOSes differ in which registers they keep
-        int 0x13
+        mov edi, int13
+        call bios
         mov [disk_status], ah
         popad
-        jc .disk_error                  ; popad leaves the flags alone
-        call enter_unreal_mode
+        jc .disk_error
         add ebx, ecx
         sub ebp, ecx
         mov esi, DISK_BUFFER
         shl ecx, 7                      ; sectors -> dwords
-        a32 rep movsd
+        rep movsd
         test ebp, ebp
         jnz .chunk
         ret
 .disk_error:
-        mov si, msg_disk_error
+        mov esi, msg_disk_error
         call print_string
         movzx eax, byte [disk_status]
         call print_decimal
-        mov si, msg_kib + 4             ; its newline
+        mov esi, msg_kib + 4            ; its newline
         mov al, STATUS_DISK_ERROR
         jmp fail
 
@@ -409,16 +424,16 @@ load_model:
 ; Clobbers: nothing
 ; ---------------------------------------------------------------------------------------------------------------
 serial_put:
-        push dx
-        push ax
+        push edx
+        push eax
         mov dx, UART_LSR
 .wait:  in al, dx
         test al, LSR_THR_EMPTY
         jz .wait
-        pop ax
+        pop eax
         mov dl, COM1 & 0xFF
         out dx, al
-        pop dx
+        pop edx
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -428,63 +443,63 @@ serial_put:
 ; ---------------------------------------------------------------------------------------------------------------
 put_char:
         call serial_put
-        pusha
-        xor bx, bx                      ; page 0, colour 0 (only used in graphics modes)
         cmp al, 10
         jne .show
-        mov ax, 0x0E0D
-        int 0x10
+        mov al, 13
+        call .show
         mov al, 10
-.show:  mov ah, 0x0E
-        int 0x10
-        call enter_unreal_mode
-        popa
+.show:  pushad
+        mov ah, 0x0E
+        xor ebx, ebx                    ; page 0, colour 0 (only used in graphics modes)
+        mov edi, int10
+        call bios
+        popad
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; print_string: log text to COM1 and the screen.
-; Entry:    SI = NUL-terminated string (offset in segment 0)
-; Clobbers: SI
+; Entry:    ESI = NUL-terminated string
+; Clobbers: ESI
 ; ---------------------------------------------------------------------------------------------------------------
 print_string:
-        push ax
+        push eax
 .next:  lodsb
         test al, al
         jz .done
         call put_char
         jmp .next
-.done:  pop ax
+.done:  pop eax
         ret
 
 ; record_start: STX, then the tag in AL, to COM1. Clobbers: nothing
 record_start:
-        push ax
+        push eax
         mov al, STX
         call serial_put
-        pop ax
+        pop eax
         jmp serial_put
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; report_token: a token: its record (id, byte count, bytes) to COM1, its bytes to the screen.
-; Entry:    EAX = token id, ESI = physical address of its bytes, CX = byte count
+; Entry:    EAX = token id, ESI = address of its bytes, ECX = byte count
 ; Clobbers: nothing
 ; ---------------------------------------------------------------------------------------------------------------
 report_token:
         pushad
-        mov di, serial_put
-        push ax
+        mov edi, serial_put
+        push eax
         mov al, 'T'
         call record_start
-        pop ax
+        pop eax
         call decimal
         mov al, ','
-        call di
-        movzx eax, cx
+        call edi
+        mov eax, ecx
         call decimal
         mov al, ETX
-        call di
-        jcxz .done
-.byte:  a32 lodsb
+        call edi
+        jecxz .done
+.byte:  lodsb
         call put_char
         loop .byte
 .done:  popad
@@ -501,35 +516,35 @@ report_token:
 selftest:
         mov eax, [mem_top]
         shr eax, 10
-        mov si, name_mem_top_kib
+        mov esi, name_mem_top_kib
         call report_value
         movzx eax, word [RUN_BLOCK + RB_STEPS]
-        mov si, name_steps
+        mov esi, name_steps
         call report_value
-        mov bx, selftest_dwords         ; the 32-bit values, one table entry each
+        mov ebx, selftest_dwords        ; the 32-bit values, one table entry each
 .dword:
-        mov si, [bx]
-        mov eax, [si]
-        mov si, [bx + 2]
+        mov esi, [ebx]
+        mov eax, [esi]
+        mov esi, [ebx + 4]
         call report_value
-        add bx, 4
-        cmp bx, selftest_dwords_end
+        add ebx, 8
+        cmp ebx, selftest_dwords_end
         jb .dword
         movzx ecx, word [RUN_BLOCK + RB_PROMPT_COUNT]
         mov eax, ecx
-        mov si, name_prompt_count
+        mov esi, name_prompt_count
         call report_value
         xor eax, eax                    ; the sum of the prompt ids shows they all arrived
-        mov si, RUN_BLOCK + RB_PROMPT_IDS
-.prompt:
+        mov esi, RUN_BLOCK + RB_PROMPT_IDS
         jecxz .prompt_done
-        movzx ebx, word [si]
+.prompt:
+        movzx ebx, word [esi]
         add eax, ebx
-        add si, 2
-        dec ecx
-        jmp .prompt
+        inc esi
+        inc esi
+        loop .prompt
 .prompt_done:
-        mov si, name_prompt_sum
+        mov esi, name_prompt_sum
         call report_value
 
         mov esi, MODEL_BASE
@@ -538,24 +553,21 @@ selftest:
         xor ebx, ebx                    ; running sum
         xor edx, edx                    ; sum of running sums
 .checksum:
-        jecxz .checksum_done
-        a32 lodsd
+        lodsd
         add ebx, eax
         add edx, ebx
-        dec ecx
-        jmp .checksum
-.checksum_done:
+        loop .checksum
         mov eax, ebx
-        mov si, name_sum
+        mov esi, name_sum
         call report_value
         mov eax, edx
-        mov si, name_weighted_sum
+        mov esi, name_weighted_sum
         call report_value
 
         mov esi, selftest_tokens
         mov edi, [heap_base]
         mov ecx, selftest_tokens_end - selftest_tokens
-        a32 rep movsb
+        rep movsb
         mov edi, [heap_base]
         movzx edx, byte [selftest_tokens]
         inc edi
@@ -569,33 +581,33 @@ selftest:
         jnz .token
         ret
 
-; report_value: a named number as a record on COM1. Entry: SI = NUL-terminated name ([a-z0-9_]), EAX = value.
-; Clobbers: DI
+; report_value: a named number as a record on COM1. Entry: ESI = NUL-terminated name ([a-z0-9_]), EAX = value.
+; Clobbers: ESI, EDI
 report_value:
-        mov di, serial_put
-        push ax
+        mov edi, serial_put
+        push eax
         mov al, 'M'
         call record_start
 .name:  lodsb
         test al, al
         jz .value
-        call di
+        call edi
         jmp .name
 .value: mov al, '='
-        call di
-        pop ax
+        call edi
+        pop eax
         call decimal
         mov al, ETX
-        jmp di
+        jmp edi
 
 selftest_dwords:                        ; address of the value, address of its name
-        dw heap_base, name_heap_base
-        dw RUN_BLOCK + RB_MODEL_BYTES, name_model_bytes
-        dw RUN_BLOCK + RB_INV_TEMPERATURE, name_inv_temperature
-        dw RUN_BLOCK + RB_TOPP, name_topp
-        dw RUN_BLOCK + RB_TOPK, name_topk
-        dw RUN_BLOCK + RB_SEED, name_seed_low
-        dw RUN_BLOCK + RB_SEED + 4, name_seed_high
+        dd heap_base, name_heap_base
+        dd RUN_BLOCK + RB_MODEL_BYTES, name_model_bytes
+        dd RUN_BLOCK + RB_INV_TEMPERATURE, name_inv_temperature
+        dd RUN_BLOCK + RB_TOPP, name_topp
+        dd RUN_BLOCK + RB_TOPK, name_topk
+        dd RUN_BLOCK + RB_SEED, name_seed_low
+        dd RUN_BLOCK + RB_SEED + 4, name_seed_high
 selftest_dwords_end:
 
 selftest_tokens:
@@ -634,182 +646,173 @@ name_weighted_sum:  db "weighted_sum", 0
 ; ===============================================================================================================
 
 ; ---------------------------------------------------------------------------------------------------------------
-; setup_model: copy the packed header to HDR (BP = VARS from here on), derive the shape, place the buffers (a
-; SLOT_BYTES slot each), the KV cache and int16 copies of the weight matrices from heap_base (failing the run if
-; they pass mem_top), keep the section entries in SEC_START and build the interpolation tables.
-; Output:   BP = VARS
+; setup_model: copy the packed header to HDR (EBP = VARS + VARS_BIAS from here on), derive the shape, place the
+; buffers (a SLOT_BYTES slot each), the KV cache and int16 copies of the weight matrices from heap_base (failing the
+; run if they pass mem_top), keep the section entries in SEC_START and build the interpolation tables.
+; Output:   EBP = VARS + VARS_BIAS
 ; Clobbers: everything
 ; ---------------------------------------------------------------------------------------------------------------
 setup_model:
-        mov bp, VARS
+        mov ebp, VARS + VARS_BIAS
         mov esi, MODEL_BASE
         mov edi, HDR
-        push dword HDR_BYTES / 4
+        push byte HDR_BYTES / 4
         pop ecx
-        a32 rep movsd                   ; DI = VARS
-        mov cx, (SEC_END - VARS) / 2
-        xor ax, ax
-        rep stosw                       ; so the 16-bit stores below leave zero high words
-        call load_sections
-        mov ax, [hdr(H_DIM)]
-        cwd
-        div word [hdr(H_N_HEADS)]
-        mov [var(head_size)], ax
-        xchg ax, bx
-        mov ax, [hdr(H_N_HEADS)]
-        div word [hdr(H_N_KV_HEADS)]    ; DX = 0: dim is a multiple of n_heads
-        mov [var(kv_mul)], ax
-        mov ax, bx
-        mul word [hdr(H_N_KV_HEADS)]
-        mov [var(kv_dim)], ax
-        lea ax, [bx + 2]
-        add ax, ax
-        mov [var(key_skip)], ax         ; from a key row's Dv to the next row's Dk
+        rep movsd                       ; EDI = VARS
+        mov ecx, (SEC_END - VARS) / 4
+        xor eax, eax
+        rep stosd
+        mov esi, MODEL_BASE + TABLE_OFFSET
+        mov ecx, [hdr(H_N_SECTIONS)]
+.entry: lodsd                           ; SEC[kind] = the entry, its offset turned into an address
+        shl eax, 4
+        lea edi, [eax + SEC + SEC_ADDR]
+        lodsd
+        add eax, MODEL_BASE
+        stosd
+        movsd                           ; length
+        movsd                           ; param
+        loop .entry
+
+        mov eax, [hdr(H_DIM)]
+        cdq
+        div dword [hdr(H_N_HEADS)]
+        mov [var(head_size)], eax
+        xchg eax, ebx
+        mov eax, [hdr(H_N_HEADS)]
+        div dword [hdr(H_N_KV_HEADS)]   ; EDX = 0: dim is a multiple of n_heads
+        mov [var(kv_mul)], eax
+        mov eax, ebx
+        mul dword [hdr(H_N_KV_HEADS)]
+        mov [var(kv_dim)], eax
+        lea eax, [ebx + 2]
+        add eax, eax
+        mov [var(key_skip)], eax        ; from a key row's Dv to the next row's Dk
         add al, 4
-        mov [var(kv_stride)], ax        ; a key row: head_size int16 keys, Dk, Dv
-        mov ax, [hdr(H_SEQ_LEN)]
-        add ax, ax
-        mov [var(value_row)], ax        ; a row of transposed int16 values
-        mul bx
-        mov [var(value_bytes)], ax
-        mov [var(value_bytes) + 2], dx
+        mov [var(kv_stride)], eax       ; a key row: head_size int16 keys, Dk, Dv
+        mov eax, [hdr(H_SEQ_LEN)]
+        add eax, eax
+        mov [var(value_row)], eax       ; a row of transposed int16 values
+        mul ebx
+        xchg eax, ecx                   ; the values of a block
         mov eax, [var(kv_stride)]
         mul dword [hdr(H_SEQ_LEN)]
         mov [var(off_vt)], eax
-        add eax, [var(value_bytes)]
+        add eax, ecx
         mov [var(kv_block)], eax
         mul dword [hdr(H_N_KV_HEADS)]
         mov [var(layer_bytes)], eax
         mul dword [hdr(H_N_LAYERS)]
         xchg eax, edx                   ; EDX = the whole KV cache
         mov eax, [heap_base]
-        mov di, buffers
-        mov cl, N_BUFFERS
+        lea edi, [var(buffers)]
+        push byte N_BUFFERS
+        pop ecx
 .place: stosd
         add eax, SLOT_BYTES
         loop .place
         mov [var(kv_base)], eax
         lea edi, [eax + edx]            ; the int16 weights follow the cache
-        mov si, wide_kinds
+        mov esi, wide_kinds
 .widen: lodsb                           ; int8 matrices to int16: one dot_row kernel for weights and keys
-        mov bl, 16
-        mul bl
-        add ax, SEC
-        xchg ax, bx
-        mov ecx, [bx + SEC_LEN]
+        movzx ebx, al
+        shl ebx, 4
+        add ebx, SEC
+        mov ecx, [ebx + SEC_LEN]
         lea eax, [edi + ecx*2]
-        cmp eax, [mem_top]
-        ja memory_too_small
-        push si
-        mov esi, [bx + SEC_ADDR]
-        mov [bx + SEC_ADDR], edi
+        call check_memory
+        push esi
+        mov esi, [ebx + SEC_ADDR]
+        mov [ebx + SEC_ADDR], edi
         jecxz .widened                  ; an absent classifier: the embedding's, below
-.byte:  a32 lodsb
+.byte:  lodsb
         cbw
-        a32 stosw
-        a32 loop .byte
+        stosw
+        loop .byte
 .widened:
-        pop si
-        cmp si, wide_kinds + WIDE_KINDS
+        pop esi
+        cmp esi, wide_kinds + WIDE_KINDS
         jb .widen
         test byte [hdr(H_FLAGS)], 1
         jz .own_classifier
-        mov si, SECTION(K_TOKEN_EMBEDDING_Q)
-        mov di, SECTION(K_WCLS_Q)
+        mov esi, SECTION(K_TOKEN_EMBEDDING_Q)
+        mov edi, SECTION(K_WCLS_Q)
         mov cl, 8
         rep movsd
 .own_classifier:
-        mov si, SEC
-        mov di, SEC_START
-        mov cx, 16 * N_KINDS / 2
-        rep movsw
-        mov bx, SECTION(K_EXP_TABLE)
-        mov di, exp_pairs
+        mov esi, SEC
+        mov edi, SEC_START
+        mov cx, 16 * N_KINDS / 4
+        rep movsd
+        mov ebx, SECTION(K_EXP_TABLE)
+        lea edi, [var(exp_pairs)]
         mov al, [hdr(H_EXP_SHIFT)]
         call build_pairs
-        mov bx, SECTION(K_SILU_TABLE)
-        mov di, silu_pairs
+        mov ebx, SECTION(K_SILU_TABLE)
+        lea edi, [var(silu_pairs)]
         mov al, [hdr(H_SILU_SHIFT)]
         ; fall through into build_pairs
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; build_pairs: lookup's form of a packed interpolation table t[0..n): the step mask 2^e - 1, n - 1, the step shift
 ; e, then the pairs (t[i], t[i+1] - t[i]) for i < n - 1, so an interpolation is one multiply.
-; Entry:    BX = SEC entry of the table, DI = its buffer variable, AL = step shift
+; Entry:    EBX = SEC entry of the table, EDI = its buffer variable, AL = step shift
 ; Output:   the variable points at the first pair
 ; Clobbers: EAX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 build_pairs:
         movzx eax, al
-        add byte [di], 12
-        mov edi, [di]
+        add byte [edi], 12
+        mov edi, [edi]
         mov [edi - 4], eax
         xchg eax, ecx
         xor edx, edx
-        inc dx
+        inc edx
         shl edx, cl
         dec edx
         mov [edi - 12], edx
-        mov ecx, [bx + SEC_LEN]
-        shr cx, 2
-        dec cx
+        mov ecx, [ebx + SEC_LEN]
+        shr ecx, 2
+        dec ecx
         mov [edi - 8], ecx
-        mov esi, [bx + SEC_ADDR]
-.pair:  a32 lodsd
-        a32 stosd
+        mov esi, [ebx + SEC_ADDR]
+.pair:  lodsd
+        stosd
         neg eax
         add eax, [esi]
-        a32 stosd
+        stosd
         loop .pair
-        ret
-
-; ---------------------------------------------------------------------------------------------------------------
-; load_sections: SEC[kind] = the section table's entry of each kind, its offset turned into an address.
-; Clobbers: EAX, CX, ESI, DI
-; ---------------------------------------------------------------------------------------------------------------
-load_sections:
-        mov esi, MODEL_BASE + TABLE_OFFSET
-        mov cx, [hdr(H_N_SECTIONS)]
-.entry: a32 lodsd                       ; kind
-        shl ax, 4
-        add ax, SEC + SEC_ADDR
-        movzx edi, ax
-        a32 lodsd
-        add eax, MODEL_BASE
-        a32 stosd
-        a32 movsd                       ; length
-        a32 movsd                       ; param
-        loop .entry
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; generate: run.c's generation loop (generate.py Generation): `steps` forward passes from the first prompt token
 ; (0 or more than seq_len: seq_len); prompt tokens are forced and echoed, then sampled tokens reported as they
 ; come. A sampled BOS or EOS ends the run: it is reported with no bytes.
-; Clobbers: everything but BP
+; Clobbers: everything but EBP
 ; ---------------------------------------------------------------------------------------------------------------
 generate:
-        mov ax, [RUN_BLOCK + RB_STEPS]
-        mov cx, [hdr(H_SEQ_LEN)]
-        dec ax
-        cmp ax, cx
+        movzx eax, word [RUN_BLOCK + RB_STEPS]
+        mov ecx, [hdr(H_SEQ_LEN)]
+        dec eax
+        cmp eax, ecx
         jb .steps
-        xchg ax, cx
-        dec ax
-.steps: inc ax
-        mov [var(steps)], ax
-        mov ax, BOS                     ; unless the run block has a prompt
-        mov cx, [RUN_BLOCK + RB_PROMPT_COUNT]
-        jcxz .first
+        xchg eax, ecx
+        dec eax
+.steps: inc eax
+        mov [var(steps)], eax
+        push byte BOS                   ; unless the run block has a prompt
+        pop eax
+        movzx ecx, word [RUN_BLOCK + RB_PROMPT_COUNT]
+        jecxz .first
         mov ax, [RUN_BLOCK + RB_PROMPT_IDS]
-.first: mov [var(token)], ax
+.first: mov [var(token)], eax
 .next:  call forward
-        inc word [var(pos)]
-        mov si, [var(pos)]
-        cmp si, [RUN_BLOCK + RB_PROMPT_COUNT]
+        inc dword [var(pos)]
+        mov esi, [var(pos)]
+        movzx eax, word [RUN_BLOCK + RB_PROMPT_COUNT]
+        cmp esi, eax
         jae .sample
-        add si, si
-        movzx eax, word [RUN_BLOCK + RB_PROMPT_IDS + si]
+        movzx eax, word [RUN_BLOCK + RB_PROMPT_IDS + esi*2]
         jmp .print
 .sample:
         call sample
@@ -817,12 +820,12 @@ generate:
         ja .print
         cmp al, BOS
         jb .print
-        xor cx, cx
+        xor ecx, ecx
         jmp report_token
 .print: call print_token
-        mov [var(token)], ax
-        mov ax, [var(pos)]
-        cmp ax, [var(steps)]
+        mov [var(token)], eax
+        mov eax, [var(pos)]
+        cmp eax, [var(steps)]
         jb .next
         ret
 
@@ -831,23 +834,23 @@ generate:
 ; its PRINTED string; after BOS without the leading space of its piece, and then nothing if what is left is a
 ; single unprintable byte.
 ; Entry:    EAX = token id
-; Clobbers: EBX, CX, EDX, ESI
+; Clobbers: EBX, ECX, EDX, ESI
 ; ---------------------------------------------------------------------------------------------------------------
 print_token:
         mov ebx, [SECTION(K_PRINTED) + SEC_ADDR]
         mov esi, [ebx + eax*4]
         mov ecx, [ebx + eax*4 + 4]
-        sub cx, si
+        sub ecx, esi
         add esi, ebx
-        cmp word [var(token)], BOS
+        cmp dword [var(token)], BOS
         jne report_token
         mov ebx, [SECTION(K_PIECES) + SEC_ADDR]
         mov edx, [ebx + eax*4]
         cmp byte [ebx + edx], ' '
         jne report_token
         inc esi
-        dec cx
-        cmp cx, 1
+        dec ecx
+        cmp ecx, 1
         jne report_token
         mov dl, [esi]
         sub dl, 9
@@ -856,20 +859,20 @@ print_token:
         sub dl, ' ' - 9
         cmp dl, '~' - ' ' + 1
         jb report_token
-        dec cx
+        dec ecx
         jmp report_token
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; forward (fixed.py forward_token): one position of the transformer: the logits of [var(token)] at [var(pos)].
 ; The weight addresses in SEC move on layer by layer as matvec and rmsnorm read them: they start from SEC_START.
 ; Output:   [var(logits_buf)] = vocab_size Q16.16 logits; cache row [var(pos)] written in every block
-; Clobbers: everything but BP
+; Clobbers: everything but EBP
 ; ---------------------------------------------------------------------------------------------------------------
 forward:
-        mov si, SEC_START               ; the weight addresses of layer 0
-        mov di, SEC
-        mov cx, 16 * N_KINDS / 2
-        rep movsw
+        mov esi, SEC_START              ; the weight addresses of layer 0
+        mov edi, SEC
+        mov ecx, 16 * N_KINDS / 4
+        rep movsd
         mov eax, [var(token)]           ; x[j] = (emb_q[token, j] * emb_s[token]) >> (S_emb - 16)
         mov ebx, [SECTION(K_TOKEN_EMBEDDING_S) + SEC_ADDR]
         mov ebx, [ebx + eax*4]
@@ -879,104 +882,102 @@ forward:
         mov cl, [SECTION(K_TOKEN_EMBEDDING_S) + SEC_PARAM]
         sub cl, 16
         mov edi, [var(x_buf)]
-        mov ax, [hdr(H_DIM)]
-        push bp
-        xchg ax, bp
-.embed: a32 lodsw
+        push ebp
+        mov ebp, [hdr(H_DIM)]
+.embed: lodsw
         cwde
         imul ebx
         shrd eax, edx, cl
-        a32 stosd
-        dec bp
+        stosd
+        dec ebp
         jnz .embed
-        pop bp
+        pop ebp
 
         mov eax, [var(kv_base)]
         mov [var(layer_kv)], eax
-        mov cx, [hdr(H_N_LAYERS)]
-.layer: push cx
-        mov bx, SECTION(K_RMS_ATT_WEIGHT)
+        mov ecx, [hdr(H_N_LAYERS)]
+.layer: push ecx
+        mov ebx, SECTION(K_RMS_ATT_WEIGHT)
         call norm_and_quantize
         mov eax, [var(qkv_buf)]
-        mov bx, SECTION(K_WQKV_Q)
-        mov cx, [var(kv_dim)]
-        add cx, cx
-        add cx, [hdr(H_DIM)]
+        mov ebx, SECTION(K_WQKV_Q)
+        mov ecx, [var(kv_dim)]
+        add ecx, ecx
+        add ecx, [hdr(H_DIM)]
         call matvec_store               ; q, k, v
         call rope
         call store_kv
         call attention
         call quantize_xb
-        mov bx, SECTION(K_WO_Q)
+        mov ebx, SECTION(K_WO_Q)
         call residual
-        mov bx, SECTION(K_RMS_FFN_WEIGHT)
+        mov ebx, SECTION(K_RMS_FFN_WEIGHT)
         call norm_and_quantize
         mov eax, [var(hb_buf)]
-        mov bx, SECTION(K_W13_Q)
-        mov cx, [hdr(H_HIDDEN)]
-        add cx, cx
+        mov ebx, SECTION(K_W13_Q)
+        mov ecx, [hdr(H_HIDDEN)]
+        add ecx, ecx
         call matvec_store               ; gate, up
         call swiglu
-        mov bx, SECTION(K_W2_Q)
+        mov ebx, SECTION(K_W2_Q)
         call residual
         mov eax, [var(layer_bytes)]
         add [var(layer_kv)], eax
-        pop cx
+        pop ecx
         loop .layer
 
-        mov bx, SECTION(K_RMS_FINAL_WEIGHT)
+        mov ebx, SECTION(K_RMS_FINAL_WEIGHT)
         call norm_and_quantize
-        mov bx, SECTION(K_WCLS_Q)
+        mov ebx, SECTION(K_WCLS_Q)
         call classifier
-        mov bx, SECTION(K_WCLS_RESIDUAL_Q)
+        mov ebx, SECTION(K_WCLS_RESIDUAL_Q)
         mov eax, [var(logits_buf)]
-        mov cx, [hdr(H_VOCAB)]
+        mov ecx, [hdr(H_VOCAB)]
         jmp matvec                      ; logits += the residual classifier
 
-; classifier: logits = the BX matrix times act.
+; classifier: logits = the EBX matrix times act.
 classifier:
         mov eax, [var(logits_buf)]
-        mov cx, [hdr(H_VOCAB)]
+        mov ecx, [hdr(H_VOCAB)]
         jmp matvec_store
 
-; residual: x += the next dim rows of the BX matrix times act (the residual connections).
+; residual: x += the next dim rows of the EBX matrix times act (the residual connections).
 residual:
         mov eax, [var(x_buf)]
-        mov cx, [hdr(H_DIM)]
+        mov ecx, [hdr(H_DIM)]
         jmp matvec
 
 ; ---------------------------------------------------------------------------------------------------------------
-; norm_and_quantize: xb = rmsnorm(x) with the BX weights, then act = quantize_act(xb, act_bits_dim);
+; norm_and_quantize: xb = rmsnorm(x) with the EBX weights, then act = quantize_act(xb, act_bits_dim);
 ; quantize_xb: only the second half.
-; Clobbers: everything but BP
+; Clobbers: everything but EBP
 ; ---------------------------------------------------------------------------------------------------------------
 norm_and_quantize:
         call rmsnorm
 quantize_xb:
         mov esi, [var(xb_buf)]
-        mov cx, [hdr(H_DIM)]
+        mov ecx, [hdr(H_DIM)]
         mov al, [hdr(H_ACT_BITS_DIM)]
         ; fall through into quantize_act
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; quantize_act (fixed.py quantize_act): act = v >> k, k = max(0, bit_length(OR of |v[j]|) - bits); then sets
 ; dot_row's length to n.
-; Entry:    ESI = v (i32), CX = n (1..32767), AL = bits
+; Entry:    ESI = v (i32), ECX = n (1..32767), AL = bits
 ; Output:   [var(act_buf)] = act, [var(act_n)] = n, [var(act_row)] = 2n (bytes of an int16 row), [var(act_k)] = k,
 ;           [var(act_end)] = act + 4n
-; Clobbers: EAX, BX, ECX, EDX, ESI, EDI
+; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 quantize_act:
-        xchg ax, bx
-        mov [var(act_n)], cx
+        xchg eax, ebx
+        mov [var(act_n)], ecx
         push esi
-        push cx
-        add cx, cx
-        mov [var(act_row)], cx
-        shr cx, 1
+        push ecx
+        lea eax, [ecx + ecx]
+        mov [var(act_row)], eax
         xor edi, edi
 .magnitude:
-        a32 lodsd
+        lodsd
         cdq
         xor eax, edx
         sub eax, edx                    ; |v| as unsigned: -2^31 stays 2^31
@@ -984,19 +985,19 @@ quantize_act:
         loop .magnitude
         bsr ecx, edi
         jz .no_shift
-        inc cx                          ; bit_length
+        inc ecx                         ; bit_length
         sub cl, bl
         jnc .shift
 .no_shift:
-        xor cx, cx
+        xor ecx, ecx
 .shift: mov [var(act_k)], cl
-        pop dx
+        pop edx
         pop esi
         mov edi, [var(act_buf)]
-.store: a32 lodsd
+.store: lodsd
         sar eax, cl
-        a32 stosd
-        dec dx
+        stosd
+        dec edx
         jnz .store
         mov [var(act_end)], edi
         mov eax, [var(act_n)]
@@ -1014,9 +1015,9 @@ set_dot_length:
         add eax, ecx
         neg eax
         mov [dot_start], eax
-        imul cx, cx, DOT_MAC_BYTES
-        add cx, dot_row
-        mov [dot_entry], cx
+        imul ecx, ecx, DOT_MAC_BYTES
+        add ecx, dot_row
+        mov [dot_entry], ecx
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -1041,69 +1042,68 @@ DOT_MAC_BYTES equ (dot_row.end - dot_row) / DOT_UNROLL
 ; ---------------------------------------------------------------------------------------------------------------
 ; matvec (fixed.py matvec, add=True): out[i] += (sum_j q[i, j] * act[j]) * s[i] >> (S - k) for each of the next
 ; `rows` rows of a widened (int16) matrix; matvec_store first clears out (add=False).
-; Entry:    BX = SEC entry of the matrix's Q section (its S section is the next), EAX = out, CX = rows;
+; Entry:    EBX = SEC entry of the matrix's Q section (its S section is the next), EAX = out, ECX = rows;
 ;           act, [var(act_row)], [var(act_k)], [var(act_end)] and dot_row's length from quantize_act
 ; Output:   out; the Q and S addresses moved past these rows
 ; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 matvec_store:
         pushad
-        movzx ecx, cx
         xchg eax, edi
         xor eax, eax
-        a32 rep stosd
+        rep stosd
         popad
 matvec:
-        mov [var(rows_left)], cx
-        mov cl, [bx + 16 + SEC_PARAM]
+        mov [var(rows_left)], ecx
+        mov cl, [ebx + 16 + SEC_PARAM]
         sub cl, [var(act_k)]
         mov [var(matvec_shift)], cl
-        mov esi, [bx + SEC_ADDR]
+        mov esi, [ebx + SEC_ADDR]
         add esi, [var(act_row)]         ; dot_row reads back from the end of a row
-        push bx
-        mov edi, [bx + 16 + SEC_ADDR]
+        push ebx
+        mov edi, [ebx + 16 + SEC_ADDR]
         sub edi, eax                    ; s[i] is at [out + 4i + EDI]
         mov ebx, [var(act_end)]
-        push bp
+        push ebp
         xchg eax, ebp
 .row:   mov ecx, [dot_start]
         xor edx, edx
         call [dot_entry]
-        mov eax, [ds:ebp + edi]         ; ds: an EBP base means SS, whose limit is not unreal
+        mov eax, [ebp + edi]
         imul edx
         mov cl, [matvec_shift]
         shrd eax, edx, cl
-        add [ds:ebp], eax
+        add [ebp], eax
         add ebp, 4
         add esi, [act_row]
-        dec word [rows_left]
+        dec dword [rows_left]
         jnz .row
         add edi, ebp
-        pop bp
+        pop ebp
         sub esi, [var(act_row)]
-        pop bx
-        mov [bx + SEC_ADDR], esi        ; the next layer's rows and scales
-        mov [bx + 16 + SEC_ADDR], edi
+        pop ebx
+        mov [ebx + SEC_ADDR], esi       ; the next layer's rows and scales
+        mov [ebx + 16 + SEC_ADDR], edi
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; rmsnorm (fixed.py rmsnorm): xb[j] = (x[j] * inv >> (31 - h)) * G[j] >> 32 with ss = sum x[j]^2 + rms_eps
 ; (below 2^62), h such that 2^60 <= ss << 2h < 2^62, inv = (2^61 - 1) // isqrt(ss << 2h) (Newton from 2^31).
-; Entry:    BX = SEC entry of the weights G (moved on by dim weights)
+; Entry:    EBX = SEC entry of the weights G (moved on by dim weights)
 ; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 rmsnorm:
         mov eax, [hdr(H_DIM)]
         shl eax, 2
-        mov edx, [bx + SEC_ADDR]
-        add [bx + SEC_ADDR], eax
+        mov edx, [ebx + SEC_ADDR]
+        add [ebx + SEC_ADDR], eax
         push edx
         mov esi, [var(x_buf)]
-        mov cx, [hdr(H_DIM)]
+        mov ecx, [hdr(H_DIM)]
         mov edi, [hdr(H_RMS_EPS)]       ; ss = EBX:EDI
         xor ebx, ebx
 .square:
-        a32 lodsd
+        lodsd
         imul eax
         add edi, eax
         adc ebx, edx
@@ -1121,10 +1121,10 @@ rmsnorm:
         jae .normalized
         shld ebx, edi, 2
         shl edi, 2
-        dec cx
+        dec ecx
         jmp .normalize
 .normalized:
-        push cx
+        push ecx
         xor ecx, ecx
         bts ecx, 31                     ; Newton's method from 2^31, above the root
 .newton:
@@ -1140,71 +1140,73 @@ rmsnorm:
 .root:  mov edx, (1 << 29) - 1
         or eax, -1
         div ecx                         ; inv = (2^61 - 1) // root
-        mov [var(rms_inv)], eax
-        pop cx
+        xchg eax, edi
+        pop ecx
         pop ebx                         ; G
         mov esi, [var(x_buf)]
-        mov edi, [var(xb_buf)]
-        push bp
-        mov bp, [hdr(H_DIM)]
-.scale: a32 lodsd
-        imul dword [rms_inv]
+        push dword [var(xb_buf)]
+        push ebp
+        mov ebp, [hdr(H_DIM)]
+        xchg edi, [esp + 4]             ; EDI = xb, [ESP + 4] = inv
+.scale: lodsd
+        imul dword [esp + 4]
         shrd eax, edx, cl               ; x / sqrt(ss) in Q2.30
         imul dword [ebx]
         add ebx, 4
         xchg eax, edx
-        a32 stosd
-        dec bp
+        stosd
+        dec ebp
         jnz .scale
-        pop bp
+        pop ebp
+        pop eax
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; rope (fixed.py rope): rotate each (even, odd) pair of the query and key heads in qkv by ROPE[pos].
-; Clobbers: EAX, EBX, ECX, EDX, ESI, DI
+; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 rope:
         mov esi, [var(qkv_buf)]
-        mov ax, [hdr(H_N_HEADS)]
-        add ax, [hdr(H_N_KV_HEADS)]
-        mov [var(heads_left)], ax
+        mov eax, [hdr(H_N_HEADS)]
+        add eax, [hdr(H_N_KV_HEADS)]
+        mov [var(heads_left)], eax
 .head:  mov eax, [var(pos)]
         mul dword [var(head_size)]
         add eax, eax                    ; a ROPE row: head_size / 2 (cos, sin) int16 pairs
         add eax, [SECTION(K_ROPE) + SEC_ADDR]
         xchg eax, ebx
-        mov ax, [var(head_size)]
-        shr ax, 1
-        mov [var(pairs_left)], ax
+        mov eax, [var(head_size)]
+        shr eax, 1
+        mov [var(pairs_left)], eax
 .pair:  mov eax, [ebx]
         rol eax, 16
         mov [var(rope_terms)], eax      ; sin, cos, -sin
         neg ax
         mov [var(rope_terms) + 4], ax
-        lea di, [var(rope_terms) + 2]
+        lea edi, [var(rope_terms) + 2]
         call rotate_term                ; v0 cos - v1 sin
         push eax
-        dec di
-        dec di
+        dec edi
+        dec edi
         call rotate_term                ; v0 sin + v1 cos
         mov [esi + 4], eax
         pop dword [esi]
         add esi, 8
         add ebx, 4
-        dec word [var(pairs_left)]
+        dec dword [var(pairs_left)]
         jnz .pair
-        dec word [var(heads_left)]
+        dec dword [var(heads_left)]
         jnz .head
         ret
 
-; rotate_term: EAX = wrap32((v0 * [DI] + v1 * [DI + 2]) >> rope_shift), v0 = [ESI], v1 = [ESI + 4], int16 factors,
+; rotate_term: EAX = wrap32((v0 * [EDI] + v1 * [EDI + 2]) >> rope_shift), v0 = [ESI], v1 = [ESI + 4], int16 factors,
 ; 64-bit products and sum. Clobbers: ECX, EDX
 rotate_term:
-        movsx eax, word [di + 2]
+        movsx eax, word [edi + 2]
         imul dword [esi + 4]
         push edx
         push eax
-        movsx eax, word [di]
+        movsx eax, word [edi]
         imul dword [esi]
         pop ecx
         add eax, ecx
@@ -1226,15 +1228,15 @@ store_kv:
         mov eax, [hdr(H_DIM)]
         lea esi, [esi + eax*4]          ; the keys of kv head 0
         mov ebx, [var(layer_kv)]
-        mov cx, [hdr(H_N_KV_HEADS)]
-.head:  push cx
+        mov ecx, [hdr(H_N_KV_HEADS)]
+.head:  push ecx
         mov edi, [var(pos)]
         imul edi, [var(kv_stride)]
         add edi, ebx
-        mov dword [var(kv_step)], 2     ; (the scratch variables are overlaid: whole dwords)
+        mov dword [var(kv_step)], 2
         mov al, KEY_SHIFT
         call store_kv_head
-        a32 stosd                       ; Dk after the keys
+        stosd                           ; Dk after the keys
         push edi
         push esi
         mov eax, [var(kv_dim)]
@@ -1249,11 +1251,11 @@ store_kv:
         call store_kv_head
         pop esi
         pop edi
-        a32 stosd                       ; Dv
+        stosd                           ; Dv
         mov eax, [var(head_size)]
         lea esi, [esi + eax*4]
         add ebx, [var(kv_block)]
-        pop cx
+        pop ecx
         loop .head
         ret
 
@@ -1268,10 +1270,10 @@ store_kv:
 store_kv_head:
         push ebx
         push esi
-        push ax
+        push eax
         xor ebx, ebx
-        mov cx, [var(head_size)]
-.max:   a32 lodsd
+        mov ecx, [var(head_size)]
+.max:   lodsd
         cdq
         xor eax, edx
         sub eax, edx
@@ -1280,14 +1282,14 @@ store_kv_head:
         xchg eax, ebx
 .smaller:
         loop .max
-        pop cx                          ; CL = shift
+        pop ecx                         ; CL = shift
         mov eax, 1 << 30
         cmp ebx, eax
         jb .in_range
         xchg eax, ebx
 .in_range:
         xor eax, eax
-        inc ax
+        inc eax
         shl eax, cl
         dec eax
         mov [var(kv_top)], eax          ; T
@@ -1304,11 +1306,11 @@ store_kv_head:
         mov [var(kv_half)], eax
         test ebx, ebx
         jnz .divisor
-        inc bx                          ; M = 0: every c is 0 / 1
+        inc ebx                         ; M = 0: every c is 0 / 1
 .divisor:
-        mov dx, [var(head_size)]
-        mov [var(kv_count)], dx
-.round: a32 lodsd
+        mov edx, [var(head_size)]
+        mov [var(kv_count)], edx
+.round: lodsd
         cdq
         push edx                        ; the sign
         xor eax, edx
@@ -1328,7 +1330,7 @@ store_kv_head:
         sub eax, edx
         mov [edi], ax
         add edi, [var(kv_step)]
-        dec word [var(kv_count)]
+        dec dword [var(kv_count)]
         jnz .round
         pop eax
         pop esi
@@ -1348,17 +1350,16 @@ attention:
         add eax, [var(att_buf)]
         mov [var(att_end)], eax
         xor eax, eax
-        mov [var(head)], ax
+        mov [var(head)], eax
         mov [var(head_off)], eax
 .head:  mov esi, [var(head_off)]
         add esi, [var(qkv_buf)]
-        mov cx, [var(head_size)]
+        mov ecx, [var(head_size)]
         mov al, [hdr(H_ACT_BITS_HEAD)]
         call quantize_act               ; qa, and dot_row's length head_size
-        mov ax, [var(head)]
-        cwd
-        div word [var(kv_mul)]          ; the kv head
-        movzx eax, ax
+        mov eax, [var(head)]
+        cdq
+        div dword [var(kv_mul)]         ; the kv head
         mul dword [var(kv_block)]
         add eax, [var(layer_kv)]
         mov [var(att_block)], eax
@@ -1369,16 +1370,16 @@ attention:
         lea esi, [eax + esi*2]          ; Dk of key row 0, after its keys
         mov edi, [var(att_buf)]
         mov ebx, [var(act_end)]
-        push bp
+        push ebp
         mov ebp, 1 << 31                ; top
 .score: mov ecx, [dot_start]
         xor edx, edx
         call [dot_entry]                ; qa . key[t]
-        a32 lodsd                       ; Dk
+        lodsd                           ; Dk
         imul edx
         mov cl, [att_shift]
         shrd eax, edx, cl
-        a32 stosd
+        stosd
         cmp eax, ebp
         jle .below
         xchg eax, ebp
@@ -1390,7 +1391,7 @@ attention:
         mov ebx, [exp_pairs]
         mov cl, [ebx - 4]
         xor edi, edi                    ; total
-.exp:   a32 lodsd
+.exp:   lodsd
         neg eax
         add eax, ebp
         mov edx, eax
@@ -1405,7 +1406,7 @@ attention:
         add edi, eax
         cmp esi, [att_end]
         jb .exp
-        pop bp
+        pop ebp
 
         mov edx, 0xFFFF
         or eax, -1
@@ -1415,7 +1416,7 @@ attention:
         mov edi, [var(key_skip)]
         add edi, [var(att_block)]       ; Dv of key row 0
 .weight:
-        a32 lodsd
+        lodsd
         test eax, eax
         jz .no_weight                   ; e = 0 (far below the top) stays 0
         mul ebx
@@ -1438,23 +1439,23 @@ attention:
         mov edi, [var(head_off)]
         add edi, [var(xb_buf)]
         mov ebx, [var(att_end)]
-        mov ax, [var(head_size)]
-        mov [var(pairs_left)], ax
+        mov eax, [var(head_size)]
+        mov [var(pairs_left)], eax
 .value: mov ecx, [dot_start]
         xor edx, edx
         call [dot_entry]
         sar edx, VALUE_SHIFT
         xchg eax, edx
-        a32 stosd
+        stosd
         add esi, [var(value_row)]
-        dec word [var(pairs_left)]
+        dec dword [var(pairs_left)]
         jnz .value
         mov eax, [var(head_size)]
         shl eax, 2
         add [var(head_off)], eax
-        inc word [var(head)]
-        mov ax, [var(head)]
-        cmp ax, [hdr(H_N_HEADS)]
+        inc dword [var(head)]
+        mov eax, [var(head)]
+        cmp eax, [hdr(H_N_HEADS)]
         jb .head
         ret
 .past:  xor eax, eax
@@ -1484,7 +1485,7 @@ lookup:
 ; ---------------------------------------------------------------------------------------------------------------
 ; swiglu (fixed.py forward_token step 8): hb[i] = (silu_lookup(hb[i]) * hb[hidden_dim + i]) >> 16, then
 ; act = quantize_act(hb[0:hidden_dim], act_bits_hidden).
-; Clobbers: everything but BP
+; Clobbers: everything but EBP
 ; ---------------------------------------------------------------------------------------------------------------
 swiglu:
         mov esi, [var(hb_buf)]
@@ -1492,9 +1493,9 @@ swiglu:
         mov cl, [ebx - 4]
         mov edi, [hdr(H_HIDDEN)]
         shl edi, 2                      ; from a gate to its up
-        push bp
-        mov bp, [hdr(H_HIDDEN)]
-.gate:  a32 lodsd                       ; x
+        push ebp
+        mov ebp, [hdr(H_HIDDEN)]
+.gate:  lodsd                           ; x
         sub eax, [HDR + H_SILU_LO]      ; u = x - silu_lo, and the signed compare of x with silu_lo
         jl .below
         mov edx, eax                    ; lookup's steps inline
@@ -1508,11 +1509,11 @@ swiglu:
 .silu:  imul dword [esi + edi - 4]      ; times up
         shrd eax, edx, 16
         mov [esi - 4], eax
-        dec bp
+        dec ebp
         jnz .gate
-        pop bp
+        pop ebp
         mov esi, [var(hb_buf)]
-        mov cx, [hdr(H_HIDDEN)]
+        mov ecx, [hdr(H_HIDDEN)]
         mov al, [hdr(H_ACT_BITS_HIDDEN)]
         jmp quantize_act
 .below: xor eax, eax                    ; below the table: 0
@@ -1522,7 +1523,7 @@ swiglu:
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; argmax: the first index of the largest value (signed), as np.argmax.
-; Entry:    ESI = i32 values, CX = n >= 1
+; Entry:    ESI = i32 values, ECX = n >= 1
 ; Output:   EAX = index, EBX = value
 ; Clobbers: ECX, EDX
 ; ---------------------------------------------------------------------------------------------------------------
@@ -1546,11 +1547,11 @@ argmax:
 ; e[i] = exp_lookup((top - logit[i]) * inv_temperature >> 16), 0 below min-p, the top-k / top-p cut over the order
 ; (e descending, index ascending; index order when both are off) and one 24-bit coin from xorshift64*.
 ; Output:   EAX = token id
-; Clobbers: everything but BP
+; Clobbers: everything but EBP
 ; ---------------------------------------------------------------------------------------------------------------
 sample:
         mov esi, [var(logits_buf)]
-        mov cx, [hdr(H_VOCAB)]
+        mov ecx, [hdr(H_VOCAB)]
         call argmax                     ; EAX = the greedy choice, EBX = the top logit
         cmp dword [RUN_BLOCK + RB_INV_TEMPERATURE], 0
         je .done
@@ -1563,9 +1564,9 @@ sample:
         mov edi, [var(sample_buf)]
         xor eax, eax
         mov [var(sample_total)], eax
-        mov cx, [hdr(H_VOCAB)]
+        mov ecx, [hdr(H_VOCAB)]
 .weight:
-        push cx
+        push ecx
         mov eax, [var(sample_top)]
         sub eax, [esi]
         add esi, 4
@@ -1577,9 +1578,9 @@ sample:
         cmp eax, [RUN_BLOCK + RB_MINP]
         jae .store
 .far:   xor eax, eax                    ; past the table (the scaled distance is 2^32 or more), or below min-p
-.store: a32 stosd
+.store: stosd
         add [var(sample_total)], eax
-        pop cx
+        pop ecx
         loop .weight                    ; EDI = the picks: (index, e) pairs in the order
         mov edx, [hdr(H_VOCAB)]
         mov eax, [RUN_BLOCK + RB_TOPK]
@@ -1589,8 +1590,7 @@ sample:
         jb .keep
         xchg eax, edx
 .keep:  inc eax                         ; top-k if 0 < topk < vocab_size, else vocab_size
-        shl eax, 3
-        add eax, edi
+        lea eax, [edi + eax*8]
         mov [var(sample_keep_end)], eax
         mov eax, [RUN_BLOCK + RB_TOPP]
         or edx, -1                      ; top-p off: no running sum is above this
@@ -1605,7 +1605,7 @@ sample:
         or edx, [RUN_BLOCK + RB_TOPK]
         mov [var(sample_sorted)], edx   ; 0 when both are off: index order
         mov [var(sample_picks)], edi
-        push bp
+        push ebp
         xor ebp, ebp                    ; the kept weight
 .pick:  mov eax, edi
         sub eax, [sample_picks]
@@ -1613,14 +1613,14 @@ sample:
         mov esi, [sample_buf]
         cmp dword [sample_sorted], 0
         je .picked
-        mov cx, [HDR + H_VOCAB]
+        mov ecx, [HDR + H_VOCAB]
         call argmax                     ; the largest weight not picked yet
 .picked:
-        a32 stosd
+        stosd
         or ebx, -1
         xchg ebx, [esi + eax*4]
         xchg eax, ebx
-        a32 stosd
+        stosd
         add ebp, eax
         cmp ebp, [sample_threshold]
         ja .cut
@@ -1628,13 +1628,13 @@ sample:
         jb .pick
 .cut:   mov eax, [sample_coin]
         mul ebp
-        pop bp
+        pop ebp
         shrd eax, edx, 24
         xchg eax, edx                   ; target < the kept weight
         mov esi, [var(sample_picks)]
-.walk:  a32 lodsd
+.walk:  lodsd
         xchg eax, ebx
-        a32 lodsd
+        lodsd
         cmp edx, eax
         jb .found
         sub edx, eax
@@ -1643,36 +1643,32 @@ sample:
 .done:  ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; random_u32 (sampling.py XorShiftRng.next_u32, run.c's xorshift64*): s ^= s >> 12; s ^= s << 25; s ^= s >> 27,
-; each as 64-bit shifts one bit at a time; then the high dword of the low 64 bits of s * 0x2545F4914F6CDD1D
-; from three 32 x 32 multiplies.
+; random_u32 (sampling.py XorShiftRng.next_u32, run.c's xorshift64*): s ^= s >> 12; s ^= s << 25; s ^= s >> 27
+; in 64 bits; then the high dword of the low 64 bits of s * 0x2545F4914F6CDD1D from three 32 x 32 multiplies.
 ; Output:   EAX = u32; the state in the run block's seed field advanced
-; Clobbers: EBX, ECX, EDX, SI, EDI
+; Clobbers: EBX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 random_u32:
         mov ebx, [RUN_BLOCK + RB_SEED]  ; s = EDX:EBX
         mov edx, [RUN_BLOCK + RB_SEED + 4]
-        mov si, xorshift_shifts
-.step:  lodsb
-        cbw
-        xchg ax, cx                     ; bits to shift, negative: to the left
-        mov eax, ebx
-        mov edi, edx                    ; t = s
-.bit:   test cx, cx
-        jl .left
-        shr edi, 1
-        rcr eax, 1
-        dec cx
-        jmp .shifted
-.left:  shl eax, 1
-        rcl edi, 1
-        inc cx
-.shifted:
-        jnz .bit
-        xor ebx, eax                    ; s ^= t
+        mov eax, ebx                    ; s ^= s >> 12
+        mov edi, edx
+        shrd eax, edi, 12
+        shr edi, 12
+        xor ebx, eax
         xor edx, edi
-        cmp si, xorshift_shifts + 3
-        jb .step
+        mov eax, ebx                    ; s ^= s << 25
+        mov edi, edx
+        shld edi, eax, 25
+        shl eax, 25
+        xor ebx, eax
+        xor edx, edi
+        mov eax, ebx                    ; s ^= s >> 27
+        mov edi, edx
+        shrd eax, edi, 27
+        shr edi, 27
+        xor ebx, eax
+        xor edx, edi
         mov [RUN_BLOCK + RB_SEED], ebx
         mov [RUN_BLOCK + RB_SEED + 4], edx
         imul ecx, edx, 0x4F6CDD1D       ; hi * low half of the multiplier
@@ -1684,20 +1680,23 @@ random_u32:
         xchg eax, edx
         ret
 
-xorshift_shifts:    db 12, -25, 27
 wide_kinds:         db K_TOKEN_EMBEDDING_Q, K_WQKV_Q, K_WO_Q, K_W13_Q, K_W2_Q, K_WCLS_Q, K_WCLS_RESIDUAL_Q
 WIDE_KINDS          equ $ - wide_kinds
 %endif
 
-gdt_descriptor:                         ; lgdt's 6 bytes, which also fill the GDT's unused null descriptor
-gdt:                dw gdt_end - gdt - 1
+gdt:                                    ; lgdt's 6 bytes fill the unused null descriptor
+                    dw gdt_end - gdt - 1
                     dd gdt
                     dw 0
-flat_data:                              ; base 0, limit 0xFFFFF pages = 4 GiB, present writable data, 16-bit
-                    dw 0xFFFF, 0x0000
-                    db 0x00, 0x92, 0x8F, 0x00
+.code32:            dw 0xFFFF, 0x0000   ; base 0, limit 0xFFFFF pages = 4 GiB, execute/read, 32-bit
+                    db 0x00, 0x9A, 0xCF, 0x00
+.data32:            dw 0xFFFF, 0x0000   ; base 0, 4 GiB, read/write, 32-bit stack
+                    db 0x00, 0x92, 0xCF, 0x00
+.code16:            dw 0xFFFF, 0x0000   ; base 0, 64 KiB, execute/read, 16-bit: the way back to real mode
+                    db 0x00, 0x9A, 0x00, 0x00
+.data16:            dw 0xFFFF, 0x0000   ; base 0, 64 KiB, read/write, 16-bit: what real mode expects
+                    db 0x00, 0x92, 0x00, 0x00
 gdt_end:
-FLAT_DATA_SELECTOR  equ flat_data - gdt
 
 dap:                                    ; INT 13h AH=42h disk address packet, buffer fixed at DISK_BUFFER
                     db 16, 0
@@ -1722,11 +1721,12 @@ engine_end:
 boot_drive:         resb 1
 disk_status:        resb 1              ; AH of the last INT 13h read
 a20_probe:          resb 1
+                    resb 1
 mem_top:            resd 1
 model_sectors:      resd 1
 heap_base:          resd 1
 HDR:                resb HDR_BYTES      ; the packed header's copy: [hdr(H_x)]
-VARS:                                   ; BP in the model code: [var(x)]
+VARS:                                   ; EBP - VARS_BIAS in the model code: [var(x)]
 buffers:                                ; N_BUFFERS slots of SLOT_BYTES (setup_model)
 x_buf:              resd 1              ; Q16.16 residual stream (dim)
 xb_buf:             resd 1              ; rmsnorm and attention output (dim)
@@ -1744,7 +1744,6 @@ kv_block:           resd 1              ; bytes of a cache block
 off_vt:             resd 1              ; the values in a block
 kv_stride:          resd 1              ; bytes of a key row
 value_row:          resd 1              ; bytes of a transposed value row
-value_bytes:        resd 1              ; of a block's values
 key_skip:           resd 1              ; from a key row's Dv to the next row's Dk
 head_size:          resd 1
 kv_dim:             resd 1
@@ -1755,25 +1754,27 @@ act_n:              resd 1              ; quantize_act's n, 2n, k and the end of
 act_row:            resd 1
 act_k:              resd 1
 act_end:            resd 1
+kv_base:            resd 1              ; the first cache block
+layer_bytes:        resd 1              ; n_kv_heads blocks
+steps:              resd 1              ; forward passes to run
+dot_start:          resd 1              ; dot_row's first index and entry (set_dot_length)
+dot_entry:          resd 1
 SCRATCH:                                ; each routine's own variables, overlaid
         absolute SCRATCH
 rows_left:          resd 1              ; matvec
 matvec_shift:       resd 1
         absolute SCRATCH
-rms_inv:            resd 1              ; rmsnorm
-        absolute SCRATCH
-heads_left:         resw 1              ; rope
-pairs_left:         resw 1              ; rope, attention
-rope_terms:         resw 3              ; sin, cos, -sin
-        absolute SCRATCH + 4
+heads_left:         resd 1              ; rope
+pairs_left:         resd 1              ; rope, attention
+rope_terms:         resw 4              ; sin, cos, -sin
+        absolute SCRATCH + 8
 kv_step:            resd 1              ; store_kv
 kv_top:             resd 1
 kv_half:            resd 1
 kv_count:           resd 1
-        absolute SCRATCH + 4
+        absolute SCRATCH + 8
 head:               resd 1              ; attention
 head_off:           resd 1              ; 4 * head * head_size
-neg_head_size:      resd 1
 att_end:            resd 1
 att_block:          resd 1
 att_shift:          resd 1
@@ -1785,11 +1786,6 @@ sample_keep_end:    resd 1
 sample_threshold:   resd 1
 sample_sorted:      resd 1
 sample_picks:       resd 1
-kv_base:            resd 1              ; the first cache block
-layer_bytes:        resd 1              ; n_kv_heads blocks
-steps:              resd 1              ; forward passes to run
-dot_start:          resd 1              ; dot_row's first index and entry (set_dot_length)
-dot_entry:          resd 1
 VARS_END:
 SEC:                resb 16 * N_KINDS   ; per section kind: SEC_ADDR, SEC_LEN, SEC_PARAM
 SEC_END:
