@@ -208,13 +208,14 @@ def test_assembly_constants_match_python(selftest_image):
     for i, name in enumerate(fields):
         assert engine[f"RB_{name}"] == struct.calcsize("<" + "".join(codes[:i])), name
     assert engine["RB_PROMPT_IDS"] == img.RUN_BLOCK_HEADER
-    for symbols in (engine, boot_sector):
-        assert symbols["RUN_MAGIC"].to_bytes(4, "little") == img.RUN_MAGIC
-        assert symbols["RB_ENGINE_SECTORS"] == engine["RB_ENGINE_SECTORS"]
+    assert boot_sector["RUN_MAGIC"].to_bytes(4, "little") == img.RUN_MAGIC
+    for field in ("MAGIC", "VERSION", "ENGINE_SECTORS", "MODEL_LBA", "MODEL_BYTES"):
+        assert boot_sector[f"RB_{field}"] == engine[f"RB_{field}"]
     assert boot_sector["RUN_BLOCK_LBA"] == img.RUN_BLOCK_LBA and boot_sector["ENGINE_LBA"] == img.ENGINE_LBA
     assert boot_sector["MAX_ENGINE_SECTORS"] * img.SECTOR == img.MAX_ENGINE_BYTES
     assert boot_sector["ENGINE_BASE"] == engine["ENGINE_BASE"] == engine["engine_start"] == img.ENGINE_BASE
-    assert engine["RUN_VERSION"] == img.RUN_VERSION and engine["MODEL_BASE"] == MODEL_BASE
+    assert boot_sector["RUN_VERSION"] == img.RUN_VERSION
+    assert engine["MODEL_BASE"] == boot_sector["MODEL_BASE"] == MODEL_BASE
     assert (engine["STX"], engine["ETX"]) == (img.STX, img.ETX)
     assert (engine["SERIAL_HOLD"], engine["SERIAL_GO"]) == (img.SERIAL_HOLD, img.SERIAL_GO)
     statuses = {**{k: v for k, v in boot_sector.items() if k.startswith("STATUS_")},
@@ -350,7 +351,7 @@ def test_emulator_reports_a_disk_error(selftest_image, tmp_path):
     cut = data[:(selftest_image.layout.model_lba + 10) * img.SECTOR]
     result = emulator.emulate(cut, memory_mib=16)
     assert result.status == Status.DISK_ERROR
-    assert "disk error 4\n" in result.log
+    assert "sectorllm: disk error 04h\n" in result.log  # the emulator's INT 13h status past the image's end
 
 
 def test_emulator_bios_keys_and_ticks(tmp_path):

@@ -1,14 +1,18 @@
-; boot.asm - sectorllm boot sector: loads the run block and the engine with INT 13h extensions, then jumps to the engine.
+; boot.asm - sectorllm boot sector: loads the whole image, the model above 1 MiB included, with BIOS services only,
+; opens A20 and jumps to the engine.
 ;
 ; Disk image (512-byte sectors, LBA; image.py writes it, docs there):
 ;   LBA 0                 this boot sector
-;   LBA 1                 run block: magic "SLRB", engine sector count, model LBA and length, generation parameters
+;   LBA 1                 run block: magic "SLRB", version, engine sector count, model LBA and length, generation
+;                         parameters
 ;   LBA 2 .. 2+E-1        engine binary, E = run block engine_sectors (at most 64: 32 KiB)
 ;   LBA model_lba ..      model blob, model_bytes long (sector-aligned start)
 ;
 ; Memory when the engine starts (physical addresses):
 ;   0x07C00  this sector          0x07E00  run block          0x08000  engine (entered at its first byte)
-;   CS=DS=ES=SS=0, SP=0x7C00, DL = BIOS drive number we booted from, interrupts on, direction flag clear.
+;   0x10000  DISK_BUFFER, where each chunk is read before INT 15h AH=87h copies it up
+;   0x100000 MODEL_BASE: the model, its last sector padded with what the disk holds there
+;   A20 open, CS=DS=ES=SS=0, SP=0x7C00, interrupts on, direction flag clear.
 ;
 ; On failure it prints a one-line reason to COM1 and the screen and ends the run through QEMU's isa-debug-exit
 ; (port 0xF4; QEMU exits with status (v << 1) | 1), then halts for machines without that device.
@@ -19,20 +23,30 @@
         org 0x7C00
 
 STACK_TOP           equ 0x7C00
+A20_PROBE           equ 0x0500
+MOVE_GDT            equ 0x0600          ; INT 15h AH=87h's six descriptors; the BIOS fills in four
 RUN_BLOCK           equ 0x7E00
 ENGINE_BASE         equ 0x8000
+DISK_BUFFER         equ 0x10000
+MODEL_BASE          equ 0x100000
 RUN_BLOCK_LBA       equ 1
 ENGINE_LBA          equ 2
-MAX_ENGINE_SECTORS  equ 64              ; the engine lives in 0x8000..0xFFFF: 16-bit offsets with DS=0
+MAX_ENGINE_SECTORS  equ 64              ; the engine lives in 0x8000..0xFFFF
+LOAD_CHUNK_SECTORS  equ 64              ; 32 KiB: fits DISK_BUFFER, under the 127-sector limit of some BIOSes
 RB_MAGIC            equ 0               ; run block field offsets (image.py RUN_BLOCK_FORMAT)
+RB_VERSION          equ 4
 RB_ENGINE_SECTORS   equ 6
+RB_MODEL_LBA        equ 8
+RB_MODEL_BYTES      equ 12
 RUN_MAGIC           equ 'SLRB'
+RUN_VERSION         equ 2
 
 COM1                equ 0x3F8
+SYSTEM_CONTROL_A    equ 0x92            ; "fast A20" port
 DEBUG_EXIT_PORT     equ 0xF4
-STATUS_NO_EDD        equ 0x01
-STATUS_DISK_ERROR    equ 0x02
-STATUS_BAD_RUN_BLOCK equ 0x03
+STATUS_DISK_ERROR       equ 0x02
+STATUS_BAD_RUN_BLOCK    equ 0x03
+STATUS_A20_CLOSED       equ 0x04
 
 start:
         cli
@@ -43,112 +57,156 @@ start:
         mov sp, STACK_TOP
         sti
         cld
-        jmp 0:normalized_cs             ; some BIOSes enter at 07C0:0000; the engine expects CS=0
+        jmp 0:normalized_cs             ; some BIOSes enter at 07C0:0000
 normalized_cs:
-        mov [boot_drive], dl
+        mov [dap.drive], dl
         call serial_init
-
-        mov ah, 0x41                    ; INT 13h extensions present, with the packet (AH=42h) interface?
-        mov bx, 0x55AA
-        mov dl, [boot_drive]
-        int 0x13
-        jc no_extensions
-        cmp bx, 0xAA55
-        jne no_extensions
-        test cl, 1
-        jz no_extensions
 
         mov eax, RUN_BLOCK_LBA
         mov cx, 1
-        mov bx, RUN_BLOCK
+        mov bx, RUN_BLOCK >> 4
         call read_sectors
-        cmp dword [RUN_BLOCK + RB_MAGIC], RUN_MAGIC
-        jne bad_run_block
-        mov cx, [RUN_BLOCK + RB_ENGINE_SECTORS]
-        jcxz bad_run_block
-        cmp cx, MAX_ENGINE_SECTORS
-        ja bad_run_block
-
-        mov eax, ENGINE_LBA
-        mov bx, ENGINE_BASE
-        call read_sectors
-        mov dl, [boot_drive]
-        jmp 0:ENGINE_BASE
-
-no_extensions:
-        mov si, msg_no_extensions
-        mov al, STATUS_NO_EDD
-        jmp fail
-bad_run_block:
         mov si, msg_bad_run_block
         mov al, STATUS_BAD_RUN_BLOCK
-        jmp fail
+        cmp dword [RUN_BLOCK + RB_MAGIC], RUN_MAGIC
+        jne fail
+        cmp word [RUN_BLOCK + RB_VERSION], RUN_VERSION
+        jne fail
+        mov cx, [RUN_BLOCK + RB_ENGINE_SECTORS]
+        dec cx                          ; 1..MAX_ENGINE_SECTORS
+        cmp cx, MAX_ENGINE_SECTORS - 1
+        ja fail
+        inc cx
+        mov al, ENGINE_LBA
+        mov bx, ENGINE_BASE >> 4
+        call read_sectors
+
+        in al, SYSTEM_CONTROL_A         ; open A20
+        or al, 0x02
+        and al, 0xFE                    ; bit 0 would reset the machine
+        out SYSTEM_CONTROL_A, al
+        push 0xFFFF
+        pop es
+        mov byte [A20_PROBE], 0         ; with A20 closed, 1 MiB higher is the same byte
+        mov byte [es:A20_PROBE + 0x10], 1
+        push ds
+        pop es
+        mov si, msg_a20_closed
+        mov al, STATUS_A20_CLOSED
+        cmp byte [A20_PROBE], 0
+        jne fail
+
+        mov ebp, [RUN_BLOCK + RB_MODEL_BYTES]
+        add ebp, 511
+        shr ebp, 9                      ; sectors left to load
+        mov si, move_descriptors        ; source (DISK_BUFFER) and destination descriptors
+        mov di, MOVE_GDT + 0x10
+        mov cx, 8
+        rep movsw
+        mov edi, MODEL_BASE
+        mov eax, [RUN_BLOCK + RB_MODEL_LBA]
+.chunk: mov ecx, LOAD_CHUNK_SECTORS
+        cmp ebp, ecx
+        jae .read
+        mov cx, bp
+.read:  mov bx, DISK_BUFFER >> 4
+        call read_sectors
+        mov [MOVE_GDT + 0x1A], di       ; destination base, bits 0..15, 16..23 and 24..31
+        ror edi, 16
+        mov bx, di
+        mov [MOVE_GDT + 0x1C], bl
+        mov [MOVE_GDT + 0x1F], bh
+        ror edi, 16
+        pushad
+        mov si, MOVE_GDT
+        shl cx, 8                       ; sectors -> words
+        mov ah, 0x87
+        int 0x15                        ; copy to extended memory (the BIOS opens A20 for it)
+        popad
+        jc disk_error
+        add eax, ecx
+        shl ecx, 9
+        add edi, ecx
+        shr ecx, 9
+        sub ebp, ecx
+        jnz .chunk
+        jmp 0:ENGINE_BASE
 
 ; ---------------------------------------------------------------------------------------------------------------
-; read_sectors: read CX sectors starting at LBA EAX into 0:BX with INT 13h AH=42h; fails the boot on a disk error.
-; Entry:    EAX = first LBA, CX = sector count (1..64), BX = destination offset in segment 0
+; read_sectors: read CX sectors starting at LBA EAX to BX:0 with INT 13h AH=42h; fails the boot on a disk error.
+; Entry:    EAX = first LBA, CX = sector count (1..64), BX = destination segment
 ; Output:   the sectors in memory
-; Clobbers: AX, SI, DL
+; Clobbers: nothing
 ; ---------------------------------------------------------------------------------------------------------------
 read_sectors:
+        pushad
         mov [dap.count], cx
-        mov [dap.offset], bx
+        mov [dap.segment], bx
         mov [dap.lba], eax
         mov si, dap
-        mov dl, [boot_drive]
+        mov dl, [dap.drive]
         mov ah, 0x42
         int 0x13
-        jc .error
+        jc disk_error
+        popad
         ret
-.error:
-        mov al, ah                      ; BIOS status byte, printed so a failing disk can be looked up
-        call hex_byte_into_message
+
+disk_error:                             ; AH = the BIOS status, printed so a failing disk can be looked up
+        mov al, ah
+        aam 16                          ; AH, AL = its two hex digits
+        mov di, msg_disk_status + 2
+.digit: cmp al, 10
+        sbb al, 0x69
+        das                             ; 0..15 -> '0'..'9', 'A'..'F'
+        dec di
+        mov [di], al
+        mov al, ah
+        cmp di, msg_disk_status
+        ja .digit
         mov si, msg_disk_error
         mov al, STATUS_DISK_ERROR
         ; fall through into fail
 
 ; ---------------------------------------------------------------------------------------------------------------
-; fail: print a NUL-terminated message to COM1 and the screen, end the run with a status, never return.
+; fail: print "sectorllm: " and a NUL-terminated message to COM1 and the screen, end the run with a status.
 ; Entry:    SI = message, AL = status for isa-debug-exit
 ; ---------------------------------------------------------------------------------------------------------------
 fail:
-        mov bl, al
-.next:
-        lodsb
-        test al, al
-        jz .end
-        call put_char
-        jmp .next
-.end:
-        mov al, bl
+        push ax
+        push si
+        mov si, msg_prefix
+        call print
+        pop si
+        call print
+        pop ax
         out DEBUG_EXIT_PORT, al
-.halt:
-        cli
+.halt:  cli
         hlt
         jmp .halt
 
-; ---------------------------------------------------------------------------------------------------------------
-; hex_byte_into_message: write AL as two hex digits into the disk error message.
-; Entry:    AL = byte
-; Clobbers: AX
-; ---------------------------------------------------------------------------------------------------------------
-hex_byte_into_message:
-        mov ah, al
-        shr al, 4
-        call .digit
-        mov [msg_disk_status], al
-        mov al, ah
-        and al, 0x0F
-        call .digit
-        mov [msg_disk_status + 1], al
-        ret
-.digit:
-        add al, '0'
-        cmp al, '9'
-        jbe .done
-        add al, 'A' - '0' - 10
-.done:
-        ret
+; print: a NUL-terminated string at SI to COM1 and the screen ("\n" as CR LF there). Clobbers: AX, BX, CX, DX, SI
+print:  lodsb
+        test al, al
+        jz .done
+        mov cl, al
+        mov dx, COM1 + 5
+.wait:  in al, dx                       ; line status bit 5: transmit holding register empty
+        test al, 0x20
+        jz .wait
+        mov dl, COM1 & 0xFF
+        mov al, cl
+        out dx, al
+        xor bx, bx
+        cmp al, 10
+        jne .screen
+        mov ax, 0x0E0D
+        int 0x10
+        mov al, 10
+.screen:
+        mov ah, 0x0E
+        int 0x10
+        jmp print
+.done:  ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; serial_init: COM1 at 115200 baud, 8 data bits, no parity, 1 stop bit, no FIFOs, no interrupts.
@@ -178,47 +236,25 @@ serial_init:
         out dx, al
         ret
 
-; ---------------------------------------------------------------------------------------------------------------
-; put_char: send AL to COM1 (raw) and to the screen (BIOS teletype; "\n" becomes CR LF there only).
-; Entry:    AL = byte
-; Clobbers: nothing
-; ---------------------------------------------------------------------------------------------------------------
-put_char:
-        pusha
-        mov cl, al
-        mov dx, COM1 + 5
-.wait_thr:
-        in al, dx                       ; line status bit 5: transmit holding register empty
-        test al, 0x20
-        jz .wait_thr
-        mov dx, COM1
-        mov al, cl
-        out dx, al
-        cmp al, 10
-        jne .screen
-        mov ax, 0x0E0D
-        xor bx, bx
-        int 0x10
-        mov al, 10
-.screen:
-        mov ah, 0x0E
-        xor bx, bx
-        int 0x10
-        popa
-        ret
-
-boot_drive:         db 0
 dap:                                    ; INT 13h AH=42h disk address packet
                     db 16, 0
 .count:             dw 0
 .offset:            dw 0
 .segment:           dw 0
 .lba:               dq 0
+.drive:             db 0                ; (not part of the packet) the BIOS drive we booted from
 
-msg_no_extensions:  db "sectorllm boot: this BIOS has no INT 13h extensions (AH=42h)", 10, 0
-msg_bad_run_block:  db "sectorllm boot: sector 1 is not a sectorllm run block (rebuild the image)", 10, 0
-msg_disk_error:     db "sectorllm boot: disk read failed, INT 13h status 0x"
-msg_disk_status:    db "??", 10, 0
+move_descriptors:                       ; INT 15h AH=87h source and destination: 64 KiB, present writable data
+                    dw 0xFFFF, DISK_BUFFER & 0xFFFF
+                    db DISK_BUFFER >> 16, 0x93, 0, 0
+                    dw 0xFFFF, 0
+                    db 0, 0x93, 0, 0
+
+msg_prefix:         db "sectorllm: ", 0
+msg_bad_run_block:  db "not a sectorllm run block", 10, 0
+msg_a20_closed:     db "A20 closed", 10, 0
+msg_disk_error:     db "disk error "
+msg_disk_status:    db "??h", 10, 0
 
 code_end:
         times 510 - ($ - $$) db 0

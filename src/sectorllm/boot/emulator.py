@@ -1,7 +1,7 @@
 """Run a boot image in-process on the unicorn CPU emulator, with a small BIOS shim, counting guest instructions.
 
-The shim answers the BIOS interrupts and I/O ports the engine uses (INT 10h teletype, INT 13h extended reads from
-the image, INT 15h memory size, INT 16h keys from a string, INT 1Ah ticks; COM1, port 0x92, isa-debug-exit) from
+The shim answers the BIOS interrupts and I/O ports the image uses (INT 10h teletype, INT 13h extended reads from
+the image, INT 15h memory size and extended-memory moves, INT 16h keys from a string, INT 1Ah ticks; COM1, port 0x92, isa-debug-exit) from
 Python hooks, so no BIOS code runs in the guest: every counted instruction is the image's own.
 
 Counting: a block hook adds each translation block's instruction count, which unicorn reports for the block
@@ -302,6 +302,8 @@ class Emulator:
             above_16m = max(self.memory_bytes - (16 << 20), 0) >> 16
             self._set(ax=below_16m, cx=below_16m, bx=above_16m, dx=above_16m)
             self._flags(carry=False)
+        elif ax >> 8 == 0x87:
+            self._flags(carry=not self._move_extended())
         elif ax >> 8 == 0x88:
             self._set(ax=min(extended >> 10, 0xFFFF))
             self._flags(carry=False)
@@ -311,6 +313,25 @@ class Emulator:
         else:
             self._set(ah=0x86)  # unsupported function
             self._flags(carry=True)
+
+    def _move_extended(self) -> bool:
+        """INT 15h AH=87h: copy CX words between the bases of the source and destination descriptors of the table at
+        ES:SI. As on a PC, what lands past the end of RAM is lost."""
+        table = (self._reg("es") << 4) + (self._reg("esi") & 0xFFFF)
+        source, destination = (self._descriptor_base(self.read_memory(table + offset, 8)) for offset in (0x10, 0x18))
+        n = 2 * (self._reg("ecx") & 0xFFFF)
+        if n > 0x10000 or source + n > self.memory_bytes:
+            self._set(ah=0x02)
+            return False
+        data = self.read_memory(source, n)[:max(0, self.memory_bytes - destination)]
+        if data:
+            self.uc.mem_write(destination, data)
+        self._set(ah=0)
+        return True
+
+    @staticmethod
+    def _descriptor_base(descriptor: bytes) -> int:
+        return int.from_bytes(descriptor[2:5], "little") | descriptor[7] << 24
 
     def _int16(self) -> None:
         ah = self._reg("eax") >> 8 & 0xFF

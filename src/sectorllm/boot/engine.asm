@@ -54,9 +54,7 @@
 STACK_TOP           equ 0x7C00
 RUN_BLOCK           equ 0x7E00
 ENGINE_BASE         equ 0x8000
-DISK_BUFFER         equ 0x10000
 MODEL_BASE          equ 0x100000
-LOAD_CHUNK_SECTORS  equ 64              ; 32 KiB: fits DISK_BUFFER, under the 127-sector limit of some BIOSes
 SECTOR              equ 512
 HEAP_ALIGN          equ 4096
 
@@ -73,14 +71,11 @@ RB_SEED             equ 32              ; u64, the xorshift64* state
 RB_STEPS            equ 40              ; u16, forward passes, prompt included; 0 = the whole context
 RB_PROMPT_COUNT     equ 42              ; u16
 RB_PROMPT_IDS       equ 44              ; u16[RB_PROMPT_COUNT], BOS first
-RUN_MAGIC           equ 'SLRB'
-RUN_VERSION         equ 2
 
 COM1                equ 0x3F8
 UART_LSR            equ COM1 + 5
 LSR_DATA_READY      equ 0x01
 LSR_THR_EMPTY       equ 0x20
-SYSTEM_CONTROL_A    equ 0x92            ; "fast A20" port
 DEBUG_EXIT_PORT     equ 0xF4
 
 STX                 equ 0x02
@@ -89,9 +84,6 @@ SERIAL_HOLD         equ 0x12
 SERIAL_GO           equ 0x14
 
 STATUS_OK               equ 0x00        ; image.py Status mirrors these
-STATUS_DISK_ERROR       equ 0x02
-STATUS_BAD_RUN_BLOCK    equ 0x03
-STATUS_A20_CLOSED       equ 0x04
 STATUS_MODEL_TOO_LARGE  equ 0x05
 
 HDR_BYTES           equ 128             ; the packed header (docs/format.md), copied to HDR; fields, u32 / i32:
@@ -143,7 +135,7 @@ BOS                 equ 1
 EOS                 equ 2
 KEY_SHIFT           equ 15              ; cached keys are int16, values int8 (fixed.py KEY_SHIFT, VALUE_SHIFT)
 VALUE_SHIFT         equ 7
-DOT_UNROLL          equ 32              ; multiply-adds per pass of dot_row
+
 SLOT_BYTES          equ 0x100000        ; a buffer: 16 bytes for each of up to 65536 elements
 
 CODE32              equ gdt.code32 - gdt  ; selectors
@@ -155,10 +147,10 @@ DATA16              equ gdt.data16 - gdt
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; engine_start: the entry point, in real mode: load the GDT and enter protected mode at main.
-; Entry:    CS = DS = ES = SS = 0, SP = STACK_TOP, DL = BIOS boot drive, run block at RUN_BLOCK (boot.asm)
+;           (boot.asm: run block at RUN_BLOCK, the model at MODEL_BASE, A20 open)
+; Entry:    CS = DS = ES = SS = 0, SP = STACK_TOP
 ; ---------------------------------------------------------------------------------------------------------------
 engine_start:
-        mov [boot_drive], dl
         lgdt [gdt]
         push dword main                 ; what bios.protected returns to
         push ebp
@@ -167,7 +159,7 @@ engine_start:
 ; ---------------------------------------------------------------------------------------------------------------
 ; bios: call a BIOS routine from protected mode: through a 16-bit segment back to real mode, `call di` there with
 ; interrupts on, then back to protected mode.
-; Entry:    EDI = one of the real-mode stubs int10, int13, int15; EAX, EBX, ECX, EDX, ESI as the BIOS wants them
+; Entry:    EDI = one of the real-mode stubs int10, int15; EAX, EBX, ECX, EDX, ESI as the BIOS wants them
 ;           (DS = ES = 0 in real mode: SI is an offset in segment 0)
 ; Output:   EAX, EBX, ECX, EDX, ESI, EDI and CF as the BIOS leaves them
 ; Clobbers: whatever the BIOS clobbers
@@ -209,34 +201,16 @@ bios:   push ebp
         bits 16
 int10:  int 0x10
         ret
-int13:  int 0x13
-        ret
 int15:  int 0x15
         ret
         bits 32
 
 ; ---------------------------------------------------------------------------------------------------------------
-; main: check the run block, open A20, size the memory, load the model, generate, end the run.
+; main: size the memory, check that the model fits, set it up and generate; end the run.
 ; ---------------------------------------------------------------------------------------------------------------
 main:
         mov esi, msg_banner
         call print_string
-        mov al, STATUS_BAD_RUN_BLOCK
-        mov esi, msg_bad_run_block
-        cmp word [RUN_BLOCK + RB_VERSION], RUN_VERSION   ; the boot sector checked the magic
-        jne fail
-        in al, SYSTEM_CONTROL_A
-        or al, 0x02
-        and al, 0xFE                    ; bit 0 would reset the machine
-        out SYSTEM_CONTROL_A, al
-        mov ebx, a20_probe
-        mov byte [ebx], 0               ; with A20 closed, 1 MiB higher is the same byte
-        mov byte [ebx + 0x100000], 1
-        mov al, STATUS_A20_CLOSED
-        mov esi, msg_a20_closed
-        cmp byte [ebx], 0
-        jne fail
-
         mov eax, 0xE801                 ; the RAM from 1 MiB: KiB up to 16 MiB, 64 KiB blocks above
         xor ebx, ebx
         xor ecx, ecx
@@ -260,16 +234,12 @@ main:
 .top:   mov [mem_top], eax
 
         mov eax, [RUN_BLOCK + RB_MODEL_BYTES]
-        add eax, SECTOR - 1
-        shr eax, 9
-        mov [model_sectors], eax
-        shl eax, 9
-        add eax, MODEL_BASE
+        add eax, MODEL_BASE + SECTOR - 1
+        and eax, -SECTOR                ; the boot sector loaded whole sectors
         call check_memory
         add eax, HEAP_ALIGN - 1
         and eax, -HEAP_ALIGN
         mov [heap_base], eax
-        call load_model
 %ifdef SELFTEST
         call selftest
 %else
@@ -374,49 +344,6 @@ decimal:
         call edi
         popad
         ret
-
-; ---------------------------------------------------------------------------------------------------------------
-; load_model: read the model from disk to MODEL_BASE, LOAD_CHUNK_SECTORS at a time through DISK_BUFFER.
-; Entry:    [model_sectors] > 0
-; Output:   the model at MODEL_BASE; fails the run on a disk error
-; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI, EBP
-; ---------------------------------------------------------------------------------------------------------------
-load_model:
-        mov edi, MODEL_BASE
-        mov ebx, [RUN_BLOCK + RB_MODEL_LBA]
-        mov ebp, [model_sectors]
-.chunk: push byte LOAD_CHUNK_SECTORS
-        pop ecx
-        cmp ebp, ecx
-        jae .read
-        mov ecx, ebp
-.read:  mov [dap.count], cx
-        mov [dap.lba], ebx
-        pushad                          ; BIOSes differ in which registers they keep
-        mov esi, dap
-        mov dl, [boot_drive]
-        mov ah, 0x42
-        mov edi, int13
-        call bios
-        mov [disk_status], ah
-        popad
-        jc .disk_error
-        add ebx, ecx
-        sub ebp, ecx
-        mov esi, DISK_BUFFER
-        shl ecx, 7                      ; sectors -> dwords
-        rep movsd
-        test ebp, ebp
-        jnz .chunk
-        ret
-.disk_error:
-        mov esi, msg_disk_error
-        call print_string
-        movzx eax, byte [disk_status]
-        call print_decimal
-        mov esi, msg_kib + 4            ; its newline
-        mov al, STATUS_DISK_ERROR
-        jmp fail
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; serial_put: send one byte to COM1 once its transmit holding register is empty.
@@ -548,8 +475,10 @@ selftest:
         call report_value
 
         mov esi, MODEL_BASE
-        mov ecx, [model_sectors]
-        shl ecx, 7                      ; sectors -> dwords
+        mov ecx, [RUN_BLOCK + RB_MODEL_BYTES]
+        add ecx, SECTOR - 1
+        shr ecx, 9
+        shl ecx, 7                      ; whole sectors, as dwords
         xor ebx, ebx                    ; running sum
         xor edx, edx                    ; sum of running sums
 .checksum:
@@ -712,9 +641,30 @@ setup_model:
         add eax, SLOT_BYTES
         loop .place
         mov [var(kv_base)], eax
+        push eax
+        push edx
+        mov edi, [var(kernel_buf)]
+        mov edx, [hdr(H_DIM)]
+        add edx, [hdr(H_HIDDEN)]
+        add edx, [hdr(H_SEQ_LEN)]       ; more multiply-adds than any dot product needs
+        imul edx, edx, -2               ; the first one's q displacement
+.mac:   mov esi, mac_template
+        push byte MAC_BYTES + 1
+        pop ecx
+        rep movsb
+        dec edi                         ; the next copy overwrites the ret
+        mov [edi - MAC_BYTES + MAC_Q_DISP], edx
+        lea eax, [edx + edx]
+        mov [edi - MAC_BYTES + MAC_V_DISP], eax
+        inc edx
+        inc edx
+        jnz .mac
+        mov [var(kernel_end)], edi
+        pop edx
+        pop eax
         lea edi, [eax + edx]            ; the int16 weights follow the cache
         mov esi, wide_kinds
-.widen: lodsb                           ; int8 matrices to int16: one dot_row kernel for weights and keys
+.widen: lodsb                           ; int8 matrices to int16: one kernel for weights and keys
         movzx ebx, al
         shl ebx, 4
         add ebx, SEC
@@ -1004,40 +954,31 @@ quantize_act:
         ; fall through into set_dot_length
 
 ; ---------------------------------------------------------------------------------------------------------------
-; set_dot_length: make the dot_row kernel sum n products.
+; set_dot_length: make the dot-product kernel sum n products: its entry is n multiply-adds before its end.
 ; Entry:    EAX = n >= 1
-; Clobbers: EAX, ECX
+; Clobbers: EAX
 ; ---------------------------------------------------------------------------------------------------------------
 set_dot_length:
-        mov ecx, eax
-        neg ecx
-        and ecx, DOT_UNROLL - 1         ; products the first pass skips
-        add eax, ecx
-        neg eax
-        mov [dot_start], eax
-        imul ecx, ecx, DOT_MAC_BYTES
-        add ecx, dot_row
-        mov [dot_entry], ecx
+        imul eax, eax, -MAC_BYTES
+        add eax, [var(kernel_end)]
+        mov [dot_entry], eax
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; dot_row: EDX += wrap32(sum of q[j] * v[j]) over the n int16 q before ESI and the n i32 v before EBX, n as set by
-; set_dot_length; callers set ECX = [dot_start], EDX = 0 and call [dot_entry]. DOT_UNROLL multiply-adds per pass;
-; the first pass enters part-way to do n mod DOT_UNROLL.
-; Clobbers: EAX, ECX (0 on return)
+; The dot-product kernel: EDX += wrap32(sum of q[j] * v[j]) over the n int16 q before ESI and the n i32 v before
+; EBX; callers set n with set_dot_length, EDX = 0, and call [dot_entry]. setup_model writes it into kernel_buf:
+; dim + hidden_dim + seq_len copies of this multiply-add, the one k from the end with displacements -2k and -4k,
+; then a ret. One straight line: no loop counter, no index register.
+; Clobbers: EAX
 ; ---------------------------------------------------------------------------------------------------------------
-dot_row:
-%assign k 0
-%rep DOT_UNROLL
-        movsx eax, word [byte esi + ecx*2 + 2*k]
-        imul eax, [byte ebx + ecx*4 + 4*k]
+mac_template:
+        movsx eax, word [dword esi + 0]
+        imul eax, [dword ebx + 0]
         add edx, eax
-%assign k k + 1
-%endrep
-.end:   add ecx, DOT_UNROLL
-        jnz dot_row
         ret
-DOT_MAC_BYTES equ (dot_row.end - dot_row) / DOT_UNROLL
+MAC_BYTES           equ $ - mac_template - 1
+MAC_Q_DISP          equ 3               ; where the two displacements sit in a copy
+MAC_V_DISP          equ 10
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; matvec (fixed.py matvec, add=True): out[i] += (sum_j q[i, j] * act[j]) * s[i] >> (S - k) for each of the next
@@ -1057,7 +998,6 @@ matvec:
         mov [var(rows_left)], ecx
         mov cl, [ebx + 16 + SEC_PARAM]
         sub cl, [var(act_k)]
-        mov [var(matvec_shift)], cl
         mov esi, [ebx + SEC_ADDR]
         add esi, [var(act_row)]         ; dot_row reads back from the end of a row
         push ebx
@@ -1066,12 +1006,10 @@ matvec:
         mov ebx, [var(act_end)]
         push ebp
         xchg eax, ebp
-.row:   mov ecx, [dot_start]
-        xor edx, edx
+.row:   xor edx, edx
         call [dot_entry]
         mov eax, [ebp + edi]
         imul edx
-        mov cl, [matvec_shift]
         shrd eax, edx, cl
         add [ebp], eax
         add ebp, 4
@@ -1365,19 +1303,16 @@ attention:
         mov [var(att_block)], eax
         mov cl, 31
         sub cl, [var(act_k)]
-        mov [var(att_shift)], cl
         mov esi, [var(head_size)]
         lea esi, [eax + esi*2]          ; Dk of key row 0, after its keys
         mov edi, [var(att_buf)]
         mov ebx, [var(act_end)]
         push ebp
         mov ebp, 1 << 31                ; top
-.score: mov ecx, [dot_start]
-        xor edx, edx
+.score: xor edx, edx
         call [dot_entry]                ; qa . key[t]
         lodsd                           ; Dk
         imul edx
-        mov cl, [att_shift]
         shrd eax, edx, cl
         stosd
         cmp eax, ebp
@@ -1441,8 +1376,7 @@ attention:
         mov ebx, [var(att_end)]
         mov eax, [var(head_size)]
         mov [var(pairs_left)], eax
-.value: mov ecx, [dot_start]
-        xor edx, edx
+.value: xor edx, edx
         call [dot_entry]
         sar edx, VALUE_SHIFT
         xchg eax, edx
@@ -1698,32 +1632,17 @@ gdt:                                    ; lgdt's 6 bytes fill the unused null de
                     db 0x00, 0x92, 0x00, 0x00
 gdt_end:
 
-dap:                                    ; INT 13h AH=42h disk address packet, buffer fixed at DISK_BUFFER
-                    db 16, 0
-.count:             dw 0
-.offset:            dw DISK_BUFFER & 0xF
-.segment:           dw DISK_BUFFER >> 4
-.lba:               dq 0
-
 msg_banner:         db "sectorllm engine", 10, 0
-msg_bad_run_block:  db "sectorllm: bad run block", 10, 0
-msg_a20_closed:     db "sectorllm: A20 closed", 10, 0
 msg_needs:          db "sectorllm: needs ", 0
 msg_has:            db " KiB above 1 MiB, has ", 0
 msg_kib:            db " KiB", 10, 0
-msg_disk_error:     db "sectorllm: disk error ", 0
 
 engine_end:
 
         absolute engine_end
                     resb -(engine_end - engine_start) & 0xFFF  ; a page of their own: QEMU retranslates the code
                                                                 ; of any page that is written to
-boot_drive:         resb 1
-disk_status:        resb 1              ; AH of the last INT 13h read
-a20_probe:          resb 1
-                    resb 1
 mem_top:            resd 1
-model_sectors:      resd 1
 heap_base:          resd 1
 HDR:                resb HDR_BYTES      ; the packed header's copy: [hdr(H_x)]
 VARS:                                   ; EBP - VARS_BIAS in the model code: [var(x)]
@@ -1738,6 +1657,7 @@ logits_buf:         resd 1              ; (vocab_size)
 sample_buf:         resd 1              ; the sampler's e (vocab_size), then its picks
 exp_pairs:          resd 1              ; build_pairs tables
 silu_pairs:         resd 1
+kernel_buf:         resd 1              ; the dot-product kernel, written by setup_model
 N_BUFFERS           equ ($ - buffers) / 4
 layer_kv:           resd 1              ; this layer's first cache block
 kv_block:           resd 1              ; bytes of a cache block
@@ -1757,12 +1677,11 @@ act_end:            resd 1
 kv_base:            resd 1              ; the first cache block
 layer_bytes:        resd 1              ; n_kv_heads blocks
 steps:              resd 1              ; forward passes to run
-dot_start:          resd 1              ; dot_row's first index and entry (set_dot_length)
-dot_entry:          resd 1
+kernel_end:         resd 1              ; the dot-product kernel's ret
+dot_entry:          resd 1              ; its entry for the current length (set_dot_length)
 SCRATCH:                                ; each routine's own variables, overlaid
         absolute SCRATCH
 rows_left:          resd 1              ; matvec
-matvec_shift:       resd 1
         absolute SCRATCH
 heads_left:         resd 1              ; rope
 pairs_left:         resd 1              ; rope, attention
@@ -1777,7 +1696,6 @@ head:               resd 1              ; attention
 head_off:           resd 1              ; 4 * head * head_size
 att_end:            resd 1
 att_block:          resd 1
-att_shift:          resd 1
         absolute SCRATCH
 sample_top:         resd 1              ; sample
 sample_total:       resd 1

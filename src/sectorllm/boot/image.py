@@ -66,8 +66,7 @@ class Status(IntEnum):
     """End-of-run status: the end record's value and the byte sent to isa-debug-exit (boot.asm, engine.asm)."""
 
     OK = 0x00
-    NO_EDD = 0x01  # the BIOS has no INT 13h extensions
-    DISK_ERROR = 0x02
+    DISK_ERROR = 0x02  # an INT 13h or INT 15h AH=87h failure (INT 13h status 01h: the BIOS lacks AH=42h)
     BAD_RUN_BLOCK = 0x03
     A20_CLOSED = 0x04
     MODEL_TOO_LARGE = 0x05  # the model does not fit the machine's memory above 1 MiB
