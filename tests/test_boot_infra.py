@@ -130,8 +130,8 @@ def test_run_block_refuses_what_it_cannot_hold():
 
 
 def test_serial_decoder_separates_log_tokens_values_and_end():
-    stream = (b"boot log\n\x02Mchecksum=42\x03\x02T7,5\x03\x02\x03\n\x00\xff" b"more log\x02T8,0\x03"
-              b"\x02E0\x03")
+    stream = (b"boot log\n\x02Mchecksum=42\x03\x02T\x07\x01\x05\x02\x03\n\x00\xff" b"more log\x02T\x08\x00\x00"
+              b"\x02E\x00")
     whole = SerialDecoder()
     whole.feed(stream)
     for decoder in (whole, SerialDecoder()):
@@ -141,20 +141,21 @@ def test_serial_decoder_separates_log_tokens_values_and_end():
         out = decoder.output()
         assert out.log == "boot log\nmore log"
         assert out.values == {"checksum": 42}
-        assert list(out.tokens) == [Token(7, b"\x02\x03\n\x00\xff"), Token(8, b"")]
+        assert list(out.tokens) == [Token(263, b"\x02\x03\n\x00\xff"), Token(8, b"")]
         assert out.end_status == 0
 
 
 def test_serial_decoder_reports_each_record_when_complete():
     decoder = SerialDecoder()
-    assert decoder.feed(b"\x02T3,2\x03a") == []
-    assert decoder.feed(b"b\x02E5") == [Token(3, b"ab")]
-    assert decoder.feed(b"\x03") == [img.End(5)]
+    assert decoder.feed(b"\x02T\x03\x00\x02a") == []
+    assert decoder.feed(b"b\x02E") == [Token(3, b"ab")]
+    assert decoder.feed(b"\x05") == [img.End(5)]
 
 
-def test_serial_decoder_rejects_malformed_records():
+@pytest.mark.parametrize("stream", [b"\x02X", b"\x02Mseven\x03", b"\x02M=1\x03"])
+def test_serial_decoder_rejects_malformed_records(stream):
     with pytest.raises(BootError, match="malformed"):
-        SerialDecoder().feed(b"\x02Tseven\x03")
+        SerialDecoder().feed(stream)
 
 
 def test_ppm_to_png_keeps_every_pixel():
@@ -342,7 +343,7 @@ def test_emulator_reports_a_model_too_large_for_memory(tmp_path):
     info = build_image(bytes(1536 * 1024), RunBlock(), tmp_path / "big.img", engine_defines=SELFTEST)
     result = emulator.emulate(info.path, memory_mib=2)
     assert result.status == Status.MODEL_TOO_LARGE and result.end_status == Status.MODEL_TOO_LARGE
-    assert "needs 1536 KiB above 1 MiB, has 1024 KiB" in result.log
+    assert "sectorllm: too little memory\n" in result.log
 
 
 def test_emulator_reports_a_disk_error(selftest_image, tmp_path):

@@ -38,7 +38,9 @@ def _header(data: bytes) -> dict[str, int]:
              "vocab_size", "seq_len", "flags")
     values = struct.unpack_from("<11I", data, 4)
     fields = dict(zip(names, values))
-    fields["n_sections"], fields["table_offset"] = struct.unpack_from("<2I", data, 92)
+    fields["n_sections"], fields["table_offset"], fields["head_size"], fields["kv_dim"], fields["kv_mul"] = \
+        struct.unpack_from("<5I", data, 92)
+    fields["exp_shift"], fields["silu_shift"] = struct.unpack_from("<2I", data, 76)
     return fields
 
 
@@ -80,7 +82,7 @@ def test_round_trip_keeps_every_array_and_the_tokenizer(packed_file, tok512):
 
 def test_read_maps_the_file_without_copies(packed_file):
     back = read_packed(packed_file[0])
-    for array in (back.wqkv.q, back.wqkv.s, back.w2.q, back.rope, back.exp_table, back.tokenizer.scores):
+    for array in (back.wqkv.q, back.wqkv.s, back.w2.q, back.rope, back.tokenizer.scores):
         assert isinstance(_base_buffer(array), mmap.mmap)
         assert not array.flags.writeable
 
@@ -89,12 +91,13 @@ def test_layout_is_little_endian_paragraph_aligned_and_crc_checked(packed_file):
     path, model = packed_file
     data = path.read_bytes()
     h = _header(data)
-    assert data[:4] == b"SLLM" and h["version"] == 1 and h["file_bytes"] == len(data)
+    assert data[:4] == b"SLLM" and h["version"] == 2 and h["file_bytes"] == len(data)
     assert h["crc32"] == zlib.crc32(data[16:])
     c = model.config
     assert (h["dim"], h["hidden_dim"], h["n_layers"], h["n_heads"], h["n_kv_heads"], h["vocab_size"],
             h["seq_len"], h["flags"]) == (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads,
                                            c.vocab_size, c.seq_len, 1)
+    assert (h["head_size"], h["kv_dim"], h["kv_mul"]) == (4, 8, 2)
     entries = _entries(data)
     assert all(offset % 16 == 0 and offset + length <= len(data) for _, offset, length, _ in entries)
     by_kind = {kind: (offset, length, param) for kind, offset, length, param in entries}
@@ -106,6 +109,45 @@ def test_layout_is_little_endian_paragraph_aligned_and_crc_checked(packed_file):
     offset, length, param = by_kind[Section.WQKV_S]
     assert param == model.wqkv.shift and length == 4 * c.n_layers * qkv_rows
     assert Section.WCLS_Q not in by_kind  # the classifier is the embedding
+
+
+def test_tables_and_rope_are_stored_as_the_engine_reads_them(packed_file):
+    """Interpolation tables: mask, last index, shift, 0, then (t[i], t[i+1] - t[i]); RoPE: (sin, cos, -sin)."""
+    path, model = packed_file
+    data = path.read_bytes()
+    h, by_kind = _header(data), {kind: (offset, length) for kind, offset, length, _ in _entries(data)}
+    for kind, table, shift in ((Section.EXP_TABLE, model.exp_table, h["exp_shift"]),
+                               (Section.SILU_TABLE, model.silu_table, h["silu_shift"])):
+        offset, length = by_kind[kind]
+        words = struct.unpack_from(f"<{length // 4}i", data, offset)
+        assert words[:4] == ((1 << shift) - 1, len(table) - 1, shift, 0)
+        assert words[4::2] == tuple(table[:-1]) and words[5::2] == tuple(np.diff(table))
+    offset, length = by_kind[Section.ROPE]
+    c = model.config
+    rope = np.frombuffer(data, dtype="<i2", count=length // 2, offset=offset).reshape(c.seq_len, c.head_size // 2, 3)
+    np.testing.assert_array_equal(rope[..., 0], model.rope[..., 1])
+    np.testing.assert_array_equal(rope[..., 1], model.rope[..., 0])
+    np.testing.assert_array_equal(rope[..., 2], -model.rope[..., 1])
+
+
+def test_bos_skip_leaves_what_run_c_prints_after_bos(packed_file, tok512):
+    """After BOS run.c drops a piece's leading space, and then prints nothing for a lone unprintable byte."""
+    data = packed_file[0].read_bytes()
+    by_kind = {kind: (offset, length) for kind, offset, length, _ in _entries(data)}
+    pieces = load_tokenizer(tok512).pieces
+    offset, _ = by_kind[Section.PRINTED]
+    ends = struct.unpack_from(f"<{len(pieces) + 1}I", data, offset)
+    skip_offset, _ = by_kind[Section.BOS_SKIP]
+    for i, piece in enumerate(pieces):
+        printed = data[offset + ends[i]:offset + ends[i + 1]]
+        after_bos = printed[data[skip_offset + i]:]
+        stripped = piece[1:] if piece.startswith(b" ") else piece
+        byte = re.fullmatch(rb"<0x([0-9A-F]{2})>", stripped)
+        expected = bytes([int(byte.group(1), 16)]) if byte else stripped
+        if len(expected) == 1 and not (32 <= expected[0] < 127 or expected[0] in b"\t\n\v\f\r"):
+            expected = b""
+        assert after_bos == expected, (i, piece)
+    assert data[skip_offset + pieces.index(b" a")] == 1 and data[skip_offset + pieces.index(b"a")] == 0
 
 
 def test_printed_table_holds_what_run_c_prints(packed_file, tok512):
@@ -176,7 +218,7 @@ def _flip_payload_byte(data: bytearray) -> bytearray:
     (_version, "version 99"),
     (_table_outside, "section table"),
     (_entry_outside, "outside the file"),
-    (_drop_last_section, "no SCORES section"),
+    (_drop_last_section, "no BOS_SKIP section"),
     (lambda d: b"GGUF" + d[4:], "not a packed"),
 ])
 def test_bad_files_raise_one_line_errors(packed_file, tmp_path, damage, words):

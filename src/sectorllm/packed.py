@@ -18,9 +18,9 @@ from .errors import CheckpointError, PackedFormatError, QuantizeError
 from .tokenizer import EOS, Tokenizer
 
 MAGIC = b"SLLM"
-VERSION = 1
+VERSION = 2
 ALIGN = 16  # every section starts on a paragraph, so 16-bit code can point a segment register at it
-HEADER = struct.Struct("<4s3I 8I 9I i I 2I 28x")  # 128 bytes, see docs/format.md
+HEADER = struct.Struct("<4s3I 8I 9I i I 2I 3I 16x")  # 128 bytes, see docs/format.md
 ENTRY = struct.Struct("<4I")  # kind, offset, length, param: one paragraph per section
 CRC_START = 16  # the CRC covers everything after magic, version, file_bytes and the CRC itself
 SCHEMES = ("tensor", "row")  # stored as the index into this tuple
@@ -54,6 +54,7 @@ class Section(IntEnum):
     PIECES = 21
     PRINTED = 22
     SCORES = 23
+    BOS_SKIP = 24
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,9 @@ def _fixed_sections(c: ModelConfig) -> dict[Section, tuple[np.dtype, tuple[int, 
         out[s_kind] = (np.dtype("<i4"), shape[:-1])
     out[Section.RMS_ATT_WEIGHT] = out[Section.RMS_FFN_WEIGHT] = (np.dtype("<i4"), (c.n_layers, c.dim))
     out[Section.RMS_FINAL_WEIGHT] = (np.dtype("<i4"), (c.dim,))
-    out[Section.ROPE] = (np.dtype("<i2"), (c.seq_len, c.head_size // 2, 2))
+    out[Section.ROPE] = (np.dtype("<i2"), (c.seq_len, c.head_size // 2, 3))
     out[Section.SCORES] = (np.dtype("<f4"), (c.vocab_size,))
+    out[Section.BOS_SKIP] = (np.dtype(np.uint8), (c.vocab_size,))
     return out
 
 
@@ -170,6 +172,39 @@ def _read_string_table(data: memoryview, count: int, what: str) -> list[bytes]:
     return [raw[ends[i]:ends[i + 1]] for i in range(count)]
 
 
+def _lookup_form(table: np.ndarray, shift: int) -> bytes:
+    """An interpolation table as the engine reads it: mask 2**shift - 1, the last index n - 1, shift, 0, then the
+    n - 1 pairs (t[i], t[i+1] - t[i])."""
+    t = np.asarray(table, dtype=np.int64)
+    pairs = np.stack([t[:-1], np.diff(t)], axis=1)
+    head = np.array([(1 << shift) - 1, len(t) - 1, shift, 0], dtype=np.int64)
+    return np.concatenate([head, pairs.ravel()]).astype("<i4").tobytes()
+
+
+def _read_lookup_form(data: bytes | mmap.mmap, entry: SectionEntry, shift: int, name: str) -> np.ndarray:
+    """The table t back from _lookup_form's layout, checking its head."""
+    kind = Section(entry.kind).name
+    if entry.length < 24 or entry.length % 8:
+        raise PackedFormatError(f"{name}: section {kind} is {entry.length} bytes: the file is damaged")
+    words = np.frombuffer(data, dtype="<i4", count=entry.length // 4, offset=entry.offset).astype(np.int64)
+    pairs = words[4:].reshape(-1, 2)
+    if list(words[:4]) != [(1 << shift) - 1, len(pairs), shift, 0]:
+        raise PackedFormatError(f"{name}: section {kind} has a head that does not match its length and shift: "
+                                "the file is damaged")
+    return np.append(pairs[:, 0], pairs[-1, 0] + pairs[-1, 1]).astype(np.int32)
+
+
+def bos_skips(tok: Tokenizer) -> np.ndarray:
+    """Per token, how many leading bytes of its PRINTED string run.c leaves out right after BOS (0, 1 or all)."""
+    skips = np.zeros(tok.vocab_size, dtype=np.uint8)
+    for i in range(tok.vocab_size):
+        full, after_bos = tok.piece_bytes(EOS, i), tok.piece_bytes(1, i)
+        if not full.endswith(after_bos):
+            raise QuantizeError(f"token {i}'s bytes after BOS are not a suffix of its bytes elsewhere")
+        skips[i] = len(full) - len(after_bos)
+    return skips
+
+
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
@@ -193,14 +228,15 @@ def _payloads(model: PackedModel) -> list[tuple[Section, bytes, int]]:
         put(s_kind, matrix.s, matrix.shift)
     for name, kind in _NORMS.items():
         put(kind, getattr(model, name))
-    put(Section.ROPE, model.rope)
+    rope = np.asarray(model.rope)
+    put(Section.ROPE, np.stack([rope[..., 1], rope[..., 0], -rope[..., 1]], axis=-1))  # sin, cos, -sin
     put(Section.SCORES, np.asarray(model.tokenizer.scores))
-    parts[Section.EXP_TABLE] = (np.ascontiguousarray(model.exp_table, dtype="<i4").tobytes(), 0)
-    parts[Section.SILU_TABLE] = (np.ascontiguousarray(model.silu_table, dtype="<i4").tobytes(), 0)
+    parts[Section.EXP_TABLE] = (_lookup_form(model.exp_table, model.quant.exp_shift), 0)
+    parts[Section.SILU_TABLE] = (_lookup_form(model.silu_table, model.quant.silu_shift), 0)
     parts[Section.PIECES] = (_string_table(model.tokenizer.pieces), 0)
-    # what run.c prints for each token after any token but BOS (the engine applies the after-BOS rule itself)
-    tok = model.tokenizer
+    tok = model.tokenizer  # what run.c prints for each token after any token but BOS, and what it leaves out after BOS
     parts[Section.PRINTED] = (_string_table([tok.piece_bytes(EOS, i) for i in range(tok.vocab_size)]), 0)
+    put(Section.BOS_SKIP, bos_skips(tok))
     return [(kind, *parts[kind]) for kind in Section if kind in parts]
 
 
@@ -211,7 +247,7 @@ def _header(model: PackedModel, file_bytes: int, crc: int, n_sections: int) -> b
                        int(c.shared_classifier),
                        SCHEMES.index(p.scheme), p.act_bits_dim, p.act_bits_hidden, p.act_bits_head, p.norm_shift,
                        p.rope_shift, p.rms_eps, p.exp_shift, p.silu_shift, p.silu_lo, model.tokenizer.max_token_length,
-                       n_sections, HEADER.size)
+                       n_sections, HEADER.size, c.head_size, c.kv_dim, c.n_heads // c.n_kv_heads)
 
 
 def _layout(payloads: list[tuple[Section, bytes, int]]) -> tuple[list[SectionEntry], int]:
@@ -278,7 +314,7 @@ def read_sections(data: bytes | mmap.mmap, name: str = "packed file") -> tuple[t
         raise PackedFormatError(f"{name} is {size} bytes, its header says {file_bytes}: trailing data, damaged")
     if zlib.crc32(memoryview(data)[CRC_START:]) != crc:
         raise PackedFormatError(f"{name} has a bad CRC: the file is corrupt, re-pack or re-download it")
-    n_sections, table_offset = header[-2:]
+    n_sections, table_offset = header[-5:-3]
     if table_offset + ENTRY.size * n_sections > size:
         raise PackedFormatError(f"{name}'s section table ({n_sections} entries at {table_offset}) lies outside "
                                 "the file: the file is damaged")
@@ -302,7 +338,8 @@ def header_config(header: tuple) -> ModelConfig:
 
 
 def read_packed(path: str | os.PathLike) -> PackedModel:
-    """Memory-map a packed model: every array is a read-only view of the file, nothing is copied."""
+    """Memory-map a packed model: every array is a read-only view of the file, except the two small interpolation
+    tables, rebuilt from their lookup form."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -312,12 +349,15 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
     except OSError as e:
         raise PackedFormatError(f"cannot read packed model {path}: {e.strerror}") from None
     header, entries = read_sections(data, str(path))
-    scheme, *quant, max_token_length = header[12:-2]
+    scheme, *quant, max_token_length = header[12:-5]
     config = header_config(header)
     try:
         config.validate()
     except CheckpointError as e:
         raise PackedFormatError(f"{path}: {e}") from None
+    if tuple(header[-3:]) != (config.head_size, config.kv_dim, config.n_heads // config.n_kv_heads):
+        raise PackedFormatError(f"{path}: the header's head_size, kv_dim and kv_mul {tuple(header[-3:])} do not "
+                                "follow from its shape: the file is damaged")
     if scheme >= len(SCHEMES):
         raise PackedFormatError(f"{path}: unknown quantization scheme {scheme}: the file is damaged")
     params = QuantParams(SCHEMES[scheme], *quant)
@@ -335,12 +375,11 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
             raise PackedFormatError(f"{path}: section {kind.name} is {entry.length} bytes, the config needs "
                                     f"{count * dtype.itemsize}: the file is damaged")
         arrays[kind] = np.frombuffer(data, dtype=dtype, count=count, offset=entry.offset).reshape(shape)
-    tables = {}
-    for kind in (Section.EXP_TABLE, Section.SILU_TABLE):
-        entry = section(kind)
-        if entry.length < 8 or entry.length % 4:
-            raise PackedFormatError(f"{path}: section {kind.name} is {entry.length} bytes: the file is damaged")
-        tables[kind] = np.frombuffer(data, dtype="<i4", count=entry.length // 4, offset=entry.offset)
+    tables = {kind: _read_lookup_form(data, section(kind), shift, str(path))
+              for kind, shift in ((Section.EXP_TABLE, params.exp_shift), (Section.SILU_TABLE, params.silu_shift))}
+    rope = arrays[Section.ROPE]
+    if np.any(rope[..., 2] != -rope[..., 0]):
+        raise PackedFormatError(f"{path}: the ROPE section's -sin column is not the negated sin: the file is damaged")
     pieces_entry = section(Section.PIECES)
     section(Section.PRINTED)
     view = memoryview(data)[pieces_entry.offset:pieces_entry.offset + pieces_entry.length]
@@ -358,7 +397,8 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
             matrices[name] = QuantizedMatrix(arrays[q_kind], arrays[s_kind], entries[s_kind].param)
     norms = {name: arrays[kind] for name, kind in _NORMS.items()}
     _check_params(params, matrices, str(path))
-    return PackedModel(config, params, rope=arrays[Section.ROPE], exp_table=tables[Section.EXP_TABLE],
+    return PackedModel(config, params, rope=rope[..., 1::-1],  # cos, sin: a view
+                       exp_table=tables[Section.EXP_TABLE],
                        silu_table=tables[Section.SILU_TABLE], tokenizer=tokenizer, **matrices, **norms)
 
 

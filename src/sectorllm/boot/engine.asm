@@ -38,15 +38,14 @@
 ;   [var(x)] a variable, with 8-bit displacements. A routine that needs EBP saves it and uses absolute addresses.
 ;
 ; SERIAL PROTOCOL (COM1, 115200 8N1; image.py SerialDecoder parses it)
-;   Outside records the stream is log text: ASCII, never STX. A record is STX, one tag letter, fields, ETX:
-;     STX 'T' id ',' n ETX  b1 .. bn   a token: decimal id and byte count, then its n bytes raw (any values):
-;                                      every forced prompt token and generated token with the bytes it prints;
-;                                      a sampled BOS or EOS, which ends the run, with n = 0
-;     STX 'M' name '=' value ETX       a named value (decimal, unsigned 32-bit): the self-test's
-;     STX 'E' status ETX               end of run; the status also goes to isa-debug-exit (port 0xF4)
+;   Outside records the stream is log text: ASCII, never STX. A record is STX, one tag letter, then:
+;     'T' id (u16) n (u8) b1 .. bn     a token and the n bytes it prints (any values): every forced prompt token
+;                                      and generated token; a sampled BOS or EOS, which ends the run, with n = 0
+;     'E' status (u8)                  end of run; the status also goes to isa-debug-exit (port 0xF4)
+;     'M' name '=' value ETX           a named value (decimal, unsigned 32-bit): the self-test's
 ;   Screen (BIOS teletype) shows log text and token bytes, "\n" as CR LF; never records.
-;   Input: if the runner sent SERIAL_HOLD before the end, end_run waits for SERIAL_GO before port 0xF4, so the runner
-;   can take a screenshot while the final screen is still there.
+;   Input: if the runner sent SERIAL_HOLD before the end, end_run waits for the next byte (SERIAL_GO) before port
+;   0xF4, so the runner can take a screenshot while the final screen is still there.
 
         bits 16
         cpu 386
@@ -71,6 +70,7 @@ RB_SEED             equ 32              ; u64, the xorshift64* state
 RB_STEPS            equ 40              ; u16, forward passes, prompt included; 0 = the whole context
 RB_PROMPT_COUNT     equ 42              ; u16
 RB_PROMPT_IDS       equ 44              ; u16[RB_PROMPT_COUNT], BOS first
+RUN_SETTINGS        equ RB_PROMPT_IDS - RB_INV_TEMPERATURE  ; the fields setup_model copies to VARS
 
 COM1                equ 0x3F8
 UART_LSR            equ COM1 + 5
@@ -100,10 +100,11 @@ H_ACT_BITS_HIDDEN   equ 56
 H_ACT_BITS_HEAD     equ 60
 H_ROPE_SHIFT        equ 68
 H_RMS_EPS           equ 72
-H_EXP_SHIFT         equ 76
-H_SILU_SHIFT        equ 80
 H_SILU_LO           equ 84
 H_N_SECTIONS        equ 92
+H_HEAD_SIZE         equ 100
+H_KV_DIM            equ 104
+H_KV_MUL            equ 108             ; query heads per kv head
 TABLE_OFFSET        equ 128             ; the section table follows the header
 
 K_TOKEN_EMBEDDING_Q equ 1               ; section kinds (docs/format.md)
@@ -122,10 +123,11 @@ K_EXP_TABLE         equ 19
 K_SILU_TABLE        equ 20
 K_PIECES            equ 21
 K_PRINTED           equ 22
+K_BOS_SKIP          equ 24
 SEC_ADDR            equ 4               ; SEC entries, 16 bytes per kind: the section table's entry with its
 SEC_LEN             equ 8               ; offset turned into an address (the weights' addresses then move on
 SEC_PARAM           equ 12              ; layer by layer as the forward pass reads them)
-N_KINDS             equ 24
+N_KINDS             equ 25
 %define SECTION(kind) (SEC + 16 * (kind))
 %define hdr(field) ebp + (field) - HDR_BYTES - VARS_BIAS
 %define var(name) ebp + (name) - VARS - VARS_BIAS
@@ -266,84 +268,37 @@ fail:
 ; ---------------------------------------------------------------------------------------------------------------
 end_run:
         xchg eax, ebx
-        mov edi, serial_put
         mov al, 'E'
         call record_start
-        movzx eax, bl
-        call decimal
-        mov al, ETX
-        call edi
-        mov dx, UART_LSR                ; no byte waiting, or no UART at all (it reads 0xFF): go
+        mov al, bl
+        call serial_put
+        mov dx, UART_LSR                ; no byte waiting (or no UART at all: it reads 0xFF): go
         in al, dx
         test al, LSR_DATA_READY
         jz .exit
         mov dl, COM1 & 0xFF
-        in al, dx
-        cmp al, SERIAL_HOLD
-        jne .exit
+        in al, dx                       ; SERIAL_HOLD: wait for the next byte, SERIAL_GO
 .wait:  mov dl, UART_LSR & 0xFF
         in al, dx
         test al, LSR_DATA_READY
         jz .wait
-        mov dl, COM1 & 0xFF
-        in al, dx
-        cmp al, SERIAL_GO
-        jne .wait
 .exit:  xchg eax, ebx
         out DEBUG_EXIT_PORT, al
 .halt:  hlt
         jmp .halt
 
 ; ---------------------------------------------------------------------------------------------------------------
-; check_memory: fail the run, saying how much memory above 1 MiB is needed and how much there is, when the address
-; EAX is past mem_top.
+; check_memory: fail the run when the address EAX is past the RAM (mem_top).
 ; Entry:    EAX = the end address needed
 ; Clobbers: nothing when it returns
 ; ---------------------------------------------------------------------------------------------------------------
 check_memory:
         cmp eax, [mem_top]
         jna .fits
-        mov esi, msg_needs
-        call print_kib
-        mov eax, [mem_top]
-        mov esi, msg_has
-        call print_kib
-        mov esi, msg_kib
+        mov esi, msg_too_little_memory
         mov al, STATUS_MODEL_TOO_LARGE
         jmp fail
 .fits:  ret
-
-; print_kib: log text, then the KiB from 1 MiB to the address EAX, rounded up. Clobbers: ESI, EDI
-print_kib:
-        call print_string
-        sub eax, MODEL_BASE - 1023
-        shr eax, 10
-        ; fall through into print_decimal
-
-; print_decimal: EAX in decimal as log text. Clobbers: EDI
-print_decimal:
-        mov edi, put_char
-        ; fall through into decimal
-
-; ---------------------------------------------------------------------------------------------------------------
-; decimal: the unsigned decimal digits of EAX, most significant first, each given to the routine at EDI.
-; Entry:    EAX = number, EDI = serial_put or put_char
-; Clobbers: nothing
-; ---------------------------------------------------------------------------------------------------------------
-decimal:
-        pushad
-        push byte 10
-        pop ecx
-        xor edx, edx
-        div ecx
-        test eax, eax
-        jz .digit
-        call decimal                    ; the higher digits first
-.digit: xchg eax, edx
-        add al, '0'
-        call edi
-        popad
-        ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; serial_put: send one byte to COM1 once its transmit holding register is empty.
@@ -408,23 +363,20 @@ record_start:
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; report_token: a token: its record (id, byte count, bytes) to COM1, its bytes to the screen.
-; Entry:    EAX = token id, ESI = address of its bytes, ECX = byte count
+; Entry:    EAX = token id, ESI = address of its bytes, ECX = byte count (0..255)
 ; Clobbers: nothing
 ; ---------------------------------------------------------------------------------------------------------------
 report_token:
         pushad
-        mov edi, serial_put
         push eax
         mov al, 'T'
         call record_start
         pop eax
-        call decimal
-        mov al, ','
-        call edi
-        mov eax, ecx
-        call decimal
-        mov al, ETX
-        call edi
+        call serial_put                 ; the id, low byte first
+        mov al, ah
+        call serial_put
+        mov al, cl
+        call serial_put
         jecxz .done
 .byte:  lodsb
         call put_char
@@ -433,6 +385,26 @@ report_token:
         ret
 
 %ifdef SELFTEST
+; ---------------------------------------------------------------------------------------------------------------
+; decimal: the unsigned decimal digits of EAX, most significant first, each given to the routine at EDI.
+; Entry:    EAX = number, EDI = serial_put
+; Clobbers: nothing
+; ---------------------------------------------------------------------------------------------------------------
+decimal:
+        pushad
+        push byte 10
+        pop ecx
+        xor edx, edx
+        div ecx
+        test eax, eax
+        jz .digit
+        call decimal                    ; the higher digits first
+.digit: xchg eax, edx
+        add al, '0'
+        call edi
+        popad
+        ret
+
 ; ---------------------------------------------------------------------------------------------------------------
 ; selftest: prove the machinery without a model: report what the engine sees (memory, run block), checksum the
 ; loaded blob in high memory, and report fixed tokens whose bytes it first copies above 1 MiB.
@@ -575,9 +547,9 @@ name_weighted_sum:  db "weighted_sum", 0
 ; ===============================================================================================================
 
 ; ---------------------------------------------------------------------------------------------------------------
-; setup_model: copy the packed header to HDR (EBP = VARS + VARS_BIAS from here on), derive the shape, place the
-; buffers (a SLOT_BYTES slot each), the KV cache and int16 copies of the weight matrices from heap_base (failing the
-; run if they pass mem_top), keep the section entries in SEC_START and build the interpolation tables.
+; setup_model: copy the packed header to HDR and the run settings after it (EBP = VARS + VARS_BIAS from here on),
+; place the buffers (a SLOT_BYTES slot each), write the dot-product kernel, place the KV cache and int16 copies of
+; the weight matrices (failing the run if they pass mem_top) and keep the section entries in SEC_START.
 ; Output:   EBP = VARS + VARS_BIAS
 ; Clobbers: everything
 ; ---------------------------------------------------------------------------------------------------------------
@@ -588,7 +560,10 @@ setup_model:
         push byte HDR_BYTES / 4
         pop ecx
         rep movsd                       ; EDI = VARS
-        mov ecx, (SEC_END - VARS) / 4
+        mov esi, RUN_BLOCK + RB_INV_TEMPERATURE
+        mov cl, RUN_SETTINGS / 4
+        rep movsd
+        mov ecx, (SEC_END - VARS - RUN_SETTINGS) / 4
         xor eax, eax
         rep stosd
         mov esi, MODEL_BASE + TABLE_OFFSET
@@ -603,36 +578,6 @@ setup_model:
         movsd                           ; param
         loop .entry
 
-        mov eax, [hdr(H_DIM)]
-        cdq
-        div dword [hdr(H_N_HEADS)]
-        mov [var(head_size)], eax
-        xchg eax, ebx
-        mov eax, [hdr(H_N_HEADS)]
-        div dword [hdr(H_N_KV_HEADS)]   ; EDX = 0: dim is a multiple of n_heads
-        mov [var(kv_mul)], eax
-        mov eax, ebx
-        mul dword [hdr(H_N_KV_HEADS)]
-        mov [var(kv_dim)], eax
-        lea eax, [ebx + 2]
-        add eax, eax
-        mov [var(key_skip)], eax        ; from a key row's Dv to the next row's Dk
-        add al, 4
-        mov [var(kv_stride)], eax       ; a key row: head_size int16 keys, Dk, Dv
-        mov eax, [hdr(H_SEQ_LEN)]
-        add eax, eax
-        mov [var(value_row)], eax       ; a row of transposed int16 values
-        mul ebx
-        xchg eax, ecx                   ; the values of a block
-        mov eax, [var(kv_stride)]
-        mul dword [hdr(H_SEQ_LEN)]
-        mov [var(off_vt)], eax
-        add eax, ecx
-        mov [var(kv_block)], eax
-        mul dword [hdr(H_N_KV_HEADS)]
-        mov [var(layer_bytes)], eax
-        mul dword [hdr(H_N_LAYERS)]
-        xchg eax, edx                   ; EDX = the whole KV cache
         mov eax, [heap_base]
         lea edi, [var(buffers)]
         push byte N_BUFFERS
@@ -640,17 +585,15 @@ setup_model:
 .place: stosd
         add eax, SLOT_BYTES
         loop .place
-        mov [var(kv_base)], eax
-        push eax
-        push edx
+        stosd                           ; kv_base: the cache follows the buffers
+
         mov edi, [var(kernel_buf)]
         mov edx, [hdr(H_DIM)]
         add edx, [hdr(H_HIDDEN)]
         add edx, [hdr(H_SEQ_LEN)]       ; more multiply-adds than any dot product needs
         imul edx, edx, -2               ; the first one's q displacement
 .mac:   mov esi, mac_template
-        push byte MAC_BYTES + 1
-        pop ecx
+        mov cl, MAC_BYTES + 1
         rep movsb
         dec edi                         ; the next copy overwrites the ret
         mov [edi - MAC_BYTES + MAC_Q_DISP], edx
@@ -660,9 +603,27 @@ setup_model:
         inc edx
         jnz .mac
         mov [var(kernel_end)], edi
-        pop edx
-        pop eax
-        lea edi, [eax + edx]            ; the int16 weights follow the cache
+
+        mov eax, [hdr(H_HEAD_SIZE)]     ; a cache block (kv_block bytes for each layer and kv head):
+        lea eax, [eax*2 + 8]            ;   seq_len key rows of kv_stride bytes: head_size int16 keys, their
+        mov [var(kv_stride)], eax       ;   divisor Dk, the values' divisor Dv
+        sub al, 4
+        mov [var(key_skip)], eax        ;   (from a row's Dv to the end of the next row's keys)
+        mov ecx, [hdr(H_SEQ_LEN)]
+        lea edx, [ecx + ecx]
+        mov [var(value_row)], edx       ;   at off_vt, the values (int8 range, stored int16) transposed:
+        add eax, 4                      ;   head_size rows of seq_len
+        mul ecx
+        mov [var(off_vt)], eax
+        xchg eax, ecx
+        mul dword [hdr(H_HEAD_SIZE)]
+        lea eax, [ecx + eax*2]
+        mov [var(kv_block)], eax
+        mul dword [hdr(H_N_KV_HEADS)]
+        mov [var(layer_bytes)], eax
+        mul dword [hdr(H_N_LAYERS)]
+        mov edi, [var(kv_base)]
+        add edi, eax                    ; the int16 weights follow the cache
         mov esi, wide_kinds
 .widen: lodsb                           ; int8 matrices to int16: one kernel for weights and keys
         movzx ebx, al
@@ -692,56 +653,19 @@ setup_model:
 .own_classifier:
         mov esi, SEC
         mov edi, SEC_START
-        mov cx, 16 * N_KINDS / 4
+        mov cl, 4 * N_KINDS
         rep movsd
-        mov ebx, SECTION(K_EXP_TABLE)
-        lea edi, [var(exp_pairs)]
-        mov al, [hdr(H_EXP_SHIFT)]
-        call build_pairs
-        mov ebx, SECTION(K_SILU_TABLE)
-        lea edi, [var(silu_pairs)]
-        mov al, [hdr(H_SILU_SHIFT)]
-        ; fall through into build_pairs
-
-; ---------------------------------------------------------------------------------------------------------------
-; build_pairs: lookup's form of a packed interpolation table t[0..n): the step mask 2^e - 1, n - 1, the step shift
-; e, then the pairs (t[i], t[i+1] - t[i]) for i < n - 1, so an interpolation is one multiply.
-; Entry:    EBX = SEC entry of the table, EDI = its buffer variable, AL = step shift
-; Output:   the variable points at the first pair
-; Clobbers: EAX, ECX, EDX, ESI, EDI
-; ---------------------------------------------------------------------------------------------------------------
-build_pairs:
-        movzx eax, al
-        add byte [edi], 12
-        mov edi, [edi]
-        mov [edi - 4], eax
-        xchg eax, ecx
-        xor edx, edx
-        inc edx
-        shl edx, cl
-        dec edx
-        mov [edi - 12], edx
-        mov ecx, [ebx + SEC_LEN]
-        shr ecx, 2
-        dec ecx
-        mov [edi - 8], ecx
-        mov esi, [ebx + SEC_ADDR]
-.pair:  lodsd
-        stosd
-        neg eax
-        add eax, [esi]
-        stosd
-        loop .pair
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; generate: run.c's generation loop (generate.py Generation): `steps` forward passes from the first prompt token
 ; (0 or more than seq_len: seq_len); prompt tokens are forced and echoed, then sampled tokens reported as they
-; come. A sampled BOS or EOS ends the run: it is reported with no bytes.
+; come, each with the bytes run.c prints for it: its PRINTED string, less its BOS_SKIP bytes right after BOS.
+; A sampled BOS or EOS ends the run: it is reported with no bytes.
 ; Clobbers: everything but EBP
 ; ---------------------------------------------------------------------------------------------------------------
 generate:
-        movzx eax, word [RUN_BLOCK + RB_STEPS]
+        movzx eax, word [var(run_steps)]
         mov ecx, [hdr(H_SEQ_LEN)]
         dec eax
         cmp eax, ecx
@@ -752,16 +676,15 @@ generate:
         mov [var(steps)], eax
         push byte BOS                   ; unless the run block has a prompt
         pop eax
-        movzx ecx, word [RUN_BLOCK + RB_PROMPT_COUNT]
-        jecxz .first
+        cmp [var(run_prompt_count)], ax
+        jb .first
         mov ax, [RUN_BLOCK + RB_PROMPT_IDS]
 .first: mov [var(token)], eax
 .next:  call forward
         inc dword [var(pos)]
         mov esi, [var(pos)]
-        movzx eax, word [RUN_BLOCK + RB_PROMPT_COUNT]
-        cmp esi, eax
-        jae .sample
+        cmp [var(run_prompt_count)], si
+        jna .sample
         movzx eax, word [RUN_BLOCK + RB_PROMPT_IDS + esi*2]
         jmp .print
 .sample:
@@ -772,7 +695,19 @@ generate:
         jb .print
         xor ecx, ecx
         jmp report_token
-.print: call print_token
+.print: mov ebx, [SECTION(K_PRINTED) + SEC_ADDR]
+        mov esi, [ebx + eax*4]
+        mov ecx, [ebx + eax*4 + 4]
+        sub ecx, esi
+        add esi, ebx
+        cmp dword [var(token)], BOS
+        jne .report
+        mov ebx, [SECTION(K_BOS_SKIP) + SEC_ADDR]
+        movzx edx, byte [ebx + eax]
+        add esi, edx
+        sub ecx, edx
+.report:
+        call report_token
         mov [var(token)], eax
         mov eax, [var(pos)]
         cmp eax, [var(steps)]
@@ -780,48 +715,17 @@ generate:
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; print_token (tokenizer.py piece_bytes): report a token with the bytes run.c prints for it after [var(token)]:
-; its PRINTED string; after BOS without the leading space of its piece, and then nothing if what is left is a
-; single unprintable byte.
-; Entry:    EAX = token id
-; Clobbers: EBX, ECX, EDX, ESI
-; ---------------------------------------------------------------------------------------------------------------
-print_token:
-        mov ebx, [SECTION(K_PRINTED) + SEC_ADDR]
-        mov esi, [ebx + eax*4]
-        mov ecx, [ebx + eax*4 + 4]
-        sub ecx, esi
-        add esi, ebx
-        cmp dword [var(token)], BOS
-        jne report_token
-        mov ebx, [SECTION(K_PIECES) + SEC_ADDR]
-        mov edx, [ebx + eax*4]
-        cmp byte [ebx + edx], ' '
-        jne report_token
-        inc esi
-        dec ecx
-        cmp ecx, 1
-        jne report_token
-        mov dl, [esi]
-        sub dl, 9
-        cmp dl, 13 - 9 + 1              ; \t \n \v \f \r
-        jb report_token
-        sub dl, ' ' - 9
-        cmp dl, '~' - ' ' + 1
-        jb report_token
-        dec ecx
-        jmp report_token
-
-; ---------------------------------------------------------------------------------------------------------------
 ; forward (fixed.py forward_token): one position of the transformer: the logits of [var(token)] at [var(pos)].
 ; The weight addresses in SEC move on layer by layer as matvec and rmsnorm read them: they start from SEC_START.
+; EBX walks the SEC entries in the order the layer reads them: rmsnorm and matvec each step it past theirs.
 ; Output:   [var(logits_buf)] = vocab_size Q16.16 logits; cache row [var(pos)] written in every block
 ; Clobbers: everything but EBP
 ; ---------------------------------------------------------------------------------------------------------------
 forward:
         mov esi, SEC_START              ; the weight addresses of layer 0
         mov edi, SEC
-        mov ecx, 16 * N_KINDS / 4
+        push byte 4 * N_KINDS
+        pop ecx
         rep movsd
         mov eax, [var(token)]           ; x[j] = (emb_q[token, j] * emb_s[token]) >> (S_emb - 16)
         mov ebx, [SECTION(K_TOKEN_EMBEDDING_S) + SEC_ADDR]
@@ -850,46 +754,37 @@ forward:
         mov ebx, SECTION(K_RMS_ATT_WEIGHT)
         call norm_and_quantize
         mov eax, [var(qkv_buf)]
-        mov ebx, SECTION(K_WQKV_Q)
-        mov ecx, [var(kv_dim)]
+        mov ecx, [hdr(H_KV_DIM)]
         add ecx, ecx
         add ecx, [hdr(H_DIM)]
         call matvec_store               ; q, k, v
-        call rope
-        call store_kv
-        call attention
-        call quantize_xb
-        mov ebx, SECTION(K_WO_Q)
-        call residual
-        mov ebx, SECTION(K_RMS_FFN_WEIGHT)
+        push ebx
+        call rope                       ; then store_kv, attention, and xb quantized
+        pop ebx
+        call residual                   ; x += wo xb
         call norm_and_quantize
         mov eax, [var(hb_buf)]
-        mov ebx, SECTION(K_W13_Q)
         mov ecx, [hdr(H_HIDDEN)]
         add ecx, ecx
         call matvec_store               ; gate, up
+        push ebx
         call swiglu
-        mov ebx, SECTION(K_W2_Q)
-        call residual
+        pop ebx
+        call residual                   ; x += w2 hb
         mov eax, [var(layer_bytes)]
         add [var(layer_kv)], eax
         pop ecx
         loop .layer
 
-        mov ebx, SECTION(K_RMS_FINAL_WEIGHT)
-        call norm_and_quantize
-        mov ebx, SECTION(K_WCLS_Q)
-        call classifier
-        mov ebx, SECTION(K_WCLS_RESIDUAL_Q)
+        call norm_and_quantize          ; the final norm
         mov eax, [var(logits_buf)]
         mov ecx, [hdr(H_VOCAB)]
-        jmp matvec                      ; logits += the residual classifier
-
-; classifier: logits = the EBX matrix times act.
-classifier:
-        mov eax, [var(logits_buf)]
-        mov ecx, [hdr(H_VOCAB)]
-        jmp matvec_store
+        push eax
+        push ecx
+        call matvec_store               ; the classifier
+        pop ecx
+        pop eax
+        jmp matvec                      ; and its residual
 
 ; residual: x += the next dim rows of the EBX matrix times act (the residual connections).
 residual:
@@ -900,7 +795,7 @@ residual:
 ; ---------------------------------------------------------------------------------------------------------------
 ; norm_and_quantize: xb = rmsnorm(x) with the EBX weights, then act = quantize_act(xb, act_bits_dim);
 ; quantize_xb: only the second half.
-; Clobbers: everything but EBP
+; Clobbers: EAX, ECX, EDX, ESI, EDI; EBX past the weights' entry
 ; ---------------------------------------------------------------------------------------------------------------
 norm_and_quantize:
         call rmsnorm
@@ -912,15 +807,15 @@ quantize_xb:
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; quantize_act (fixed.py quantize_act): act = v >> k, k = max(0, bit_length(OR of |v[j]|) - bits); then sets
-; dot_row's length to n.
+; the kernel's length to n.
 ; Entry:    ESI = v (i32), ECX = n (1..32767), AL = bits
-; Output:   [var(act_buf)] = act, [var(act_n)] = n, [var(act_row)] = 2n (bytes of an int16 row), [var(act_k)] = k,
+; Output:   [var(act_buf)] = act, [var(act_row)] = 2n (bytes of an int16 row), [var(act_k)] = k,
 ;           [var(act_end)] = act + 4n
-; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
+; Clobbers: EAX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 quantize_act:
+        push ebx
         xchg eax, ebx
-        mov [var(act_n)], ecx
         push esi
         push ecx
         lea eax, [ecx + ecx]
@@ -943,6 +838,7 @@ quantize_act:
 .shift: mov [var(act_k)], cl
         pop edx
         pop esi
+        push edx
         mov edi, [var(act_buf)]
 .store: lodsd
         sar eax, cl
@@ -950,7 +846,8 @@ quantize_act:
         dec edx
         jnz .store
         mov [var(act_end)], edi
-        mov eax, [var(act_n)]
+        pop eax
+        pop ebx
         ; fall through into set_dot_length
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -961,7 +858,7 @@ quantize_act:
 set_dot_length:
         imul eax, eax, -MAC_BYTES
         add eax, [var(kernel_end)]
-        mov [dot_entry], eax
+        mov [var(dot_entry)], eax
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -982,11 +879,12 @@ MAC_V_DISP          equ 10
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; matvec (fixed.py matvec, add=True): out[i] += (sum_j q[i, j] * act[j]) * s[i] >> (S - k) for each of the next
-; `rows` rows of a widened (int16) matrix; matvec_store first clears out (add=False).
+; `rows` rows of an int16 matrix; matvec_store first clears out (add=False).
 ; Entry:    EBX = SEC entry of the matrix's Q section (its S section is the next), EAX = out, ECX = rows;
-;           act, [var(act_row)], [var(act_k)], [var(act_end)] and dot_row's length from quantize_act
-; Output:   out; the Q and S addresses moved past these rows
-; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
+;           act, [var(act_row)] (bytes from one row to the next), [var(act_k)], [var(act_end)] and the kernel's
+;           length from quantize_act
+; Output:   out; the Q and S addresses moved past these rows; EBX = the entry after the S section's
+; Clobbers: EAX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 matvec_store:
         pushad
@@ -999,10 +897,10 @@ matvec:
         mov cl, [ebx + 16 + SEC_PARAM]
         sub cl, [var(act_k)]
         mov esi, [ebx + SEC_ADDR]
-        add esi, [var(act_row)]         ; dot_row reads back from the end of a row
-        push ebx
+        add esi, [var(act_row)]         ; the kernel reads back from the end of a row
         mov edi, [ebx + 16 + SEC_ADDR]
         sub edi, eax                    ; s[i] is at [out + 4i + EDI]
+        push ebx
         mov ebx, [var(act_end)]
         push ebp
         xchg eax, ebp
@@ -1022,20 +920,24 @@ matvec:
         pop ebx
         mov [ebx + SEC_ADDR], esi       ; the next layer's rows and scales
         mov [ebx + 16 + SEC_ADDR], edi
+        add ebx, 32
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; rmsnorm (fixed.py rmsnorm): xb[j] = (x[j] * inv >> (31 - h)) * G[j] >> 32 with ss = sum x[j]^2 + rms_eps
 ; (below 2^62), h such that 2^60 <= ss << 2h < 2^62, inv = (2^61 - 1) // isqrt(ss << 2h) (Newton from 2^31).
 ; Entry:    EBX = SEC entry of the weights G (moved on by dim weights)
-; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
+; Output:   EBX = the next entry
+; Clobbers: EAX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 rmsnorm:
+        mov esi, [ebx + SEC_ADDR]
         mov eax, [hdr(H_DIM)]
-        shl eax, 2
-        mov edx, [ebx + SEC_ADDR]
-        add [ebx + SEC_ADDR], eax
-        push edx
+        lea eax, [esi + eax*4]
+        mov [ebx + SEC_ADDR], eax
+        add ebx, 16
+        push ebx
+        push esi                        ; G
         mov esi, [var(x_buf)]
         mov ecx, [hdr(H_DIM)]
         mov edi, [hdr(H_RMS_EPS)]       ; ss = EBX:EDI
@@ -1047,11 +949,8 @@ rmsnorm:
         adc ebx, edx
         loop .square
         mov cl, 31                      ; 31 - h
-        bt ebx, 31
-        jc .saturate
-        bt ebx, 30
-        jnc .normalize
-.saturate:
+        test ebx, 3 << 30
+        jz .normalize
         mov ebx, (1 << 30) - 1          ; only garbage gets past 2^62
         or edi, -1
 .normalize:
@@ -1097,31 +996,27 @@ rmsnorm:
         jnz .scale
         pop ebp
         pop eax
+        pop ebx
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; rope (fixed.py rope): rotate each (even, odd) pair of the query and key heads in qkv by ROPE[pos].
-; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
+; rope (fixed.py rope): rotate each (even, odd) pair of the query and key heads in qkv by ROPE[pos], whose rows
+; hold (sin, cos, -sin) per pair; then falls through into store_kv, attention and quantize_xb.
+; Clobbers: everything but EBP
 ; ---------------------------------------------------------------------------------------------------------------
 rope:
         mov esi, [var(qkv_buf)]
-        mov eax, [hdr(H_N_HEADS)]
-        add eax, [hdr(H_N_KV_HEADS)]
-        mov [var(heads_left)], eax
-.head:  mov eax, [var(pos)]
-        mul dword [var(head_size)]
-        add eax, eax                    ; a ROPE row: head_size / 2 (cos, sin) int16 pairs
-        add eax, [SECTION(K_ROPE) + SEC_ADDR]
-        xchg eax, ebx
-        mov eax, [var(head_size)]
-        shr eax, 1
-        mov [var(pairs_left)], eax
-.pair:  mov eax, [ebx]
-        rol eax, 16
-        mov [var(rope_terms)], eax      ; sin, cos, -sin
-        neg ax
-        mov [var(rope_terms) + 4], ax
-        lea edi, [var(rope_terms) + 2]
+        mov ebx, [hdr(H_N_HEADS)]
+        add ebx, [hdr(H_N_KV_HEADS)]
+.head:  mov edi, [var(pos)]
+        imul edi, [hdr(H_HEAD_SIZE)]
+        lea edi, [edi + edi*2]          ; a row: head_size / 2 triples of int16
+        add edi, [SECTION(K_ROPE) + SEC_ADDR]
+        mov ecx, [hdr(H_HEAD_SIZE)]
+        shr ecx, 1
+.pair:  push ecx
+        inc edi
+        inc edi
         call rotate_term                ; v0 cos - v1 sin
         push eax
         dec edi
@@ -1130,12 +1025,12 @@ rope:
         mov [esi + 4], eax
         pop dword [esi]
         add esi, 8
-        add ebx, 4
-        dec dword [var(pairs_left)]
-        jnz .pair
-        dec dword [var(heads_left)]
+        add edi, 6
+        pop ecx
+        loop .pair
+        dec ebx
         jnz .head
-        ret
+        jmp store_kv                    ; ESI = the values of kv head 0
 
 ; rotate_term: EAX = wrap32((v0 * [EDI] + v1 * [EDI + 2]) >> rope_shift), v0 = [ESI], v1 = [ESI + 4], int16 factors,
 ; 64-bit products and sum. Clobbers: ECX, EDX
@@ -1155,62 +1050,57 @@ rotate_term:
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; store_kv (fixed.py forward_token step 4): this position's keys and values of every kv head into the cache.
-; A cache block, kv_block bytes for each (layer, kv head) from kv_base:
-;   seq_len key rows of kv_stride bytes: head_size int16 keys, their i32 divisor Dk, the values' divisor Dv
-;   at off_vt, the values (int8 range, stored int16) transposed: head_size rows of seq_len, each a dot_row operand
-; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
+; store_kv (fixed.py forward_token step 4): this position's keys and values of every kv head into the cache
+; (setup_model gives the block layout); then falls through into attention.
+; Entry:    ESI = the values of kv head 0 in qkv (its keys are 4 kv_dim bytes before them)
 ; ---------------------------------------------------------------------------------------------------------------
 store_kv:
-        mov esi, [var(qkv_buf)]
-        mov eax, [hdr(H_DIM)]
-        lea esi, [esi + eax*4]          ; the keys of kv head 0
         mov ebx, [var(layer_kv)]
         mov ecx, [hdr(H_N_KV_HEADS)]
 .head:  push ecx
+        push esi
+        mov eax, [hdr(H_KV_DIM)]
+        shl eax, 2
+        sub esi, eax                    ; this kv head's keys
         mov edi, [var(pos)]
         imul edi, [var(kv_stride)]
-        add edi, ebx
-        mov dword [var(kv_step)], 2
+        add edi, ebx                    ; key row pos
+        push byte 2
+        pop edx
         mov al, KEY_SHIFT
         call store_kv_head
         stosd                           ; Dk after the keys
-        push edi
-        push esi
-        mov eax, [var(kv_dim)]
-        lea esi, [esi + eax*4]          ; this kv head's values
-        mov edi, [var(pos)]
-        add edi, edi
-        add edi, [var(off_vt)]
-        add edi, ebx
-        mov eax, [var(value_row)]
-        mov [var(kv_step)], eax
+        push edi                        ; Dv's place
+        mov esi, [esp + 4]              ; the values
+        mov ecx, [var(pos)]
+        lea edi, [ebx + ecx*2]
+        add edi, [var(off_vt)]          ; their column pos
+        mov edx, [var(value_row)]
         mov al, VALUE_SHIFT
-        call store_kv_head
-        pop esi
+        call store_kv_head              ; ESI moves on to the next kv head's values
         pop edi
         stosd                           ; Dv
-        mov eax, [var(head_size)]
-        lea esi, [esi + eax*4]
+        pop ecx
         add ebx, [var(kv_block)]
         pop ecx
         loop .head
-        ret
+        jmp attention
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; store_kv_head (fixed.py store_kv): D = M + (M + T - 1) // T with M = min(max |v|, 2^30), T = 2^shift - 1;
 ; c[i] = sign(v[i]) * min(T, (|v[i]| << shift + (D >> 1)) // D), which is trunc((v << shift +- D >> 1) / D),
 ; stored as int16 (keys, shift 15, and values, shift 7). M = 0 gives D = 0 and every c = 0.
-; Entry:    ESI = v (head_size i32), EDI = c[0], AL = shift, [var(kv_step)] = bytes from c[i] to c[i+1]
-; Output:   EAX = D, EDI = c[head_size]
+; Entry:    ESI = v (head_size i32), EDI = c[0], EDX = bytes from c[i] to c[i+1], AL = shift
+; Output:   EAX = D, ESI = v + 4 head_size, EDI = c[head_size]
 ; Clobbers: ECX, EDX
 ; ---------------------------------------------------------------------------------------------------------------
 store_kv_head:
         push ebx
+        push edx
         push esi
         push eax
         xor ebx, ebx
-        mov ecx, [var(head_size)]
+        mov ecx, [hdr(H_HEAD_SIZE)]
 .max:   lodsd
         cdq
         xor eax, edx
@@ -1237,7 +1127,6 @@ store_kv_head:
         div dword [var(kv_top)]
         add ebx, eax                    ; D
         pop esi
-        push esi
         push ebx
         mov eax, ebx
         shr eax, 1
@@ -1246,7 +1135,7 @@ store_kv_head:
         jnz .divisor
         inc ebx                         ; M = 0: every c is 0 / 1
 .divisor:
-        mov edx, [var(head_size)]
+        mov edx, [hdr(H_HEAD_SIZE)]
         mov [var(kv_count)], edx
 .round: lodsd
         cdq
@@ -1267,19 +1156,19 @@ store_kv_head:
         xor eax, edx
         sub eax, edx
         mov [edi], ax
-        add edi, [var(kv_step)]
+        add edi, [esp + 4]              ; the step
         dec dword [var(kv_count)]
         jnz .round
         pop eax
-        pop esi
+        pop edx
         pop ebx
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; attention (fixed.py attention, for each query head h): qa = quantize_act(q_h, act_bits_head) and for t = 0..pos
 ; score[t] = (qa . key[t]) * Dk[t] >> (31 - k); e[t] = exp_lookup(top - score[t]); recip = (2^48 - 1) // sum e;
-; w[t] = ((e[t] * recip) >> 32) * Dv[t] >> 16; xb[h * head_size + i] = wrap32(sum_t w[t] * value[t][i]) >> 7.
-; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
+; w[t] = ((e[t] * recip) >> 32) * Dv[t] >> 16; xb[h * head_size + i] = wrap32(sum_t w[t] * value[t][i]) >> 7;
+; then falls through into quantize_xb.
 ; ---------------------------------------------------------------------------------------------------------------
 attention:
         mov eax, [var(pos)]
@@ -1289,22 +1178,25 @@ attention:
         mov [var(att_end)], eax
         xor eax, eax
         mov [var(head)], eax
+.head:  mov eax, [var(head)]
+        mul dword [hdr(H_HEAD_SIZE)]
+        shl eax, 2
         mov [var(head_off)], eax
-.head:  mov esi, [var(head_off)]
-        add esi, [var(qkv_buf)]
-        mov ecx, [var(head_size)]
+        add eax, [var(qkv_buf)]
+        xchg eax, esi
+        mov ecx, [hdr(H_HEAD_SIZE)]
         mov al, [hdr(H_ACT_BITS_HEAD)]
-        call quantize_act               ; qa, and dot_row's length head_size
+        call quantize_act               ; qa, and the kernel's length head_size
         mov eax, [var(head)]
         cdq
-        div dword [var(kv_mul)]         ; the kv head
+        div dword [hdr(H_KV_MUL)]       ; the kv head
         mul dword [var(kv_block)]
         add eax, [var(layer_kv)]
         mov [var(att_block)], eax
+        mov esi, [var(act_row)]
+        add esi, eax                    ; the end of key row 0
         mov cl, 31
         sub cl, [var(act_k)]
-        mov esi, [var(head_size)]
-        lea esi, [eax + esi*2]          ; Dk of key row 0, after its keys
         mov edi, [var(att_buf)]
         mov ebx, [var(act_end)]
         push ebp
@@ -1322,23 +1214,15 @@ attention:
         cmp edi, [att_end]
         jb .score
 
-        mov esi, [att_buf]              ; e[t] = exp_lookup(top - score[t]), lookup's steps inline
-        mov ebx, [exp_pairs]
-        mov cl, [ebx - 4]
+        mov esi, [att_buf]              ; e[t] = exp_lookup(top - score[t])
+        mov ebx, [SECTION(K_EXP_TABLE) + SEC_ADDR]
         xor edi, edi                    ; total
-.exp:   lodsd
-        neg eax
-        add eax, ebp
-        mov edx, eax
-        shr edx, cl
-        cmp edx, [ebx - 8]
-        jae .past
-        and eax, [ebx - 12]
-        imul eax, [ebx + edx*8 + 4]
-        sar eax, cl
-        add eax, [ebx + edx*8]
-.e:     mov [esi - 4], eax
+.exp:   mov eax, ebp
+        sub eax, [esi]
+        call lookup
+        mov [esi], eax
         add edi, eax
+        add esi, 4
         cmp esi, [att_end]
         jb .exp
         pop ebp
@@ -1352,14 +1236,11 @@ attention:
         add edi, [var(att_block)]       ; Dv of key row 0
 .weight:
         lodsd
-        test eax, eax
-        jz .no_weight                   ; e = 0 (far below the top) stays 0
         mul ebx
         xchg eax, edx
         mul dword [edi]
         shrd eax, edx, 16
         mov [esi - 4], eax
-.no_weight:
         add edi, [var(kv_stride)]
         cmp esi, [var(att_end)]
         jb .weight
@@ -1374,44 +1255,38 @@ attention:
         mov edi, [var(head_off)]
         add edi, [var(xb_buf)]
         mov ebx, [var(att_end)]
-        mov eax, [var(head_size)]
-        mov [var(pairs_left)], eax
+        mov ecx, [hdr(H_HEAD_SIZE)]
 .value: xor edx, edx
-        call [dot_entry]
+        call [var(dot_entry)]
         sar edx, VALUE_SHIFT
         xchg eax, edx
         stosd
         add esi, [var(value_row)]
-        dec dword [var(pairs_left)]
-        jnz .value
-        mov eax, [var(head_size)]
-        shl eax, 2
-        add [var(head_off)], eax
+        loop .value
         inc dword [var(head)]
         mov eax, [var(head)]
         cmp eax, [hdr(H_N_HEADS)]
         jb .head
-        ret
-.past:  xor eax, eax
-        jmp .e
+        jmp quantize_xb
 
 ; ---------------------------------------------------------------------------------------------------------------
-; lookup (fixed.py exp_lookup): with i = u >> e and a table from build_pairs, t[i] + ((t[i+1] - t[i]) *
-; (u mod 2^e)) >> e, or 0 when i >= n - 1 (past the table). attention and swiglu do the same steps inline.
-; Entry:    EAX = u (unsigned), EBX = first pair of the table
-; Output:   EAX
+; lookup (fixed.py exp_lookup, silu_lookup): with i = u >> e, t[i] + ((t[i+1] - t[i]) * (u mod 2^e)) >> e from a
+; table in its packed form (docs/format.md: mask 2^e - 1, n - 1, e, 0, then (t[i], t[i+1] - t[i]) pairs).
+; Entry:    EAX = u (unsigned), EBX = the table
+; Output:   EAX and CF = 1; or, past the table (i >= n - 1), EAX = 0 and CF = 0
 ; Clobbers: ECX, EDX
 ; ---------------------------------------------------------------------------------------------------------------
 lookup:
-        mov cl, [ebx - 4]
+        mov cl, [ebx + 8]
         mov edx, eax
         shr edx, cl
-        cmp edx, [ebx - 8]
-        jae .past
-        and eax, [ebx - 12]
-        imul eax, [ebx + edx*8 + 4]
+        cmp edx, [ebx + 4]
+        jnb .past
+        and eax, [ebx]
+        imul eax, [ebx + edx*8 + 20]
         sar eax, cl
-        add eax, [ebx + edx*8]
+        add eax, [ebx + edx*8 + 16]
+        stc
         ret
 .past:  xor eax, eax
         ret
@@ -1423,24 +1298,23 @@ lookup:
 ; ---------------------------------------------------------------------------------------------------------------
 swiglu:
         mov esi, [var(hb_buf)]
-        mov ebx, [var(silu_pairs)]
-        mov cl, [ebx - 4]
+        mov ebx, [SECTION(K_SILU_TABLE) + SEC_ADDR]
         mov edi, [hdr(H_HIDDEN)]
         shl edi, 2                      ; from a gate to its up
         push ebp
         mov ebp, [hdr(H_HIDDEN)]
 .gate:  lodsd                           ; x
+        push eax
         sub eax, [HDR + H_SILU_LO]      ; u = x - silu_lo, and the signed compare of x with silu_lo
-        jl .below
-        mov edx, eax                    ; lookup's steps inline
-        shr edx, cl
-        cmp edx, [ebx - 8]
-        jae .above
-        and eax, [ebx - 12]
-        imul eax, [ebx + edx*8 + 4]
-        sar eax, cl
-        add eax, [ebx + edx*8]
-.silu:  imul dword [esi + edi - 4]      ; times up
+        jl .zero                        ; below the table: 0
+        call lookup
+        jc .silu
+        pop eax                         ; past the table: x
+        push eax
+        jmp .silu
+.zero:  xor eax, eax
+.silu:  pop edx
+        imul dword [esi + edi - 4]      ; times up
         shrd eax, edx, 16
         mov [esi - 4], eax
         dec ebp
@@ -1450,16 +1324,12 @@ swiglu:
         mov ecx, [hdr(H_HIDDEN)]
         mov al, [hdr(H_ACT_BITS_HIDDEN)]
         jmp quantize_act
-.below: xor eax, eax                    ; below the table: 0
-        jmp .silu
-.above: add eax, [HDR + H_SILU_LO]      ; past the table: x
-        jmp .silu
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; argmax: the first index of the largest value (signed), as np.argmax.
 ; Entry:    ESI = i32 values, ECX = n >= 1
-; Output:   EAX = index, EBX = value
-; Clobbers: ECX, EDX
+; Output:   EAX = index, EBX = value, ECX = 0
+; Clobbers: EDX
 ; ---------------------------------------------------------------------------------------------------------------
 argmax:
         mov edx, esi
@@ -1487,29 +1357,29 @@ sample:
         mov esi, [var(logits_buf)]
         mov ecx, [hdr(H_VOCAB)]
         call argmax                     ; EAX = the greedy choice, EBX = the top logit
-        cmp dword [RUN_BLOCK + RB_INV_TEMPERATURE], 0
+        cmp [var(run_inv_temperature)], ecx
         je .done
         mov [var(sample_top)], ebx
         call random_u32
         shr eax, 8
         mov [var(sample_coin)], eax
         mov esi, [var(logits_buf)]
-        mov ebx, [var(exp_pairs)]
+        mov ebx, [SECTION(K_EXP_TABLE) + SEC_ADDR]
         mov edi, [var(sample_buf)]
         xor eax, eax
         mov [var(sample_total)], eax
         mov ecx, [hdr(H_VOCAB)]
 .weight:
         push ecx
-        mov eax, [var(sample_top)]
-        sub eax, [esi]
-        add esi, 4
-        mul dword [RUN_BLOCK + RB_INV_TEMPERATURE]
+        lodsd
+        neg eax
+        add eax, [var(sample_top)]
+        mul dword [var(run_inv_temperature)]
         shrd eax, edx, 16
         shr edx, 16
         jnz .far
         call lookup
-        cmp eax, [RUN_BLOCK + RB_MINP]
+        cmp eax, [var(run_minp)]
         jae .store
 .far:   xor eax, eax                    ; past the table (the scaled distance is 2^32 or more), or below min-p
 .store: stosd
@@ -1517,7 +1387,7 @@ sample:
         pop ecx
         loop .weight                    ; EDI = the picks: (index, e) pairs in the order
         mov edx, [hdr(H_VOCAB)]
-        mov eax, [RUN_BLOCK + RB_TOPK]
+        mov eax, [var(run_topk)]
         dec eax
         dec edx
         cmp eax, edx
@@ -1526,7 +1396,7 @@ sample:
 .keep:  inc eax                         ; top-k if 0 < topk < vocab_size, else vocab_size
         lea eax, [edi + eax*8]
         mov [var(sample_keep_end)], eax
-        mov eax, [RUN_BLOCK + RB_TOPP]
+        mov eax, [var(run_topp)]
         or edx, -1                      ; top-p off: no running sum is above this
         cmp eax, 1 << 16
         jae .threshold
@@ -1535,19 +1405,18 @@ sample:
         xchg eax, edx
 .threshold:
         mov [var(sample_threshold)], edx
+        mov [var(sample_room)], edx     ; the threshold less the weight kept so far
         inc edx
-        or edx, [RUN_BLOCK + RB_TOPK]
+        or edx, [var(run_topk)]
         mov [var(sample_sorted)], edx   ; 0 when both are off: index order
         mov [var(sample_picks)], edi
-        push ebp
-        xor ebp, ebp                    ; the kept weight
 .pick:  mov eax, edi
-        sub eax, [sample_picks]
+        sub eax, [var(sample_picks)]
         shr eax, 3
-        mov esi, [sample_buf]
-        cmp dword [sample_sorted], 0
+        mov esi, [var(sample_buf)]
+        cmp dword [var(sample_sorted)], 0
         je .picked
-        mov ecx, [HDR + H_VOCAB]
+        mov ecx, [hdr(H_VOCAB)]
         call argmax                     ; the largest weight not picked yet
 .picked:
         stosd
@@ -1555,14 +1424,13 @@ sample:
         xchg ebx, [esi + eax*4]
         xchg eax, ebx
         stosd
-        add ebp, eax
-        cmp ebp, [sample_threshold]
-        ja .cut
-        cmp edi, [sample_keep_end]
+        sub [var(sample_room)], eax
+        jb .cut                         ; the running sum passed the threshold
+        cmp edi, [var(sample_keep_end)]
         jb .pick
-.cut:   mov eax, [sample_coin]
-        mul ebp
-        pop ebp
+.cut:   mov eax, [var(sample_threshold)]
+        sub eax, [var(sample_room)]     ; the kept weight
+        mul dword [var(sample_coin)]
         shrd eax, edx, 24
         xchg eax, edx                   ; target < the kept weight
         mov esi, [var(sample_picks)]
@@ -1579,12 +1447,12 @@ sample:
 ; ---------------------------------------------------------------------------------------------------------------
 ; random_u32 (sampling.py XorShiftRng.next_u32, run.c's xorshift64*): s ^= s >> 12; s ^= s << 25; s ^= s >> 27
 ; in 64 bits; then the high dword of the low 64 bits of s * 0x2545F4914F6CDD1D from three 32 x 32 multiplies.
-; Output:   EAX = u32; the state in the run block's seed field advanced
-; Clobbers: EBX, ECX, EDX, ESI, EDI
+; Output:   EAX = u32; the state [var(run_seed)] advanced
+; Clobbers: EBX, ECX, EDX, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 random_u32:
-        mov ebx, [RUN_BLOCK + RB_SEED]  ; s = EDX:EBX
-        mov edx, [RUN_BLOCK + RB_SEED + 4]
+        mov ebx, [var(run_seed)]        ; s = EDX:EBX
+        mov edx, [var(run_seed) + 4]
         mov eax, ebx                    ; s ^= s >> 12
         mov edi, edx
         shrd eax, edi, 12
@@ -1603,8 +1471,8 @@ random_u32:
         shr edi, 27
         xor ebx, eax
         xor edx, edi
-        mov [RUN_BLOCK + RB_SEED], ebx
-        mov [RUN_BLOCK + RB_SEED + 4], edx
+        mov [var(run_seed)], ebx
+        mov [var(run_seed) + 4], edx
         imul ecx, edx, 0x4F6CDD1D       ; hi * low half of the multiplier
         mov eax, 0x4F6CDD1D
         mul ebx
@@ -1633,9 +1501,7 @@ gdt:                                    ; lgdt's 6 bytes fill the unused null de
 gdt_end:
 
 msg_banner:         db "sectorllm engine", 10, 0
-msg_needs:          db "sectorllm: needs ", 0
-msg_has:            db " KiB above 1 MiB, has ", 0
-msg_kib:            db " KiB", 10, 0
+msg_too_little_memory: db "sectorllm: too little memory", 10, 0
 
 engine_end:
 
@@ -1646,6 +1512,13 @@ mem_top:            resd 1
 heap_base:          resd 1
 HDR:                resb HDR_BYTES      ; the packed header's copy: [hdr(H_x)]
 VARS:                                   ; EBP - VARS_BIAS in the model code: [var(x)]
+run_inv_temperature: resd 1             ; the run block's settings (RB_INV_TEMPERATURE .. RB_PROMPT_COUNT)
+run_topp:           resd 1
+run_topk:           resd 1
+run_minp:           resd 1
+run_seed:           resd 2              ; the xorshift64* state, advanced here
+run_steps:          resw 1
+run_prompt_count:   resw 1
 buffers:                                ; N_BUFFERS slots of SLOT_BYTES (setup_model)
 x_buf:              resd 1              ; Q16.16 residual stream (dim)
 xb_buf:             resd 1              ; rmsnorm and attention output (dim)
@@ -1655,50 +1528,40 @@ hb_buf:             resd 1              ; gate, then up (2 hidden_dim)
 att_buf:            resd 1              ; scores, then e, then weights (pos + 1)
 logits_buf:         resd 1              ; (vocab_size)
 sample_buf:         resd 1              ; the sampler's e (vocab_size), then its picks
-exp_pairs:          resd 1              ; build_pairs tables
-silu_pairs:         resd 1
 kernel_buf:         resd 1              ; the dot-product kernel, written by setup_model
 N_BUFFERS           equ ($ - buffers) / 4
+kv_base:            resd 1              ; the first cache block, after the buffers
 layer_kv:           resd 1              ; this layer's first cache block
 kv_block:           resd 1              ; bytes of a cache block
 off_vt:             resd 1              ; the values in a block
 kv_stride:          resd 1              ; bytes of a key row
+key_skip:           resd 1              ; from a key row's Dv to the end of the next row's keys
 value_row:          resd 1              ; bytes of a transposed value row
-key_skip:           resd 1              ; from a key row's Dv to the next row's Dk
-head_size:          resd 1
-kv_dim:             resd 1
-kv_mul:             resd 1              ; query heads per kv head
+layer_bytes:        resd 1              ; n_kv_heads blocks
 token:              resd 1              ; the token at pos
 pos:                resd 1
-act_n:              resd 1              ; quantize_act's n, 2n, k and the end of act
-act_row:            resd 1
+steps:              resd 1              ; forward passes to run
+act_row:            resd 1              ; quantize_act's 2n, k and the end of act
 act_k:              resd 1
 act_end:            resd 1
-kv_base:            resd 1              ; the first cache block
-layer_bytes:        resd 1              ; n_kv_heads blocks
-steps:              resd 1              ; forward passes to run
 kernel_end:         resd 1              ; the dot-product kernel's ret
 dot_entry:          resd 1              ; its entry for the current length (set_dot_length)
 SCRATCH:                                ; each routine's own variables, overlaid
         absolute SCRATCH
 rows_left:          resd 1              ; matvec
         absolute SCRATCH
-heads_left:         resd 1              ; rope
-pairs_left:         resd 1              ; rope, attention
-rope_terms:         resw 4              ; sin, cos, -sin
-        absolute SCRATCH + 8
-kv_step:            resd 1              ; store_kv
-kv_top:             resd 1
+kv_top:             resd 1              ; store_kv
 kv_half:            resd 1
 kv_count:           resd 1
-        absolute SCRATCH + 8
+        absolute SCRATCH
 head:               resd 1              ; attention
 head_off:           resd 1              ; 4 * head * head_size
 att_end:            resd 1
 att_block:          resd 1
         absolute SCRATCH
-sample_top:         resd 1              ; sample
+sample_room:        resd 1              ; sample
 sample_total:       resd 1
+sample_top:         resd 1
 sample_coin:        resd 1
 sample_keep_end:    resd 1
 sample_threshold:   resd 1

@@ -279,62 +279,61 @@ class EngineOutput:
 
 @dataclass
 class SerialDecoder:
-    """Splits the engine's serial stream into log text and records, as its bytes arrive in chunks of any size."""
+    """Splits the engine's serial stream into log text and records, as its bytes arrive in chunks of any size.
+
+    Records (engine.asm SERIAL PROTOCOL): STX 'T' id (u16) n (u8) and n bytes: a token; STX 'E' status (u8): the
+    end; STX 'M' name '=' decimal ETX: a self-test value. Outside records the stream is log text.
+    """
 
     log: bytearray = field(default_factory=bytearray)
     records: list[Record] = field(default_factory=list)
-    _record: bytearray | None = field(default=None, init=False, repr=False)  # inside STX .. ETX
-    _token_id: int = field(default=0, init=False, repr=False)
-    _token_data: bytearray | None = field(default=None, init=False, repr=False)  # receiving a token's bytes
-    _token_left: int = field(default=0, init=False, repr=False)
+    _tag: int | None = field(default=None, init=False, repr=False)  # 0 after STX until the tag arrives
+    _body: bytearray = field(default_factory=bytearray, init=False, repr=False)
+    _token_left: int = field(default=0, init=False, repr=False)  # a token's bytes still to come
 
     def feed(self, data: bytes) -> list[Record]:
         """Take more bytes; returns the records they completed."""
         done: list[Record] = []
-        i = 0
-        while i < len(data):
-            if self._token_data is not None:
-                take = data[i:i + self._token_left]
-                self._token_data += take
-                self._token_left -= len(take)
-                i += len(take)
-                if self._token_left == 0:
-                    done.append(Token(self._token_id, bytes(self._token_data)))
-                    self._token_data = None
-                continue
-            byte = data[i]
-            i += 1
-            if self._record is None:
+        for byte in data:
+            if self._tag is None:
                 if byte == STX:
-                    self._record = bytearray()
+                    self._tag, self._body = 0, bytearray()
                 else:
                     self.log.append(byte)
-            elif byte == ETX:
-                record = self._finish_record(bytes(self._record))
-                self._record = None
-                if record is not None:
-                    done.append(record)
-            else:
-                self._record.append(byte)
+                continue
+            if self._tag == 0:
+                if byte not in b"TEM":
+                    raise BootError(f"malformed serial record from the engine: tag {byte:#04x}")
+                self._tag = byte
+                continue
+            record = self._take(byte)
+            if record is not None:
+                done.append(record)
+                self._tag = None
         self.records += done
         return done
 
-    def _finish_record(self, body: bytes) -> Record | None:
-        """Decode one record body (between STX and ETX); a token record only starts its bytes."""
-        text = body.decode("ascii", errors="replace")
-        tag, fields = text[:1], text[1:]
-        if tag == "T" and re.fullmatch(r"\d+,\d+", fields):
-            token_id, n = (int(x) for x in fields.split(","))
-            if n == 0:
-                return Token(token_id, b"")
-            self._token_id, self._token_data, self._token_left = token_id, bytearray(), n
+    def _take(self, byte: int) -> Record | None:
+        """One more byte of the current record; the record once it is complete."""
+        tag, body = chr(self._tag), self._body
+        if tag == "M":
+            if byte != ETX:
+                body.append(byte)
+                return None
+            match = re.fullmatch(rb"([a-z0-9_]+)=(\d+)", body)
+            if match is None:
+                raise BootError(f"malformed serial record from the engine: {bytes(body)!r}")
+            return Value(match[1].decode(), int(match[2]))
+        body.append(byte)
+        if tag == "E":
+            return End(byte)
+        if len(body) < 3:
             return None
-        if tag == "M" and re.fullmatch(r"[a-z0-9_]+=\d+", fields):
-            name, value = fields.split("=")
-            return Value(name, int(value))
-        if tag == "E" and fields.isdigit():
-            return End(int(fields))
-        raise BootError(f"malformed serial record from the engine: {body!r}")
+        if len(body) == 3:
+            self._token_left = body[2]
+        else:
+            self._token_left -= 1
+        return Token(int.from_bytes(body[:2], "little"), bytes(body[3:])) if self._token_left == 0 else None
 
     def output(self) -> EngineOutput:
         """The decoded stream so far."""

@@ -26,7 +26,7 @@ from .image import (ADDRESSABLE_TOP, MAX_PROMPT_TOKENS, MODEL_BASE, SECTOR, Imag
 from .qemu import DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT, boot
 
 # engine.asm's memory map after the model: BUFFER_SLOTS buffers of SLOT_BYTES, the KV cache, int16 weight copies
-BUFFER_SLOTS = 11  # N_BUFFERS
+BUFFER_SLOTS = 9  # N_BUFFERS
 SLOT_BYTES = 1 << 20  # SLOT_BYTES
 HEAP_ALIGN = 4096  # HEAP_ALIGN
 MEBIBYTE = 1 << 20
