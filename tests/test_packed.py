@@ -108,7 +108,9 @@ def test_layout_is_little_endian_paragraph_aligned_and_crc_checked(packed_file):
     np.testing.assert_array_equal(raw, model.wqkv.q)
     offset, length, param = by_kind[Section.WQKV_S]
     assert param == model.wqkv.shift and length == 4 * c.n_layers * qkv_rows
-    assert Section.WCLS_Q not in by_kind  # the classifier is the embedding
+    assert [kind for kind, *_ in entries] == list(range(1, len(Section) + 1))  # one entry per kind, in order
+    for alias, kind in ((Section.WCLS_Q, Section.TOKEN_EMBEDDING_Q), (Section.WCLS_S, Section.TOKEN_EMBEDDING_S)):
+        assert by_kind[alias] == by_kind[kind]  # the classifier is the embedding: its entries repeat the embedding's
 
 
 def test_tables_and_rope_are_stored_as_the_engine_reads_them(packed_file):
@@ -218,7 +220,7 @@ def _flip_payload_byte(data: bytearray) -> bytearray:
     (_version, "version 99"),
     (_table_outside, "section table"),
     (_entry_outside, "outside the file"),
-    (_drop_last_section, "no BOS_SKIP section"),
+    (_drop_last_section, "not one for each of the 24 kinds"),
     (lambda d: b"GGUF" + d[4:], "not a packed"),
 ])
 def test_bad_files_raise_one_line_errors(packed_file, tmp_path, damage, words):

@@ -6,7 +6,7 @@ import mmap
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from pathlib import Path
 
@@ -251,13 +251,17 @@ def _header(model: PackedModel, file_bytes: int, crc: int, n_sections: int) -> b
 
 
 def _layout(payloads: list[tuple[Section, bytes, int]]) -> tuple[list[SectionEntry], int]:
-    """Each section's place (paragraph-aligned, in kind order after the table) and the file size."""
-    offset = _align(HEADER.size + ENTRY.size * len(payloads))
-    entries = []
+    """Each section's place (paragraph-aligned, in kind order after the table) and the file size; the table has an
+    entry for every kind, a shared classifier's two entries repeating the embedding's."""
+    offset = _align(HEADER.size + ENTRY.size * len(Section))
+    placed = {}
     for kind, data, param in payloads:
-        entries.append(SectionEntry(kind, offset, len(data), param))
+        placed[kind] = SectionEntry(kind, offset, len(data), param)
         offset = _align(offset + len(data))
-    return entries, offset
+    for alias, kind in ((Section.WCLS_Q, Section.TOKEN_EMBEDDING_Q), (Section.WCLS_S, Section.TOKEN_EMBEDDING_S)):
+        if alias not in placed:
+            placed[alias] = replace(placed[kind], kind=alias)
+    return [placed[kind] for kind in Section], offset
 
 
 def packed_bytes(model: PackedModel) -> int:
@@ -276,12 +280,14 @@ def write_packed(path: str | os.PathLike, model: PackedModel) -> None:
     if file_bytes > MAX_FILE_BYTES:
         raise QuantizeError(f"the packed model would be {file_bytes} bytes: u32 offsets reach only 4 GiB")
     image = bytearray(file_bytes)
-    for i, (entry, (_, data, _)) in enumerate(zip(entries, payloads)):
+    data_of = {kind: data for kind, data, _ in payloads}  # an aliased classifier has none of its own
+    for i, entry in enumerate(entries):
         ENTRY.pack_into(image, HEADER.size + ENTRY.size * i, entry.kind, entry.offset, entry.length, entry.param)
-        image[entry.offset:entry.offset + entry.length] = data
-    image[:HEADER.size] = _header(model, file_bytes, 0, len(payloads))
+        if entry.kind in data_of:
+            image[entry.offset:entry.offset + entry.length] = data_of[entry.kind]
+    image[:HEADER.size] = _header(model, file_bytes, 0, len(entries))
     crc = zlib.crc32(memoryview(image)[CRC_START:])
-    image[:HEADER.size] = _header(model, file_bytes, crc, len(payloads))
+    image[:HEADER.size] = _header(model, file_bytes, crc, len(entries))
     write_atomically(path, (image,))
 
 
@@ -315,6 +321,9 @@ def read_sections(data: bytes | mmap.mmap, name: str = "packed file") -> tuple[t
     if zlib.crc32(memoryview(data)[CRC_START:]) != crc:
         raise PackedFormatError(f"{name} has a bad CRC: the file is corrupt, re-pack or re-download it")
     n_sections, table_offset = header[-5:-3]
+    if n_sections != len(Section):
+        raise PackedFormatError(f"{name}'s section table has {n_sections} entries, not one for each of the "
+                                f"{len(Section)} kinds: the file is damaged")
     if table_offset + ENTRY.size * n_sections > size:
         raise PackedFormatError(f"{name}'s section table ({n_sections} entries at {table_offset}) lies outside "
                                 "the file: the file is damaged")
@@ -326,8 +335,9 @@ def read_sections(data: bytes | mmap.mmap, name: str = "packed file") -> tuple[t
                                     "points outside the file's data: the file is damaged")
         if entry.offset % ALIGN:
             raise PackedFormatError(f"{name}: section {entry.kind} at {entry.offset} is not paragraph-aligned")
-        if entry.kind not in Section.__members__.values() or entry.kind in entries:
-            raise PackedFormatError(f"{name}: section kind {entry.kind} is unknown or repeated: the file is damaged")
+        if entry.kind != i + 1:
+            raise PackedFormatError(f"{name}: table entry {i} is for section kind {entry.kind}, not {i + 1}: "
+                                    "the file is damaged")
         entries[entry.kind] = entry
     return header, entries
 
@@ -389,6 +399,10 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
         ids.setdefault(piece, i)
     tokenizer = Tokenizer(pieces, arrays[Section.SCORES], max_token_length, ids)
 
+    if config.shared_classifier and any(
+            (entries[alias].offset, entries[alias].length) != (entries[kind].offset, entries[kind].length)
+            for alias, kind in ((Section.WCLS_Q, Section.TOKEN_EMBEDDING_Q), (Section.WCLS_S, Section.TOKEN_EMBEDDING_S))):
+        raise PackedFormatError(f"{path}: the shared classifier's entries are not the embedding's: the file is damaged")
     matrices = {}
     for name, (q_kind, s_kind) in _MATRICES.items():
         if name == "wcls" and config.shared_classifier:

@@ -1,7 +1,7 @@
 """Run a boot image in-process on the unicorn CPU emulator, with a small BIOS shim, counting guest instructions.
 
 The shim answers the BIOS interrupts and I/O ports the image uses (INT 10h teletype, INT 13h extended reads from
-the image, INT 15h memory size and extended-memory moves, INT 16h keys from a string, INT 1Ah ticks; COM1, port 0x92, isa-debug-exit) from
+the image, INT 14h serial initialization, INT 15h memory size and extended-memory moves, INT 16h keys from a string, INT 1Ah ticks; COM1, port 0x92, isa-debug-exit) from
 Python hooks, so no BIOS code runs in the guest: every counted instruction is the image's own.
 
 Counting: a block hook adds each translation block's instruction count, which unicorn reports for the block
@@ -232,7 +232,7 @@ class Emulator:
     # ---------------------------------------------------------------------------------------------- BIOS shim
 
     def _on_interrupt(self, uc: Uc, number: int, _: object) -> None:
-        handler = {0x10: self._int10, 0x13: self._int13, 0x15: self._int15, 0x16: self._int16,
+        handler = {0x10: self._int10, 0x13: self._int13, 0x14: self._int14, 0x15: self._int15, 0x16: self._int16,
                    0x1A: self._int1a}.get(number)
         if handler is None:
             self._halt(f"interrupt {number:#04x}")
@@ -262,6 +262,12 @@ class Emulator:
             self._machine.screen.append(self._reg("eax") & 0xFF)
         elif ah == 0x0F:  # video mode: 80x25 colour text, page 0
             self._set(ax=0x5003, bh=0)
+
+    def _int14(self) -> None:
+        """Serial port services: AH=00h (initialize) sets the line control from AL; the status comes back in AX."""
+        if self._reg("eax") >> 8 & 0xFF == 0x00:
+            self._machine.line_control = self._reg("eax") & 0x1F
+        self._set(ax=0x6000)  # transmitter empty, no modem lines
 
     def _int13(self) -> None:
         ah = self._reg("eax") >> 8 & 0xFF

@@ -105,7 +105,8 @@ H_N_SECTIONS        equ 92
 H_HEAD_SIZE         equ 100
 H_KV_DIM            equ 104
 H_KV_MUL            equ 108             ; query heads per kv head
-TABLE_OFFSET        equ 128             ; the section table follows the header
+TABLE_OFFSET        equ 128             ; the section table follows the header: an entry for each kind, in order
+SEC_START           equ MODEL_BASE + TABLE_OFFSET - 16  ; kind k's entry at SEC_START + 16 k
 
 K_TOKEN_EMBEDDING_Q equ 1               ; section kinds (docs/format.md)
 K_TOKEN_EMBEDDING_S equ 2
@@ -171,17 +172,13 @@ bios:   push ebp
         jmp CODE16:.code16
         bits 16
 .code16:
-        mov bp, DATA16                  ; real mode keeps these hidden limits and 16-bit stack: a real-mode SS
-        mov ds, bp
-        mov es, bp
+        mov bp, DATA16                  ; real mode keeps the hidden attributes: a 16-bit stack for the BIOS
         mov ss, bp
         mov ebp, cr0
         dec bp                          ; PE off
         mov cr0, ebp
         jmp 0:.real
-.real:  xor bp, bp
-        mov ds, bp
-        mov es, bp
+.real:  xor bp, bp                      ; (the BIOS calls made here need no DS or ES of ours)
         mov ss, bp
         sti
         call di
@@ -211,8 +208,6 @@ int15:  int 0x15
 ; main: size the memory, check that the model fits, set it up and generate; end the run.
 ; ---------------------------------------------------------------------------------------------------------------
 main:
-        mov esi, msg_banner
-        call print_string
         mov eax, 0xE801                 ; the RAM from 1 MiB: KiB up to 16 MiB, 64 KiB blocks above
         xor ebx, ebx
         xor ecx, ecx
@@ -563,19 +558,13 @@ setup_model:
         mov esi, RUN_BLOCK + RB_INV_TEMPERATURE
         mov cl, RUN_SETTINGS / 4
         rep movsd
-        mov ecx, (SEC_END - VARS - RUN_SETTINGS) / 4
+        mov cl, (VARS_END - VARS - RUN_SETTINGS) / 4
         xor eax, eax
         rep stosd
-        mov esi, MODEL_BASE + TABLE_OFFSET
-        mov ecx, [hdr(H_N_SECTIONS)]
-.entry: lodsd                           ; SEC[kind] = the entry, its offset turned into an address
-        shl eax, 4
-        lea edi, [eax + SEC + SEC_ADDR]
-        lodsd
-        add eax, MODEL_BASE
-        stosd
-        movsd                           ; length
-        movsd                           ; param
+        mov esi, SEC_START + 16 + SEC_ADDR
+        mov cl, N_KINDS - 1
+.entry: add dword [esi], MODEL_BASE     ; the section table's offsets to addresses
+        add esi, 16
         loop .entry
 
         mov eax, [heap_base]
@@ -628,7 +617,7 @@ setup_model:
 .widen: lodsb                           ; int8 matrices to int16: one kernel for weights and keys
         movzx ebx, al
         shl ebx, 4
-        add ebx, SEC
+        add ebx, SEC_START
         mov ecx, [ebx + SEC_LEN]
         lea eax, [edi + ecx*2]
         call check_memory
@@ -644,17 +633,6 @@ setup_model:
         pop esi
         cmp esi, wide_kinds + WIDE_KINDS
         jb .widen
-        test byte [hdr(H_FLAGS)], 1
-        jz .own_classifier
-        mov esi, SECTION(K_TOKEN_EMBEDDING_Q)
-        mov edi, SECTION(K_WCLS_Q)
-        mov cl, 8
-        rep movsd
-.own_classifier:
-        mov esi, SEC
-        mov edi, SEC_START
-        mov cl, 4 * N_KINDS
-        rep movsd
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -1500,7 +1478,6 @@ gdt:                                    ; lgdt's 6 bytes fill the unused null de
                     db 0x00, 0x92, 0x00, 0x00
 gdt_end:
 
-msg_banner:         db "sectorllm engine", 10, 0
 msg_too_little_memory: db "sectorllm: too little memory", 10, 0
 
 engine_end:
@@ -1569,5 +1546,3 @@ sample_sorted:      resd 1
 sample_picks:       resd 1
 VARS_END:
 SEC:                resb 16 * N_KINDS   ; per section kind: SEC_ADDR, SEC_LEN, SEC_PARAM
-SEC_END:
-SEC_START:          resb 16 * N_KINDS   ; SEC as setup_model leaves it: each matrix's layer 0

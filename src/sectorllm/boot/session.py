@@ -44,7 +44,7 @@ def wide_weight_bytes(config: ModelConfig) -> int:
     """engine.asm setup_model's int16 copies of the int8 matrices (packed.py's shapes)."""
     c = config
     layers = c.n_layers * ((c.dim + 2 * c.kv_dim) * c.dim + c.dim * c.dim + 3 * c.hidden_dim * c.dim)
-    classifiers = (1 if c.shared_classifier else 2) * c.vocab_size * c.dim
+    classifiers = 2 * c.vocab_size * c.dim  # a shared classifier's entries alias the embedding: widened again
     return 2 * (c.vocab_size * c.dim + layers + classifiers)
 
 
