@@ -113,16 +113,21 @@ def test_run_block_round_trips():
 def test_run_block_from_sampler_holds_the_fixed_sampler_settings():
     config = FixedSamplerConfig.from_sampler_config(SamplerConfig(temperature=0.8, topp=0.9, topk=5, minp=0.05,
                                                                   seed=42))
-    run = RunBlock.from_sampler(config, [5, 6], steps=10)
-    assert run == RunBlock((5, 6), 10, inv_temperature_q16=81920, topp_q16=58982, topk=5, minp_q16=3277, seed=42)
-    assert RunBlock.from_sampler(config, [1], steps=70000).steps == 0  # past u16: the whole context, as 0
-    assert RunBlock.from_sampler(FixedSamplerConfig(0), [1], 10).seed != 0  # 0 takes the clock, as FixedSampler
+    run = RunBlock.from_sampler(config, [5, 6], steps=10, seq_len=512)
+    assert run == RunBlock((5, 6), 10, inv_temperature_q16=81920, topp_q16=58982, topk=5, minp_q16=3277, seed=42,
+                           passes=10)
+    whole = RunBlock.from_sampler(config, [1], steps=70000, seq_len=512)
+    assert (whole.steps, whole.passes) == (0, 512)  # past u16 and past the context: the whole context
+    assert RunBlock.from_sampler(config, [1], steps=0, seq_len=256).passes == 256
+    assert RunBlock.from_sampler(FixedSamplerConfig(0), [1], 10, 512).seed != 0  # 0 takes the clock, as FixedSampler
 
 
 def test_run_block_refuses_what_it_cannot_hold():
     layout = img.DiskLayout(1, 3, 0)
-    with pytest.raises(UsageError, match="at most 234"):
-        pack_run_block(RunBlock(prompt_tokens=(1,) * 235), layout)
+    with pytest.raises(UsageError, match="at most 233"):
+        pack_run_block(RunBlock(prompt_tokens=(1,) * 234), layout)
+    with pytest.raises(UsageError, match="passes"):
+        pack_run_block(RunBlock(passes=1 << 16), layout)
     with pytest.raises(UsageError, match="outside 0..65535"):
         pack_run_block(RunBlock(prompt_tokens=(65536,)), layout)
     with pytest.raises(UsageError, match="seed"):
@@ -204,7 +209,7 @@ def test_image_layout_and_sizes(selftest_image, blob):
 def test_assembly_constants_match_python(selftest_image):
     engine, boot_sector = selftest_image.engine.symbols, selftest_image.boot.symbols
     fields = ["MAGIC", "VERSION", "ENGINE_SECTORS", "MODEL_LBA", "MODEL_BYTES", "INV_TEMPERATURE", "TOPP", "TOPK",
-              "MINP", "SEED", "STEPS", "PROMPT_COUNT"]
+              "MINP", "SEED", "PASSES", "PROMPT_COUNT", "STEPS"]
     codes = re.findall(r"\d*[A-Za-z]", img.RUN_BLOCK_FORMAT)
     for i, name in enumerate(fields):
         assert engine[f"RB_{name}"] == struct.calcsize("<" + "".join(codes[:i])), name
@@ -271,7 +276,7 @@ def test_qemu_boot_sector_failure_is_reported(selftest_image, tmp_path):
     result = boot(broken, timeout=30)
     assert result.status == Status.BAD_RUN_BLOCK and result.end_status is None
     assert result.exit_code == (Status.BAD_RUN_BLOCK << 1) | 1
-    assert "not a sectorllm run block" in result.log
+    assert "sectorllm: bad run block" in result.log
 
 
 def test_qemu_timeout_kills_qemu(tmp_path):

@@ -1,5 +1,5 @@
-; boot.asm - sectorllm boot sector: loads the whole image, the model above 1 MiB included, with BIOS services only,
-; opens A20 and jumps to the engine.
+; boot.asm - sectorllm boot sector: sets up COM1, loads the whole image, the model above 1 MiB included, with BIOS
+; services only, opens A20, sizes the memory and jumps to the engine.
 ;
 ; Disk image (512-byte sectors, LBA; image.py writes it, docs there):
 ;   LBA 0                 this boot sector
@@ -9,6 +9,7 @@
 ;   LBA model_lba ..      model blob, model_bytes long (sector-aligned start)
 ;
 ; Memory when the engine starts (physical addresses):
+;   0x00500  MEM_TOP: u32, the end of the RAM that starts at 1 MiB (INT 15h E801h)
 ;   0x07C00  this sector          0x07E00  run block          0x08000  engine (entered at its first byte)
 ;   0x10000  DISK_BUFFER, where each chunk is read before INT 15h AH=87h copies it up
 ;   0x100000 MODEL_BASE: the model, its last sector padded with what the disk holds there
@@ -23,7 +24,8 @@
         org 0x7C00
 
 STACK_TOP           equ 0x7C00
-A20_PROBE           equ 0x0500
+MEM_TOP             equ 0x0500          ; u32 for the engine: the end of the RAM that starts at 1 MiB
+A20_PROBE           equ 0x0504
 MOVE_GDT            equ 0x0600          ; INT 15h AH=87h's six descriptors; the BIOS fills in four
 RUN_BLOCK           equ 0x7E00
 ENGINE_BASE         equ 0x8000
@@ -39,7 +41,7 @@ RB_ENGINE_SECTORS   equ 6
 RB_MODEL_LBA        equ 8
 RB_MODEL_BYTES      equ 12
 RUN_MAGIC           equ 'SLRB'
-RUN_VERSION         equ 2
+RUN_VERSION         equ 3
 
 COM1                equ 0x3F8
 SYSTEM_CONTROL_A    equ 0x92            ; "fast A20" port
@@ -54,15 +56,18 @@ start:
         mov ds, ax
         mov es, ax
         mov ss, ax
-        mov sp, STACK_TOP
+        mov esp, STACK_TOP              ; all of ESP: the engine's protected mode uses it
         sti
         cld
         jmp 0:normalized_cs             ; some BIOSes enter at 07C0:0000
 normalized_cs:
         mov [dap.drive], dl
-        call serial_init
+        mov ax, 0x00E3                  ; COM1 at 9600 baud, 8N1 (INT 14h AH=00h); no FIFOs, which would drop a
+        xor dx, dx                      ; byte the runner sent before we started (SERIAL_HOLD)
+        int 0x14
 
-        mov eax, RUN_BLOCK_LBA
+        xor eax, eax
+        mov al, RUN_BLOCK_LBA
         mov cx, 1
         mov bx, RUN_BLOCK >> 4
         call read_sectors
@@ -95,6 +100,26 @@ normalized_cs:
         mov al, STATUS_A20_CLOSED
         cmp byte [A20_PROBE], 0
         jne fail
+
+        mov ax, 0xE801                  ; the RAM from 1 MiB: KiB up to 16 MiB, 64 KiB blocks above
+        xor cx, cx
+        xor dx, dx
+        int 0x15
+        jnc .answer
+        xor ax, ax
+.answer:
+        jcxz .ax_bx                     ; BIOSes answer in AX/BX, CX/DX or both
+        xchg ax, cx
+        mov bx, dx
+.ax_bx: movzx eax, ax
+        shl eax, 10
+        add eax, MODEL_BASE
+        bt eax, 24                      ; below 16 MiB (it is at most 16 MiB here): a hole; what lies above it
+        jnc .top                        ; is not contiguous
+        movzx ebx, bx
+        shl ebx, 16
+        add eax, ebx
+.top:   mov [MEM_TOP], eax
 
         mov ebp, [RUN_BLOCK + RB_MODEL_BYTES]
         add ebp, 511
@@ -208,34 +233,6 @@ print:  lodsb
         jmp print
 .done:  ret
 
-; ---------------------------------------------------------------------------------------------------------------
-; serial_init: COM1 at 115200 baud, 8 data bits, no parity, 1 stop bit, no FIFOs, no interrupts.
-; Clobbers: AL, DX
-; ---------------------------------------------------------------------------------------------------------------
-serial_init:
-        mov dx, COM1 + 1                ; interrupt enable: none, we poll
-        xor al, al
-        out dx, al
-        add dx, 2                       ; line control: DLAB on to set the divisor
-        mov al, 0x80
-        out dx, al
-        sub dx, 3                       ; divisor 1 = 115200 baud
-        mov al, 1
-        out dx, al
-        inc dx
-        xor al, al
-        out dx, al
-        add dx, 2                       ; line control: 8N1, DLAB off
-        mov al, 0x03
-        out dx, al
-        dec dx                          ; FIFO control: FIFOs off; turning them on would flush a byte
-        xor al, al                      ; the runner sent before we started (SERIAL_HOLD)
-        out dx, al
-        add dx, 2                       ; modem control: DTR and RTS
-        mov al, 0x03
-        out dx, al
-        ret
-
 dap:                                    ; INT 13h AH=42h disk address packet
                     db 16, 0
 .count:             dw 0
@@ -251,7 +248,7 @@ move_descriptors:                       ; INT 15h AH=87h source and destination:
                     db 0, 0x93, 0, 0
 
 msg_prefix:         db "sectorllm: ", 0
-msg_bad_run_block:  db "not a sectorllm run block", 10, 0
+msg_bad_run_block:  db "bad run block", 10, 0
 msg_a20_closed:     db "A20 closed", 10, 0
 msg_disk_error:     db "disk error "
 msg_disk_status:    db "??h", 10, 0

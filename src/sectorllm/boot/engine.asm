@@ -51,6 +51,7 @@
         cpu 386
 
 STACK_TOP           equ 0x7C00
+MEM_TOP             equ 0x0500          ; u32 from boot.asm: the end of the RAM that starts at 1 MiB
 RUN_BLOCK           equ 0x7E00
 ENGINE_BASE         equ 0x8000
 MODEL_BASE          equ 0x100000
@@ -67,10 +68,11 @@ RB_TOPP             equ 20              ; u32, round(65536 * top-p); 65536 = off
 RB_TOPK             equ 24              ; u32, 0 = off
 RB_MINP             equ 28              ; u32, round(65536 * min-p); 0 = off
 RB_SEED             equ 32              ; u64, the xorshift64* state
-RB_STEPS            equ 40              ; u16, forward passes, prompt included; 0 = the whole context
+RB_PASSES           equ 40              ; u16, forward passes to run, prompt included (image.py: run.c's rule)
 RB_PROMPT_COUNT     equ 42              ; u16
-RB_PROMPT_IDS       equ 44              ; u16[RB_PROMPT_COUNT], BOS first
-RUN_SETTINGS        equ RB_PROMPT_IDS - RB_INV_TEMPERATURE  ; the fields setup_model copies to VARS
+RB_STEPS            equ 44              ; u16, run.c's -n (0 = the whole context), for the runner
+RB_PROMPT_IDS       equ 46              ; u16[RB_PROMPT_COUNT >= 1], BOS first
+RUN_SETTINGS        equ RB_STEPS - RB_INV_TEMPERATURE  ; the fields setup_model copies to VARS
 
 COM1                equ 0x3F8
 UART_LSR            equ COM1 + 5
@@ -86,7 +88,8 @@ SERIAL_GO           equ 0x14
 STATUS_OK               equ 0x00        ; image.py Status mirrors these
 STATUS_MODEL_TOO_LARGE  equ 0x05
 
-HDR_BYTES           equ 128             ; the packed header (docs/format.md), copied to HDR; fields, u32 / i32:
+HDR_USED            equ 112             ; the packed header's bytes the engine reads (docs/format.md), copied to
+                                        ; HDR; fields, u32 / i32:
 H_DIM               equ 16
 H_HIDDEN            equ 20
 H_N_LAYERS          equ 24
@@ -130,9 +133,9 @@ SEC_LEN             equ 8               ; offset turned into an address (the wei
 SEC_PARAM           equ 12              ; layer by layer as the forward pass reads them)
 N_KINDS             equ 25
 %define SECTION(kind) (SEC + 16 * (kind))
-%define hdr(field) ebp + (field) - HDR_BYTES - VARS_BIAS
+%define hdr(field) ebp + (field) - HDR_USED - VARS_BIAS
 %define var(name) ebp + (name) - VARS - VARS_BIAS
-VARS_BIAS           equ 16              ; EBP = VARS + VARS_BIAS: header fields and variables both within disp8
+VARS_BIAS           equ 32              ; EBP = VARS + VARS_BIAS: header fields and variables both within disp8
 
 BOS                 equ 1
 EOS                 equ 2
@@ -155,95 +158,20 @@ DATA16              equ gdt.data16 - gdt
 ; ---------------------------------------------------------------------------------------------------------------
 engine_start:
         lgdt [gdt]
-        push dword main                 ; what bios.protected returns to
-        push ebp
-        jmp bios.protected
-
-; ---------------------------------------------------------------------------------------------------------------
-; bios: call a BIOS routine from protected mode: through a 16-bit segment back to real mode, `call di` there with
-; interrupts on, then back to protected mode.
-; Entry:    EDI = one of the real-mode stubs int10, int15; EAX, EBX, ECX, EDX, ESI as the BIOS wants them
-;           (DS = ES = 0 in real mode: SI is an offset in segment 0)
-; Output:   EAX, EBX, ECX, EDX, ESI, EDI and CF as the BIOS leaves them
-; Clobbers: whatever the BIOS clobbers
-; ---------------------------------------------------------------------------------------------------------------
-        bits 32
-bios:   push ebp
-        jmp CODE16:.code16
-        bits 16
-.code16:
-        mov bp, DATA16                  ; real mode keeps the hidden attributes: a 16-bit stack for the BIOS
-        mov ss, bp
-        mov ebp, cr0
-        dec bp                          ; PE off
-        mov cr0, ebp
-        jmp 0:.real
-.real:  xor bp, bp                      ; (the BIOS calls made here need no DS or ES of ours)
-        mov ss, bp
-        sti
-        call di
-.protected:
-        cli
-        mov ebp, cr0
-        inc bp                          ; PE on (inc and dec leave CF, the BIOS's answer, alone)
-        mov cr0, ebp
-        jmp dword CODE32:.code32
-        bits 32
-.code32:
-        mov bp, DATA32
-        mov ss, bp
-        mov ds, bp
-        mov es, bp
-        pop ebp
-        ret
-
-        bits 16
-int10:  int 0x10
-        ret
-int15:  int 0x15
-        ret
+        push dword main                 ; what teletype.protected returns to, with a pushad frame
+        pushad
+        jmp teletype.protected
         bits 32
 
-; ---------------------------------------------------------------------------------------------------------------
 ; main: size the memory, check that the model fits, set it up and generate; end the run.
 ; ---------------------------------------------------------------------------------------------------------------
 main:
-        mov eax, 0xE801                 ; the RAM from 1 MiB: KiB up to 16 MiB, 64 KiB blocks above
-        xor ebx, ebx
-        xor ecx, ecx
-        xor edx, edx
-        mov edi, int15
-        call bios
-        jnc .answer
-        xor eax, eax
-.answer:
-        jecxz .ax_bx                    ; BIOSes answer in AX/BX, CX/DX or both
-        xchg eax, ecx
-        mov ebx, edx
-.ax_bx: movzx eax, ax
-        shl eax, 10
-        add eax, MODEL_BASE
-        cmp eax, 0x1000000
-        jb .top                         ; a hole below 16 MiB: what lies above it is not contiguous
-        movzx ebx, bx
-        shl ebx, 16
-        add eax, ebx
-.top:   mov [mem_top], eax
-
-        mov eax, [RUN_BLOCK + RB_MODEL_BYTES]
-        add eax, MODEL_BASE + SECTOR - 1
-        and eax, -SECTOR                ; the boot sector loaded whole sectors
-        call check_memory
-        add eax, HEAP_ALIGN - 1
-        and eax, -HEAP_ALIGN
-        mov [heap_base], eax
 %ifdef SELFTEST
         call selftest
 %else
-        call setup_model
-        call generate
+        call setup_model                ; and on into generate
 %endif
-        mov al, STATUS_OK
+        xor eax, eax                    ; STATUS_OK
         jmp end_run
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +180,13 @@ main:
 ; Output:   never returns
 ; ---------------------------------------------------------------------------------------------------------------
 fail:
-        call print_string
+        push eax
+.next:  lodsb
+        test al, al
+        jz .done
+        call put_char
+        jmp .next
+.done:  pop eax
         ; fall through into end_run
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -263,8 +197,8 @@ fail:
 ; ---------------------------------------------------------------------------------------------------------------
 end_run:
         xchg eax, ebx
-        mov al, 'E'
-        call record_start
+        mov ax, STX | 'E' << 8
+        call serial_pair
         mov al, bl
         call serial_put
         mov dx, UART_LSR                ; no byte waiting (or no UART at all: it reads 0xFF): go
@@ -288,7 +222,7 @@ end_run:
 ; Clobbers: nothing when it returns
 ; ---------------------------------------------------------------------------------------------------------------
 check_memory:
-        cmp eax, [mem_top]
+        cmp eax, [MEM_TOP]
         jna .fits
         mov esi, msg_too_little_memory
         mov al, STATUS_MODEL_TOO_LARGE
@@ -321,39 +255,55 @@ serial_put:
 put_char:
         call serial_put
         cmp al, 10
-        jne .show
+        jne teletype
         mov al, 13
-        call .show
+        call teletype
         mov al, 10
-.show:  pushad
+        ; fall through into teletype
+
+; ---------------------------------------------------------------------------------------------------------------
+; teletype: AL to the screen through the BIOS (INT 10h AH=0Eh), which needs real mode: through a 16-bit code
+; segment back to real mode, the call there with interrupts on, then back to protected mode (engine_start enters
+; protected mode through this second half).
+; Entry:    AL = byte
+; Clobbers: nothing
+; ---------------------------------------------------------------------------------------------------------------
+teletype:
+        pushad
         mov ah, 0x0E
         xor ebx, ebx                    ; page 0, colour 0 (only used in graphics modes)
-        mov edi, int10
-        call bios
+        jmp CODE16:.code16
+        bits 16
+.code16:
+        mov bp, DATA16                  ; real mode keeps the hidden attributes: a 16-bit stack for the BIOS
+        mov ss, bp
+        mov ebp, cr0
+        dec bp                          ; PE off
+        mov cr0, ebp
+        jmp 0:.real
+.real:  xor bp, bp                      ; (INT 10h needs no DS or ES of ours)
+        mov ss, bp
+        sti
+        int 0x10
+.protected:
+        cli
+        mov ebp, cr0
+        inc bp                          ; PE on
+        mov cr0, ebp
+        jmp dword CODE32:.code32
+        bits 32
+.code32:
+        mov bp, DATA32
+        mov ss, bp
+        mov ds, bp
+        mov es, bp
         popad
         ret
 
-; ---------------------------------------------------------------------------------------------------------------
-; print_string: log text to COM1 and the screen.
-; Entry:    ESI = NUL-terminated string
-; Clobbers: ESI
-; ---------------------------------------------------------------------------------------------------------------
-print_string:
-        push eax
-.next:  lodsb
-        test al, al
-        jz .done
-        call put_char
-        jmp .next
-.done:  pop eax
-        ret
-
-; record_start: STX, then the tag in AL, to COM1. Clobbers: nothing
-record_start:
-        push eax
-        mov al, STX
+; serial_pair: AL, then AH, to COM1. Clobbers: AL
+serial_pair:
         call serial_put
-        pop eax
+        mov al, ah
         jmp serial_put
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -364,12 +314,10 @@ record_start:
 report_token:
         pushad
         push eax
-        mov al, 'T'
-        call record_start
+        mov ax, STX | 'T' << 8
+        call serial_pair
         pop eax
-        call serial_put                 ; the id, low byte first
-        mov al, ah
-        call serial_put
+        call serial_pair                ; the id
         mov al, cl
         call serial_put
         jecxz .done
@@ -408,7 +356,14 @@ decimal:
 ; Clobbers: EAX, EBX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 selftest:
-        mov eax, [mem_top]
+        mov eax, [RUN_BLOCK + RB_MODEL_BYTES]
+        add eax, MODEL_BASE + SECTOR - 1
+        and eax, -SECTOR                ; the boot sector loaded whole sectors
+        call check_memory
+        add eax, HEAP_ALIGN - 1
+        and eax, -HEAP_ALIGN
+        mov [heap_base], eax
+        mov eax, [MEM_TOP]
         shr eax, 10
         mov esi, name_mem_top_kib
         call report_value
@@ -482,8 +437,8 @@ selftest:
 report_value:
         mov edi, serial_put
         push eax
-        mov al, 'M'
-        call record_start
+        mov ax, STX | 'M' << 8
+        call serial_pair
 .name:  lodsb
         test al, al
         jz .value
@@ -549,10 +504,14 @@ name_weighted_sum:  db "weighted_sum", 0
 ; Clobbers: everything
 ; ---------------------------------------------------------------------------------------------------------------
 setup_model:
+        mov eax, [RUN_BLOCK + RB_MODEL_BYTES]
+        add eax, MODEL_BASE + HEAP_ALIGN - 1
+        and eax, -HEAP_ALIGN            ; the heap: the model's end, rounded up
+        push eax
         mov ebp, VARS + VARS_BIAS
         mov esi, MODEL_BASE
         mov edi, HDR
-        push byte HDR_BYTES / 4
+        push byte HDR_USED / 4
         pop ecx
         rep movsd                       ; EDI = VARS
         mov esi, RUN_BLOCK + RB_INV_TEMPERATURE
@@ -567,7 +526,7 @@ setup_model:
         add esi, 16
         loop .entry
 
-        mov eax, [heap_base]
+        pop eax
         lea edi, [var(buffers)]
         push byte N_BUFFERS
         pop ecx
@@ -576,33 +535,44 @@ setup_model:
         loop .place
         stosd                           ; kv_base: the cache follows the buffers
 
-        mov edi, [var(kernel_buf)]
+        mov edi, [var(kernel_buf)]      ; the kernels: for int8 q (the weights), then int16 q (the cache)
+        lea ebx, [var(kernel8_end)]
+        mov ax, MOVSX_BYTE | 2 << 8     ; AL = movsx's opcode, AH = 2 - log2 of q's element bytes
+.kernel:
         mov edx, [hdr(H_DIM)]
         add edx, [hdr(H_HIDDEN)]
         add edx, [hdr(H_SEQ_LEN)]       ; more multiply-adds than any dot product needs
-        imul edx, edx, -2               ; the first one's q displacement
+        shl edx, 2
+        neg edx                         ; the first one's v displacement
+        mov cl, ah
 .mac:   mov esi, mac_template
-        mov cl, MAC_BYTES + 1
-        rep movsb
+        movsd
+        movsd
+        movsd
+        movsd
+        movsb
         dec edi                         ; the next copy overwrites the ret
-        mov [edi - MAC_BYTES + MAC_Q_DISP], edx
-        lea eax, [edx + edx]
-        mov [edi - MAC_BYTES + MAC_V_DISP], eax
-        inc edx
-        inc edx
+        mov [edi - MAC_BYTES + MAC_OPCODE], al
+        mov [edi - MAC_BYTES + MAC_V_DISP], edx
+        mov esi, edx
+        sar esi, cl
+        mov [edi - MAC_BYTES + MAC_Q_DISP], esi
+        add edx, 4
         jnz .mac
-        mov [var(kernel_end)], edi
+        mov [ebx], edi
+        add ebx, 4
+        inc edi
+        add ax, MOVSX_WORD - MOVSX_BYTE - 0x100
+        cmp al, MOVSX_WORD
+        jbe .kernel
 
         mov eax, [hdr(H_HEAD_SIZE)]     ; a cache block (kv_block bytes for each layer and kv head):
         lea eax, [eax*2 + 8]            ;   seq_len key rows of kv_stride bytes: head_size int16 keys, their
         mov [var(kv_stride)], eax       ;   divisor Dk, the values' divisor Dv
-        sub al, 4
-        mov [var(key_skip)], eax        ;   (from a row's Dv to the end of the next row's keys)
         mov ecx, [hdr(H_SEQ_LEN)]
         lea edx, [ecx + ecx]
         mov [var(value_row)], edx       ;   at off_vt, the values (int8 range, stored int16) transposed:
-        add eax, 4                      ;   head_size rows of seq_len
-        mul ecx
+        mul ecx                         ;   head_size rows of seq_len
         mov [var(off_vt)], eax
         xchg eax, ecx
         mul dword [hdr(H_HEAD_SIZE)]
@@ -611,53 +581,20 @@ setup_model:
         mul dword [hdr(H_N_KV_HEADS)]
         mov [var(layer_bytes)], eax
         mul dword [hdr(H_N_LAYERS)]
-        mov edi, [var(kv_base)]
-        add edi, eax                    ; the int16 weights follow the cache
-        mov esi, wide_kinds
-.widen: lodsb                           ; int8 matrices to int16: one kernel for weights and keys
-        movzx ebx, al
-        shl ebx, 4
-        add ebx, SEC_START
-        mov ecx, [ebx + SEC_LEN]
-        lea eax, [edi + ecx*2]
+        add eax, [var(kv_base)]         ; the end of the cache: of all the engine uses
         call check_memory
-        push esi
-        mov esi, [ebx + SEC_ADDR]
-        mov [ebx + SEC_ADDR], edi
-        jecxz .widened                  ; an absent classifier: the embedding's, below
-.byte:  lodsb
-        cbw
-        stosw
-        loop .byte
-.widened:
-        pop esi
-        cmp esi, wide_kinds + WIDE_KINDS
-        jb .widen
-        ret
+        ; fall through into generate
 
 ; ---------------------------------------------------------------------------------------------------------------
-; generate: run.c's generation loop (generate.py Generation): `steps` forward passes from the first prompt token
-; (0 or more than seq_len: seq_len); prompt tokens are forced and echoed, then sampled tokens reported as they
+; generate: run.c's generation loop (generate.py Generation): the run block's forward passes from the first prompt
+; token; prompt tokens are forced and echoed, then sampled tokens reported as they
 ; come, each with the bytes run.c prints for it: its PRINTED string, less its BOS_SKIP bytes right after BOS.
 ; A sampled BOS or EOS ends the run: it is reported with no bytes.
 ; Clobbers: everything but EBP
 ; ---------------------------------------------------------------------------------------------------------------
 generate:
-        movzx eax, word [var(run_steps)]
-        mov ecx, [hdr(H_SEQ_LEN)]
-        dec eax
-        cmp eax, ecx
-        jb .steps
-        xchg eax, ecx
-        dec eax
-.steps: inc eax
-        mov [var(steps)], eax
-        push byte BOS                   ; unless the run block has a prompt
-        pop eax
-        cmp [var(run_prompt_count)], ax
-        jb .first
-        mov ax, [RUN_BLOCK + RB_PROMPT_IDS]
-.first: mov [var(token)], eax
+        movzx eax, word [RUN_BLOCK + RB_PROMPT_IDS]  ; the prompt's first token: BOS
+        mov [var(token)], eax
 .next:  call forward
         inc dword [var(pos)]
         mov esi, [var(pos)]
@@ -688,7 +625,7 @@ generate:
         call report_token
         mov [var(token)], eax
         mov eax, [var(pos)]
-        cmp eax, [var(steps)]
+        cmp ax, [var(run_passes)]
         jb .next
         ret
 
@@ -706,18 +643,19 @@ forward:
         pop ecx
         rep movsd
         mov eax, [var(token)]           ; x[j] = (emb_q[token, j] * emb_s[token]) >> (S_emb - 16)
-        mov ebx, [SECTION(K_TOKEN_EMBEDDING_S) + SEC_ADDR]
+        mov esi, SECTION(K_TOKEN_EMBEDDING_Q)
+        mov cl, [esi + 16 + SEC_PARAM]
+        sub cl, 16
+        mov ebx, [esi + 16 + SEC_ADDR]
         mov ebx, [ebx + eax*4]
         mul dword [hdr(H_DIM)]
-        mov esi, [SECTION(K_TOKEN_EMBEDDING_Q) + SEC_ADDR]
-        lea esi, [esi + eax*2]
-        mov cl, [SECTION(K_TOKEN_EMBEDDING_S) + SEC_PARAM]
-        sub cl, 16
+        add eax, [esi + SEC_ADDR]
+        xchg eax, esi
         mov edi, [var(x_buf)]
         push ebp
         mov ebp, [hdr(H_DIM)]
-.embed: lodsw
-        cwde
+.embed: lodsb
+        movsx eax, al
         imul ebx
         shrd eax, edx, cl
         stosd
@@ -796,8 +734,7 @@ quantize_act:
         xchg eax, ebx
         push esi
         push ecx
-        lea eax, [ecx + ecx]
-        mov [var(act_row)], eax
+        mov [var(act_row)], ecx
         xor edi, edi
 .magnitude:
         lodsd
@@ -835,8 +772,12 @@ quantize_act:
 ; ---------------------------------------------------------------------------------------------------------------
 set_dot_length:
         imul eax, eax, -MAC_BYTES
-        add eax, [var(kernel_end)]
-        mov [var(dot_entry)], eax
+        push eax
+        add eax, [var(kernel8_end)]
+        mov [var(dot8_entry)], eax
+        pop eax
+        add eax, [var(kernel16_end)]
+        mov [var(dot16_entry)], eax
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -852,8 +793,11 @@ mac_template:
         add edx, eax
         ret
 MAC_BYTES           equ $ - mac_template - 1
-MAC_Q_DISP          equ 3               ; where the two displacements sit in a copy
+MAC_OPCODE          equ 1               ; where setup_model patches a copy: movsx's opcode byte,
+MAC_Q_DISP          equ 3               ; and the two displacements
 MAC_V_DISP          equ 10
+MOVSX_BYTE          equ 0xBE            ; movsx r32, r/m8 (then r/m16 is 0xBF)
+MOVSX_WORD          equ 0xBF
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; matvec (fixed.py matvec, add=True): out[i] += (sum_j q[i, j] * act[j]) * s[i] >> (S - k) for each of the next
@@ -883,7 +827,7 @@ matvec:
         push ebp
         xchg eax, ebp
 .row:   xor edx, edx
-        call [dot_entry]
+        call [dot8_entry]
         mov eax, [ebp + edi]
         imul edx
         shrd eax, edx, cl
@@ -977,6 +921,23 @@ rmsnorm:
         pop ebx
         ret
 
+; rotate_term: EAX = wrap32((v0 * [EDI] + v1 * [EDI + 2]) >> rope_shift), v0 = [ESI], v1 = [ESI + 4], int16 factors,
+; 64-bit products and sum. Clobbers: ECX, EDX
+rotate_term:
+        movsx eax, word [edi + 2]
+        imul dword [esi + 4]
+        push edx
+        push eax
+        movsx eax, word [edi]
+        imul dword [esi]
+        pop ecx
+        add eax, ecx
+        pop ecx
+        adc edx, ecx
+        mov cl, [hdr(H_ROPE_SHIFT)]
+        shrd eax, edx, cl
+        ret
+
 ; ---------------------------------------------------------------------------------------------------------------
 ; rope (fixed.py rope): rotate each (even, odd) pair of the query and key heads in qkv by ROPE[pos], whose rows
 ; hold (sin, cos, -sin) per pair; then falls through into store_kv, attention and quantize_xb.
@@ -986,10 +947,12 @@ rope:
         mov esi, [var(qkv_buf)]
         mov ebx, [hdr(H_N_HEADS)]
         add ebx, [hdr(H_N_KV_HEADS)]
-.head:  mov edi, [var(pos)]
-        imul edi, [hdr(H_HEAD_SIZE)]
-        lea edi, [edi + edi*2]          ; a row: head_size / 2 triples of int16
-        add edi, [SECTION(K_ROPE) + SEC_ADDR]
+        mov edx, [var(pos)]
+        imul edx, [hdr(H_HEAD_SIZE)]
+        lea edx, [edx + edx*2]          ; a row: head_size / 2 triples of int16
+        add edx, [SECTION(K_ROPE) + SEC_ADDR]
+        push edx
+.head:  mov edi, [esp]
         mov ecx, [hdr(H_HEAD_SIZE)]
         shr ecx, 1
 .pair:  push ecx
@@ -1008,24 +971,8 @@ rope:
         loop .pair
         dec ebx
         jnz .head
-        jmp store_kv                    ; ESI = the values of kv head 0
-
-; rotate_term: EAX = wrap32((v0 * [EDI] + v1 * [EDI + 2]) >> rope_shift), v0 = [ESI], v1 = [ESI + 4], int16 factors,
-; 64-bit products and sum. Clobbers: ECX, EDX
-rotate_term:
-        movsx eax, word [edi + 2]
-        imul dword [esi + 4]
-        push edx
-        push eax
-        movsx eax, word [edi]
-        imul dword [esi]
-        pop ecx
-        add eax, ecx
-        pop ecx
-        adc edx, ecx
-        mov cl, [hdr(H_ROPE_SHIFT)]
-        shrd eax, edx, cl
-        ret
+        pop edx
+        ; fall through into store_kv: ESI = the values of kv head 0
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; store_kv (fixed.py forward_token step 4): this position's keys and values of every kv head into the cache
@@ -1172,7 +1119,7 @@ attention:
         add eax, [var(layer_kv)]
         mov [var(att_block)], eax
         mov esi, [var(act_row)]
-        add esi, eax                    ; the end of key row 0
+        lea esi, [eax + esi*2]          ; the end of key row 0 (act_row: head_size)
         mov cl, 31
         sub cl, [var(act_k)]
         mov edi, [var(att_buf)]
@@ -1180,15 +1127,15 @@ attention:
         push ebp
         mov ebp, 1 << 31                ; top
 .score: xor edx, edx
-        call [dot_entry]                ; qa . key[t]
-        lodsd                           ; Dk
-        imul edx
+        call [dot16_entry]              ; qa . key[t]
+        xchg eax, edx
+        imul dword [esi]                ; Dk
         shrd eax, edx, cl
         stosd
         cmp eax, ebp
         jle .below
         xchg eax, ebp
-.below: add esi, [key_skip]
+.below: add esi, [kv_stride]
         cmp edi, [att_end]
         jb .score
 
@@ -1210,13 +1157,13 @@ attention:
         div edi
         xchg eax, ebx                   ; recip
         mov esi, [var(att_buf)]
-        mov edi, [var(key_skip)]
-        add edi, [var(att_block)]       ; Dv of key row 0
+        mov edi, [var(kv_stride)]
+        add edi, [var(att_block)]       ; 4 bytes past Dv of key row 0
 .weight:
         lodsd
         mul ebx
         xchg eax, edx
-        mul dword [edi]
+        mul dword [edi - 4]
         shrd eax, edx, 16
         mov [esi - 4], eax
         add edi, [var(kv_stride)]
@@ -1235,7 +1182,7 @@ attention:
         mov ebx, [var(att_end)]
         mov ecx, [hdr(H_HEAD_SIZE)]
 .value: xor edx, edx
-        call [var(dot_entry)]
+        call [var(dot16_entry)]
         sar edx, VALUE_SHIFT
         xchg eax, edx
         stosd
@@ -1338,10 +1285,9 @@ sample:
         cmp [var(run_inv_temperature)], ecx
         je .done
         mov [var(sample_top)], ebx
-        call random_u32
+        call random_u32                 ; (ESI = the logits still)
         shr eax, 8
         mov [var(sample_coin)], eax
-        mov esi, [var(logits_buf)]
         mov ebx, [SECTION(K_EXP_TABLE) + SEC_ADDR]
         mov edi, [var(sample_buf)]
         xor eax, eax
@@ -1460,8 +1406,6 @@ random_u32:
         xchg eax, edx
         ret
 
-wide_kinds:         db K_TOKEN_EMBEDDING_Q, K_WQKV_Q, K_WO_Q, K_W13_Q, K_W2_Q, K_WCLS_Q, K_WCLS_RESIDUAL_Q
-WIDE_KINDS          equ $ - wide_kinds
 %endif
 
 gdt:                                    ; lgdt's 6 bytes fill the unused null descriptor
@@ -1485,16 +1429,15 @@ engine_end:
         absolute engine_end
                     resb -(engine_end - engine_start) & 0xFFF  ; a page of their own: QEMU retranslates the code
                                                                 ; of any page that is written to
-mem_top:            resd 1
 heap_base:          resd 1
-HDR:                resb HDR_BYTES      ; the packed header's copy: [hdr(H_x)]
+HDR:                resb HDR_USED       ; the packed header's copy: [hdr(H_x)]
 VARS:                                   ; EBP - VARS_BIAS in the model code: [var(x)]
 run_inv_temperature: resd 1             ; the run block's settings (RB_INV_TEMPERATURE .. RB_PROMPT_COUNT)
 run_topp:           resd 1
 run_topk:           resd 1
 run_minp:           resd 1
 run_seed:           resd 2              ; the xorshift64* state, advanced here
-run_steps:          resw 1
+run_passes:         resw 1
 run_prompt_count:   resw 1
 buffers:                                ; N_BUFFERS slots of SLOT_BYTES (setup_model)
 x_buf:              resd 1              ; Q16.16 residual stream (dim)
@@ -1512,17 +1455,17 @@ layer_kv:           resd 1              ; this layer's first cache block
 kv_block:           resd 1              ; bytes of a cache block
 off_vt:             resd 1              ; the values in a block
 kv_stride:          resd 1              ; bytes of a key row
-key_skip:           resd 1              ; from a key row's Dv to the end of the next row's keys
 value_row:          resd 1              ; bytes of a transposed value row
 layer_bytes:        resd 1              ; n_kv_heads blocks
 token:              resd 1              ; the token at pos
 pos:                resd 1
-steps:              resd 1              ; forward passes to run
 act_row:            resd 1              ; quantize_act's 2n, k and the end of act
 act_k:              resd 1
 act_end:            resd 1
-kernel_end:         resd 1              ; the dot-product kernel's ret
-dot_entry:          resd 1              ; its entry for the current length (set_dot_length)
+kernel8_end:        resd 1              ; the dot-product kernels' rets: int8 q (weights), int16 q (the cache)
+kernel16_end:       resd 1
+dot8_entry:         resd 1              ; their entries for the current length (set_dot_length)
+dot16_entry:        resd 1
 SCRATCH:                                ; each routine's own variables, overlaid
         absolute SCRATCH
 rows_left:          resd 1              ; matvec

@@ -11,10 +11,10 @@ Run block, little-endian (offsets are the RB_* constants of engine.asm); the sam
 FixedSamplerConfig (engines/fixed.py), the integers the fixed-point sampler uses:
 
      0  4s   magic "SLRB"            16  u32  inv_temperature_q16 (0 = greedy)    32  u64  seed (xorshift64* state)
-     4  u16  version (2)             20  u32  topp_q16 (65536 = off)              40  u16  steps (0 = whole context)
+     4  u16  version (3)             20  u32  topp_q16 (65536 = off)              40  u16  forward passes to run
      6  u16  engine_sectors          24  u32  topk (0 = off)                      42  u16  prompt token count
-     8  u32  model_lba               28  u32  minp_q16 (0 = off)                  44  u16[] prompt token ids
-    12  u32  model_bytes
+     8  u32  model_lba               28  u32  minp_q16 (0 = off)                  44  u16  steps (0 = whole context)
+    12  u32  model_bytes                                                          46  u16[] prompt token ids
 
 The engine loads the model to MODEL_BASE (1 MiB) in unreal mode. Serial protocol (COM1): log text, never STX,
 between records `STX tag fields ETX`: `T id,n` followed by the token's n raw bytes, `M name=value`, `E status`.
@@ -34,7 +34,9 @@ from pathlib import Path
 from ..engines.fixed import ONE_Q16, FixedSamplerConfig
 from ..atomic import write_atomically
 from ..errors import BootError, UsageError
+from ..generate import step_budget
 from ..sampling import clock_seed
+from ..tokenizer import BOS
 
 SECTOR = 512
 RUN_BLOCK_LBA = 1
@@ -45,8 +47,8 @@ MODEL_BASE = 0x100000
 ADDRESSABLE_TOP = 0xC000_0000  # PC memory above 3 GiB is PCI holes and ROM on QEMU's machines
 
 RUN_MAGIC = b"SLRB"
-RUN_VERSION = 2
-RUN_BLOCK_FORMAT = "<4sHHIIIIIIQHH"
+RUN_VERSION = 3
+RUN_BLOCK_FORMAT = "<4sHHIIIIIIQHHH"
 RUN_BLOCK_HEADER = struct.calcsize(RUN_BLOCK_FORMAT)
 MAX_PROMPT_TOKENS = (SECTOR - RUN_BLOCK_HEADER) // 2
 MAX_STEPS = 0xFFFF
@@ -76,31 +78,35 @@ class Status(IntEnum):
 class RunBlock:
     """What one boot generates: the prompt, the step budget and FixedSamplerConfig's integers."""
 
-    prompt_tokens: tuple[int, ...] = ()  # encode(prompt) with BOS first; empty starts from BOS
+    prompt_tokens: tuple[int, ...] = (BOS,)  # encode(prompt): BOS first, at least BOS
     steps: int = 256  # forward passes, prompt included (run.c's -n); 0 = the whole context
     inv_temperature_q16: int = 0  # round(65536 / temperature); 0 is greedy
     topp_q16: int = ONE_Q16  # round(65536 * top-p); 65536 turns top-p off
     topk: int = 0  # 0 turns top-k off
     minp_q16: int = 0  # round(65536 * min-p); 0 turns min-p off
     seed: int = 1  # the xorshift64* state: never 0, which would stay 0
+    passes: int = 0  # the forward passes the engine runs: step_budget(steps, the model's seq_len)
 
     @classmethod
     def from_sampler(cls, config: FixedSamplerConfig, prompt_tokens: list[int] | tuple[int, ...],
-                     steps: int) -> RunBlock:
-        """The run block for a fixed-point sampler; seed 0 takes the seed from the clock now, as FixedSampler does,
-        and a step count past the u16 field becomes 0: both mean the whole context (seq_len <= 32767)."""
+                     steps: int, seq_len: int) -> RunBlock:
+        """The run block for a fixed-point sampler and a model's context; seed 0 takes the seed from the clock now,
+        as FixedSampler does, and a step count past the u16 field becomes 0: both mean the whole context."""
         return cls(tuple(prompt_tokens), steps if steps <= MAX_STEPS else 0, config.inv_temperature_q16,
-                   config.topp_q16, config.topk, config.minp_q16, config.seed or clock_seed())
+                   config.topp_q16, config.topk, config.minp_q16, config.seed or clock_seed(),
+                   step_budget(steps, seq_len)[0])
 
     def validate(self) -> None:
         """Refuse values the run block cannot hold; raises UsageError naming the field."""
+        if not self.prompt_tokens:
+            raise UsageError("the prompt has no tokens; it starts with BOS at least")
         if len(self.prompt_tokens) > MAX_PROMPT_TOKENS:
             raise UsageError(f"the prompt has {len(self.prompt_tokens)} tokens; a boot image holds at most "
                              f"{MAX_PROMPT_TOKENS}: shorten it")
         if any(not 0 <= t < 1 << 16 for t in self.prompt_tokens):
             raise UsageError("a prompt token id is outside 0..65535: the boot engine stores ids as u16")
         for name, bits in (("steps", 16), ("inv_temperature_q16", 32), ("topp_q16", 32), ("topk", 32),
-                           ("minp_q16", 32), ("seed", 64)):
+                           ("minp_q16", 32), ("seed", 64), ("passes", 16)):
             value = getattr(self, name)
             if not 0 <= value < 1 << bits:
                 raise UsageError(f"{name} {value} does not fit the run block's unsigned {bits}-bit field")
@@ -120,7 +126,7 @@ def pack_run_block(run: RunBlock, layout: DiskLayout) -> bytes:
     run.validate()
     header = struct.pack(RUN_BLOCK_FORMAT, RUN_MAGIC, RUN_VERSION, layout.engine_sectors, layout.model_lba,
                          layout.model_bytes, run.inv_temperature_q16, run.topp_q16, run.topk, run.minp_q16, run.seed,
-                         run.steps, len(run.prompt_tokens))
+                         run.passes, len(run.prompt_tokens), run.steps)
     prompt = struct.pack(f"<{len(run.prompt_tokens)}H", *run.prompt_tokens)
     return (header + prompt).ljust(SECTOR, b"\0")
 
@@ -128,11 +134,11 @@ def pack_run_block(run: RunBlock, layout: DiskLayout) -> bytes:
 def unpack_run_block(sector: bytes) -> tuple[RunBlock, DiskLayout]:
     """Read back a run block sector; raises BootError if it is not one."""
     (magic, version, engine_sectors, model_lba, model_bytes, inv_temperature_q16, topp_q16, topk, minp_q16, seed,
-     steps, n_prompt) = struct.unpack_from(RUN_BLOCK_FORMAT, sector)
+     passes, n_prompt, steps) = struct.unpack_from(RUN_BLOCK_FORMAT, sector)
     if magic != RUN_MAGIC or version != RUN_VERSION or n_prompt > MAX_PROMPT_TOKENS:
         raise BootError(f"not a version {RUN_VERSION} sectorllm run block (magic {magic!r}, version {version})")
     prompt = struct.unpack_from(f"<{n_prompt}H", sector, RUN_BLOCK_HEADER)
-    return (RunBlock(prompt, steps, inv_temperature_q16, topp_q16, topk, minp_q16, seed),
+    return (RunBlock(prompt, steps, inv_temperature_q16, topp_q16, topk, minp_q16, seed, passes),
             DiskLayout(engine_sectors, model_lba, model_bytes))
 
 

@@ -25,9 +25,10 @@ from .image import (ADDRESSABLE_TOP, MAX_PROMPT_TOKENS, MODEL_BASE, SECTOR, Imag
                     build_image, sectors, unpack_run_block)
 from .qemu import DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT, boot
 
-# engine.asm's memory map after the model: BUFFER_SLOTS buffers of SLOT_BYTES, the KV cache, int16 weight copies
+# engine.asm's memory map after the model: BUFFER_SLOTS buffers of SLOT_BYTES, then the KV cache
 BUFFER_SLOTS = 9  # N_BUFFERS
 SLOT_BYTES = 1 << 20  # SLOT_BYTES
+KERNEL_MACS = (SLOT_BYTES - 2) // 32  # setup_model's two kernels of 16-byte multiply-adds share a slot
 HEAP_ALIGN = 4096  # HEAP_ALIGN
 MEBIBYTE = 1 << 20
 BIOS_HEADROOM_MIB = 4  # SeaBIOS keeps the top of RAM for its tables
@@ -40,20 +41,11 @@ def kv_cache_bytes(config: ModelConfig) -> int:
     return config.n_layers * config.n_kv_heads * config.seq_len * (4 * config.head_size + 8)
 
 
-def wide_weight_bytes(config: ModelConfig) -> int:
-    """engine.asm setup_model's int16 copies of the int8 matrices (packed.py's shapes)."""
-    c = config
-    layers = c.n_layers * ((c.dim + 2 * c.kv_dim) * c.dim + c.dim * c.dim + 3 * c.hidden_dim * c.dim)
-    classifiers = 2 * c.vocab_size * c.dim  # a shared classifier's entries alias the embedding: widened again
-    return 2 * (c.vocab_size * c.dim + layers + classifiers)
-
-
 def memory_end(model_bytes: int, config: ModelConfig) -> int:
-    """The first physical address past everything the engine uses for a model: itself, buffers, KV cache and the
-    int16 weights."""
+    """The first physical address past everything the engine uses for a model: itself, its buffers and KV cache."""
     model_end = MODEL_BASE + sectors(model_bytes) * SECTOR
     heap = -(-model_end // HEAP_ALIGN) * HEAP_ALIGN
-    return heap + BUFFER_SLOTS * SLOT_BYTES + kv_cache_bytes(config) + wide_weight_bytes(config)
+    return heap + BUFFER_SLOTS * SLOT_BYTES + kv_cache_bytes(config)
 
 
 def memory_mib(end: int) -> int:
@@ -72,6 +64,10 @@ def packed_model(model: str | os.PathLike, tokenizer: str | os.PathLike | None =
         path = Path(scratch) / "model.sllm"
         write_packed(path, packed)
         blob = path.read_bytes()
+    c = packed.config
+    if c.dim + c.hidden_dim + c.seq_len > KERNEL_MACS:
+        raise BootError(f"{model}: dim + hidden_dim + seq_len is {c.dim + c.hidden_dim + c.seq_len}; the boot "
+                        f"engine's dot-product kernels hold at most {KERNEL_MACS} multiply-adds")
     end = memory_end(len(blob), packed.config)
     if end > ADDRESSABLE_TOP:
         raise BootError(f"{model} needs memory up to {end:#x} for its weights, buffers and KV cache: "
@@ -90,7 +86,7 @@ def run_block(packed: PackedModel, prompt: str, steps: int, sampler: SamplerConf
     if len(tokens) > MAX_PROMPT_TOKENS:
         raise UsageError(f"the prompt is {len(tokens)} tokens; a boot image holds at most {MAX_PROMPT_TOKENS}: "
                          "shorten it")
-    return RunBlock.from_sampler(FixedSamplerConfig.from_sampler_config(sampler), tokens, steps)
+    return RunBlock.from_sampler(FixedSamplerConfig.from_sampler_config(sampler), tokens, steps, seq_len)
 
 
 def make_image(model: str | os.PathLike, tokenizer: str | os.PathLike | None, output: str | os.PathLike, *,
