@@ -114,16 +114,20 @@ def test_layout_is_little_endian_paragraph_aligned_and_crc_checked(packed_file):
 
 
 def test_tables_and_rope_are_stored_as_the_engine_reads_them(packed_file):
-    """Interpolation tables: mask, last index, shift, 0, then (t[i], t[i+1] - t[i]); RoPE: (sin, cos, -sin)."""
+    """Interpolation tables: mask, last index, shift, 0, then (t[i], t[i+1] - t[i]), the SiLU table as silu(x) - x;
+    RoPE: (sin, cos, -sin)."""
     path, model = packed_file
     data = path.read_bytes()
     h, by_kind = _header(data), {kind: (offset, length) for kind, offset, length, _ in _entries(data)}
+    silu_lo = struct.unpack_from("<i", data, 84)[0]
+    silu_minus_x = model.silu_table - (silu_lo + (np.arange(len(model.silu_table)) << h["silu_shift"]))
     for kind, table, shift in ((Section.EXP_TABLE, model.exp_table, h["exp_shift"]),
-                               (Section.SILU_TABLE, model.silu_table, h["silu_shift"])):
+                               (Section.SILU_TABLE, silu_minus_x, h["silu_shift"])):
         offset, length = by_kind[kind]
         words = struct.unpack_from(f"<{length // 4}i", data, offset)
         assert words[:4] == ((1 << shift) - 1, len(table) - 1, shift, 0)
         assert words[4::2] == tuple(table[:-1]) and words[5::2] == tuple(np.diff(table))
+    assert abs(silu_minus_x[-1]) < 8  # silu(12) - 12 rounds to (nearly) 0: past the table the engine adds 0
     offset, length = by_kind[Section.ROPE]
     c = model.config
     rope = np.frombuffer(data, dtype="<i2", count=length // 2, offset=offset).reshape(c.seq_len, c.head_size // 2, 3)

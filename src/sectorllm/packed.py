@@ -194,6 +194,11 @@ def _read_lookup_form(data: bytes | mmap.mmap, entry: SectionEntry, shift: int, 
     return np.append(pairs[:, 0], pairs[-1, 0] + pairs[-1, 1]).astype(np.int32)
 
 
+def _silu_inputs(p: QuantParams, n: int) -> np.ndarray:
+    """The Q16.16 inputs x_i = silu_lo + i * 2**silu_shift of the SiLU table's entries."""
+    return p.silu_lo + (np.arange(n, dtype=np.int64) << p.silu_shift)
+
+
 def bos_skips(tok: Tokenizer) -> np.ndarray:
     """Per token, how many leading bytes of its PRINTED string run.c leaves out right after BOS (0, 1 or all)."""
     skips = np.zeros(tok.vocab_size, dtype=np.uint8)
@@ -232,7 +237,8 @@ def _payloads(model: PackedModel) -> list[tuple[Section, bytes, int]]:
     put(Section.ROPE, np.stack([rope[..., 1], rope[..., 0], -rope[..., 1]], axis=-1))  # sin, cos, -sin
     put(Section.SCORES, np.asarray(model.tokenizer.scores))
     parts[Section.EXP_TABLE] = (_lookup_form(model.exp_table, model.quant.exp_shift), 0)
-    parts[Section.SILU_TABLE] = (_lookup_form(model.silu_table, model.quant.silu_shift), 0)
+    silu_inputs = _silu_inputs(model.quant, len(model.silu_table))  # stored as silu(x) - x, which is 0 past the end
+    parts[Section.SILU_TABLE] = (_lookup_form(model.silu_table - silu_inputs, model.quant.silu_shift), 0)
     parts[Section.PIECES] = (_string_table(model.tokenizer.pieces), 0)
     tok = model.tokenizer  # what run.c prints for each token after any token but BOS, and what it leaves out after BOS
     parts[Section.PRINTED] = (_string_table([tok.piece_bytes(EOS, i) for i in range(tok.vocab_size)]), 0)
@@ -387,6 +393,8 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
         arrays[kind] = np.frombuffer(data, dtype=dtype, count=count, offset=entry.offset).reshape(shape)
     tables = {kind: _read_lookup_form(data, section(kind), shift, str(path))
               for kind, shift in ((Section.EXP_TABLE, params.exp_shift), (Section.SILU_TABLE, params.silu_shift))}
+    silu = tables[Section.SILU_TABLE]
+    tables[Section.SILU_TABLE] = (silu + _silu_inputs(params, len(silu))).astype(np.int32)
     rope = arrays[Section.ROPE]
     if np.any(rope[..., 2] != -rope[..., 0]):
         raise PackedFormatError(f"{path}: the ROPE section's -sin column is not the negated sin: the file is damaged")

@@ -1,10 +1,10 @@
-; boot.asm - sectorllm boot sector: sets up COM1, loads the whole image, the model above 1 MiB included, with BIOS
-; services only, opens A20, sizes the memory and jumps to the engine.
+; boot.asm - sectorllm boot sector: sets up COM1, loads the run block and the engine, opens A20, checks that the RAM
+; holds what the run needs, loads the model above 1 MiB with BIOS services only and jumps to the engine.
 ;
 ; Disk image (512-byte sectors, LBA; image.py writes it, docs there):
 ;   LBA 0                 this boot sector
 ;   LBA 1                 run block: magic "SLRB", version, engine sector count, model LBA and length, generation
-;                         parameters
+;                         parameters, memory_end (the end of the model, the engine's buffers and its KV cache)
 ;   LBA 2 .. 2+E-1        engine binary, E = run block engine_sectors (at most 64: 32 KiB)
 ;   LBA model_lba ..      model blob, model_bytes long (sector-aligned start)
 ;
@@ -13,7 +13,7 @@
 ;   0x07C00  this sector          0x07E00  run block          0x08000  engine (entered at its first byte)
 ;   0x10000  DISK_BUFFER, where each chunk is read before INT 15h AH=87h copies it up
 ;   0x100000 MODEL_BASE: the model, its last sector padded with what the disk holds there
-;   A20 open, CS=DS=ES=SS=0, SP=0x7C00, interrupts on, direction flag clear.
+;   A20 open, CS=DS=ES=SS=0, ESP=0x7C00, interrupts on, direction flag clear.
 ;
 ; On failure it prints a one-line reason to COM1 and the screen and ends the run through QEMU's isa-debug-exit
 ; (port 0xF4; QEMU exits with status (v << 1) | 1), then halts for machines without that device.
@@ -40,8 +40,9 @@ RB_VERSION          equ 4
 RB_ENGINE_SECTORS   equ 6
 RB_MODEL_LBA        equ 8
 RB_MODEL_BYTES      equ 12
+RB_MEMORY_END       equ 46              ; u32: the end of all the engine will use (image.py memory_end)
 RUN_MAGIC           equ 'SLRB'
-RUN_VERSION         equ 3
+RUN_VERSION         equ 4
 
 COM1                equ 0x3F8
 SYSTEM_CONTROL_A    equ 0x92            ; "fast A20" port
@@ -49,6 +50,7 @@ DEBUG_EXIT_PORT     equ 0xF4
 STATUS_DISK_ERROR       equ 0x02
 STATUS_BAD_RUN_BLOCK    equ 0x03
 STATUS_A20_CLOSED       equ 0x04
+STATUS_MODEL_TOO_LARGE  equ 0x05
 
 start:
         cli
@@ -120,6 +122,10 @@ normalized_cs:
         shl ebx, 16
         add eax, ebx
 .top:   mov [MEM_TOP], eax
+        mov si, msg_out_of_memory
+        mov al, STATUS_MODEL_TOO_LARGE
+        cmp [RUN_BLOCK + RB_MEMORY_END], eax
+        ja fail                         ; the model, the engine's buffers and its KV cache would not fit
 
         mov ebp, [RUN_BLOCK + RB_MODEL_BYTES]
         add ebp, 511
@@ -176,18 +182,7 @@ read_sectors:
         popad
         ret
 
-disk_error:                             ; AH = the BIOS status, printed so a failing disk can be looked up
-        mov al, ah
-        aam 16                          ; AH, AL = its two hex digits
-        mov di, msg_disk_status + 2
-.digit: cmp al, 10
-        sbb al, 0x69
-        das                             ; 0..15 -> '0'..'9', 'A'..'F'
-        dec di
-        mov [di], al
-        mov al, ah
-        cmp di, msg_disk_status
-        ja .digit
+disk_error:
         mov si, msg_disk_error
         mov al, STATUS_DISK_ERROR
         ; fall through into fail
@@ -248,10 +243,10 @@ move_descriptors:                       ; INT 15h AH=87h source and destination:
                     db 0, 0x93, 0, 0
 
 msg_prefix:         db "sectorllm: ", 0
-msg_bad_run_block:  db "bad run block", 10, 0
+msg_bad_run_block:  db "bad image", 10, 0
 msg_a20_closed:     db "A20 closed", 10, 0
-msg_disk_error:     db "disk error "
-msg_disk_status:    db "??h", 10, 0
+msg_out_of_memory:  db "out of memory", 10, 0
+msg_disk_error:     db "disk error", 10, 0
 
 code_end:
         times 510 - ($ - $$) db 0

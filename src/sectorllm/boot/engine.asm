@@ -1,49 +1,46 @@
-; engine.asm - sectorllm boot engine: loads a packed model above 1 MiB and tells a story with it, token for token
-; what the fixed-point golden model (engines/fixed.py, docs/arithmetic.md) computes, on COM1 and the screen.
+; engine.asm - sectorllm boot engine: tells a story with a packed model the boot sector loaded above 1 MiB, token
+; for token what the fixed-point golden model (engines/fixed.py, docs/arithmetic.md) computes, on COM1 and the screen.
 ;
-; The boot sector (boot.asm) loads the run block and this file and jumps to its first byte in real mode. The engine
-; switches to 32-bit protected mode at once and stays there: flat 32-bit code reaches the model above 1 MiB with no
-; segment tricks and no operand- or address-size prefixes. Only the BIOS needs real mode: `bios` drops back to it
-; for one BIOS call (disk reads, memory size, teletype) and returns.
+; The boot sector (boot.asm) loads the run block, this file and the model, opens A20, checks the memory and jumps
+; to the first byte here in real mode. The engine enters 32-bit protected mode at once and stays there: flat 32-bit
+; code reaches the model above 1 MiB with no segment tricks and no operand- or address-size prefixes. Only the
+; screen needs real mode: `teletype` drops back to it for one INT 10h call per byte and returns.
 ; Routines that mirror a golden-model function carry its name; docs/arithmetic.md gives every rounding step.
 ;
 ; MEMORY MAP (physical addresses)
 ;   0x00000 - 0x004FF   interrupt vectors, BIOS data area                                      BIOS
-;   0x00500 - 0x07BFF   stack: ESP from STACK_TOP down (about 29 KiB; below 64 KiB, so real mode shares it)
+;   0x00500 - 0x00503   MEM_TOP (boot.asm): the end of the RAM that starts at 1 MiB; read by the self-test only
+;   0x00600 - 0x07BFF   stack: ESP from STACK_TOP down (below 64 KiB, so real mode shares it)
 ;   0x07C00 - 0x07DFF   boot sector                                                            done with
-;   0x07E00 - 0x07FFF   RUN_BLOCK: the run block sector, fields at RB_* (image.py RunBlock); the seed field is
-;                       the xorshift64* state, advanced in place
+;   0x07E00 - 0x07FFF   RUN_BLOCK: the run block sector, fields at RB_* (image.py RunBlock)
 ;   0x08000 - 0x0FFFF   ENGINE_BASE: this program, then its variables (from the page after it): the packed
-;                       header's first HDR_BYTES (HDR), the variables (VARS), the section entries as the forward
-;                       pass moves them (SEC) and as each pass starts (SEC_START)
-;   0x10000 - 0x17FFF   DISK_BUFFER: INT 13h reads land here, LOAD_CHUNK_SECTORS at a time
-;   0x18000 - 0x7FFFF   free
+;                       header's first HDR_USED bytes (HDR), the run settings and the variables (VARS), the
+;                       section entries as the forward pass moves them on (SEC)
 ;   0x80000 - 0xFFFFF   EBDA, VGA memory, option ROMs, BIOS                                    not ours
-;   0x100000            MODEL_BASE: the packed model (docs/format.md), [RUN_BLOCK + RB_MODEL_BYTES] long
-;   heap_base           the end of the model rounded up to 4 KiB; from there N_BUFFERS buffers of SLOT_BYTES
-;                       (up to 65536 elements of 16 bytes): x, xb, act, qkv, hb, att, logits, the sampler's
-;                       weights and picks, the exp and SiLU interpolation tables (build_pairs)
-;   kv_base             the KV cache: n_layers * n_kv_heads blocks of kv_block bytes (store_kv)
-;   after the cache     int16 copies of the int8 weight matrices (setup_model), read by the dot_row kernel
-;   mem_top             the end of the RAM that starts at 1 MiB (INT 15h E801h); session.py memory_end mirrors
-;                       this map to size the machine and to refuse models that do not fit
+;   0x100000            MODEL_BASE: the packed model (docs/format.md), [RUN_BLOCK + RB_MODEL_BYTES] long; its
+;                       section table (SEC_START) holds addresses once setup_model has run
+;   heap                the end of the model rounded up to HEAP_ALIGN; from there N_BUFFERS buffers of
+;                       SLOT_BYTES (up to 65536 elements of 16 bytes): x, xb, act, qkv, hb, att, logits, the
+;                       sampler's weights and picks, and the two dot-product kernels setup_model writes
+;   kv_base             the KV cache: n_layers * n_kv_heads blocks of kv_block bytes (setup_model, store_kv);
+;                       its end is image.py memory_end, which the boot sector checks the RAM against
 ;
 ; REGISTER CONVENTIONS
 ;   Protected mode, 32-bit code: CS = CODE32, DS = ES = SS = DATA32, both flat (base 0, 4 GiB), so an address is
-;   a physical address. Interrupts stay off (there is no protected-mode IDT); `bios` turns them on in real mode
+;   a physical address. Interrupts stay off (there is no protected-mode IDT); `teletype` turns them on in real mode
 ;   only. Direction flag clear.
 ;   Routines take their arguments in registers as their banner says and preserve every register their banner does
 ;   not list under Clobbers; flags are always clobbered.
-;   In the model code (setup_model and what it calls) EBP = VARS: [hdr(H_x)] is a packed header field and
-;   [var(x)] a variable, with 8-bit displacements. A routine that needs EBP saves it and uses absolute addresses.
+;   In the model code (setup_model and what it calls) EBP = VARS + VARS_BIAS: [hdr(H_x)] is a packed header field
+;   and [var(x)] a variable, with 8-bit displacements. A routine that needs EBP saves it and uses absolute addresses.
 ;
-; SERIAL PROTOCOL (COM1, 115200 8N1; image.py SerialDecoder parses it)
+; SERIAL PROTOCOL (COM1, 9600 8N1 as boot.asm set it; image.py SerialDecoder parses it)
 ;   Outside records the stream is log text: ASCII, never STX. A record is STX, one tag letter, then:
 ;     'T' id (u16) n (u8) b1 .. bn     a token and the n bytes it prints (any values): every forced prompt token
 ;                                      and generated token; a sampled BOS or EOS, which ends the run, with n = 0
 ;     'E' status (u8)                  end of run; the status also goes to isa-debug-exit (port 0xF4)
 ;     'M' name '=' value ETX           a named value (decimal, unsigned 32-bit): the self-test's
-;   Screen (BIOS teletype) shows log text and token bytes, "\n" as CR LF; never records.
+;   Screen (BIOS teletype) shows token bytes, "\n" as CR LF; never records.
 ;   Input: if the runner sent SERIAL_HOLD before the end, end_run waits for the next byte (SERIAL_GO) before port
 ;   0xF4, so the runner can take a screenshot while the final screen is still there.
 
@@ -71,7 +68,8 @@ RB_SEED             equ 32              ; u64, the xorshift64* state
 RB_PASSES           equ 40              ; u16, forward passes to run, prompt included (image.py: run.c's rule)
 RB_PROMPT_COUNT     equ 42              ; u16
 RB_STEPS            equ 44              ; u16, run.c's -n (0 = the whole context), for the runner
-RB_PROMPT_IDS       equ 46              ; u16[RB_PROMPT_COUNT >= 1], BOS first
+RB_MEMORY_END       equ 46              ; u32, what boot.asm checks the RAM against (image.py memory_end)
+RB_PROMPT_IDS       equ 50              ; u16[RB_PROMPT_COUNT >= 1], BOS first
 RUN_SETTINGS        equ RB_STEPS - RB_INV_TEMPERATURE  ; the fields setup_model copies to VARS
 
 COM1                equ 0x3F8
@@ -86,7 +84,6 @@ SERIAL_HOLD         equ 0x12
 SERIAL_GO           equ 0x14
 
 STATUS_OK               equ 0x00        ; image.py Status mirrors these
-STATUS_MODEL_TOO_LARGE  equ 0x05
 
 HDR_USED            equ 112             ; the packed header's bytes the engine reads (docs/format.md), copied to
                                         ; HDR; fields, u32 / i32:
@@ -147,7 +144,6 @@ SLOT_BYTES          equ 0x100000        ; a buffer: 16 bytes for each of up to 6
 CODE32              equ gdt.code32 - gdt  ; selectors
 DATA32              equ gdt.data32 - gdt
 CODE16              equ gdt.code16 - gdt
-DATA16              equ gdt.data16 - gdt
 
         org ENGINE_BASE
 
@@ -175,21 +171,6 @@ main:
         jmp end_run
 
 ; ---------------------------------------------------------------------------------------------------------------
-; fail: print a reason (log text on COM1 and the screen) and end the run with a status.
-; Entry:    ESI = NUL-terminated message, AL = status
-; Output:   never returns
-; ---------------------------------------------------------------------------------------------------------------
-fail:
-        push eax
-.next:  lodsb
-        test al, al
-        jz .done
-        call put_char
-        jmp .next
-.done:  pop eax
-        ; fall through into end_run
-
-; ---------------------------------------------------------------------------------------------------------------
 ; end_run: send the end record; if the runner sent SERIAL_HOLD, wait for SERIAL_GO (its screenshot); then leave
 ; through QEMU's isa-debug-exit (QEMU exits with status (AL << 1) | 1) and halt where that device does not exist.
 ; Entry:    AL = status (0..127)
@@ -215,19 +196,6 @@ end_run:
         out DEBUG_EXIT_PORT, al
 .halt:  hlt
         jmp .halt
-
-; ---------------------------------------------------------------------------------------------------------------
-; check_memory: fail the run when the address EAX is past the RAM (mem_top).
-; Entry:    EAX = the end address needed
-; Clobbers: nothing when it returns
-; ---------------------------------------------------------------------------------------------------------------
-check_memory:
-        cmp eax, [MEM_TOP]
-        jna .fits
-        mov esi, msg_too_little_memory
-        mov al, STATUS_MODEL_TOO_LARGE
-        jmp fail
-.fits:  ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; serial_put: send one byte to COM1 once its transmit holding register is empty.
@@ -274,10 +242,8 @@ teletype:
         xor ebx, ebx                    ; page 0, colour 0 (only used in graphics modes)
         jmp CODE16:.code16
         bits 16
-.code16:
-        mov bp, DATA16                  ; real mode keeps the hidden attributes: a 16-bit stack for the BIOS
-        mov ss, bp
-        mov ebp, cr0
+.code16:                                ; (SS keeps DATA32's attributes in real mode, so the BIOS's pushes
+        mov ebp, cr0                    ; there go through ESP: its high half is 0, so they are SP's)
         dec bp                          ; PE off
         mov cr0, ebp
         jmp 0:.real
@@ -359,7 +325,6 @@ selftest:
         mov eax, [RUN_BLOCK + RB_MODEL_BYTES]
         add eax, MODEL_BASE + SECTOR - 1
         and eax, -SECTOR                ; the boot sector loaded whole sectors
-        call check_memory
         add eax, HEAP_ALIGN - 1
         and eax, -HEAP_ALIGN
         mov [heap_base], eax
@@ -498,9 +463,8 @@ name_weighted_sum:  db "weighted_sum", 0
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; setup_model: copy the packed header to HDR and the run settings after it (EBP = VARS + VARS_BIAS from here on),
-; place the buffers (a SLOT_BYTES slot each), write the dot-product kernel, place the KV cache and int16 copies of
-; the weight matrices (failing the run if they pass mem_top) and keep the section entries in SEC_START.
-; Output:   EBP = VARS + VARS_BIAS
+; turn the section table's offsets into addresses, place the buffers (a SLOT_BYTES slot each) and the KV cache, and
+; write the two dot-product kernels; then falls through into generate.
 ; Clobbers: everything
 ; ---------------------------------------------------------------------------------------------------------------
 setup_model:
@@ -517,9 +481,7 @@ setup_model:
         mov esi, RUN_BLOCK + RB_INV_TEMPERATURE
         mov cl, RUN_SETTINGS / 4
         rep movsd
-        mov cl, (VARS_END - VARS - RUN_SETTINGS) / 4
-        xor eax, eax
-        rep stosd
+        and dword [var(pos)], 0         ; every other variable is set before it is read
         mov esi, SEC_START + 16 + SEC_ADDR
         mov cl, N_KINDS - 1
 .entry: add dword [esi], MODEL_BASE     ; the section table's offsets to addresses
@@ -580,9 +542,6 @@ setup_model:
         mov [var(kv_block)], eax
         mul dword [hdr(H_N_KV_HEADS)]
         mov [var(layer_bytes)], eax
-        mul dword [hdr(H_N_LAYERS)]
-        add eax, [var(kv_base)]         ; the end of the cache: of all the engine uses
-        call check_memory
         ; fall through into generate
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -610,14 +569,15 @@ generate:
         jb .print
         xor ecx, ecx
         jmp report_token
-.print: mov ebx, [SECTION(K_PRINTED) + SEC_ADDR]
+.print: mov edx, SECTION(K_PRINTED)
+        mov ebx, [edx + SEC_ADDR]
         mov esi, [ebx + eax*4]
         mov ecx, [ebx + eax*4 + 4]
         sub ecx, esi
         add esi, ebx
         cmp dword [var(token)], BOS
         jne .report
-        mov ebx, [SECTION(K_BOS_SKIP) + SEC_ADDR]
+        mov ebx, [edx + 16 * (K_BOS_SKIP - K_PRINTED) + SEC_ADDR]
         movzx edx, byte [ebx + eax]
         add esi, edx
         sub ecx, edx
@@ -725,7 +685,7 @@ quantize_xb:
 ; quantize_act (fixed.py quantize_act): act = v >> k, k = max(0, bit_length(OR of |v[j]|) - bits); then sets
 ; the kernel's length to n.
 ; Entry:    ESI = v (i32), ECX = n (1..32767), AL = bits
-; Output:   [var(act_buf)] = act, [var(act_row)] = 2n (bytes of an int16 row), [var(act_k)] = k,
+; Output:   [var(act_buf)] = act, [var(act_row)] = n (bytes of an int8 row), [var(act_k)] = k,
 ;           [var(act_end)] = act + 4n
 ; Clobbers: EAX, ECX, EDX, ESI, EDI
 ; ---------------------------------------------------------------------------------------------------------------
@@ -766,7 +726,7 @@ quantize_act:
         ; fall through into set_dot_length
 
 ; ---------------------------------------------------------------------------------------------------------------
-; set_dot_length: make the dot-product kernel sum n products: its entry is n multiply-adds before its end.
+; set_dot_length: make the dot-product kernels sum n products: their entries are n multiply-adds before their ends.
 ; Entry:    EAX = n >= 1
 ; Clobbers: EAX
 ; ---------------------------------------------------------------------------------------------------------------
@@ -781,9 +741,10 @@ set_dot_length:
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; The dot-product kernel: EDX += wrap32(sum of q[j] * v[j]) over the n int16 q before ESI and the n i32 v before
-; EBX; callers set n with set_dot_length, EDX = 0, and call [dot_entry]. setup_model writes it into kernel_buf:
-; dim + hidden_dim + seq_len copies of this multiply-add, the one k from the end with displacements -2k and -4k,
+; The dot-product kernels: EDX += wrap32(sum of q[j] * v[j]) over the n q before ESI and the n i32 v before EBX;
+; callers set n with set_dot_length, EDX = 0, and call [dot8_entry] for int8 q (weights) or [dot16_entry] for
+; int16 q (the cache). setup_model writes both into kernel_buf: dim + hidden_dim + seq_len copies of this
+; multiply-add each, with movsx's opcode for a byte or a word and the one k from the end reading q[-k] and v[-k];
 ; then a ret. One straight line: no loop counter, no index register.
 ; Clobbers: EAX
 ; ---------------------------------------------------------------------------------------------------------------
@@ -801,7 +762,7 @@ MOVSX_WORD          equ 0xBF
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; matvec (fixed.py matvec, add=True): out[i] += (sum_j q[i, j] * act[j]) * s[i] >> (S - k) for each of the next
-; `rows` rows of an int16 matrix; matvec_store first clears out (add=False).
+; `rows` rows of an int8 matrix; matvec_store first clears out (add=False).
 ; Entry:    EBX = SEC entry of the matrix's Q section (its S section is the next), EAX = out, ECX = rows;
 ;           act, [var(act_row)] (bytes from one row to the next), [var(act_k)], [var(act_end)] and the kernel's
 ;           length from quantize_act
@@ -899,25 +860,21 @@ rmsnorm:
 .root:  mov edx, (1 << 29) - 1
         or eax, -1
         div ecx                         ; inv = (2^61 - 1) // root
-        xchg eax, edi
+        xchg eax, edi                   ; EDI = inv
         pop ecx
-        pop ebx                         ; G
+        pop ebx
         mov esi, [var(x_buf)]
-        push dword [var(xb_buf)]
+        sub ebx, esi                    ; G[j] is at [x + 4j + EBX]
         push ebp
         mov ebp, [hdr(H_DIM)]
-        xchg edi, [esp + 4]             ; EDI = xb, [ESP + 4] = inv
 .scale: lodsd
-        imul dword [esp + 4]
+        imul edi
         shrd eax, edx, cl               ; x / sqrt(ss) in Q2.30
-        imul dword [ebx]
-        add ebx, 4
-        xchg eax, edx
-        stosd
+        imul dword [esi + ebx - 4]
+        mov [esi - 4 + SLOT_BYTES], edx ; xb, the slot after x's
         dec ebp
         jnz .scale
         pop ebp
-        pop eax
         pop ebx
         ret
 
@@ -1124,35 +1081,34 @@ attention:
         sub cl, [var(act_k)]
         mov edi, [var(att_buf)]
         mov ebx, [var(act_end)]
-        push ebp
-        mov ebp, 1 << 31                ; top
+        mov dword [var(att_top)], 1 << 31
 .score: xor edx, edx
-        call [dot16_entry]              ; qa . key[t]
+        call [var(dot16_entry)]         ; qa . key[t]
         xchg eax, edx
         imul dword [esi]                ; Dk
         shrd eax, edx, cl
         stosd
-        cmp eax, ebp
+        cmp eax, [var(att_top)]
         jle .below
-        xchg eax, ebp
-.below: add esi, [kv_stride]
-        cmp edi, [att_end]
+        mov [var(att_top)], eax
+.below: add esi, [var(kv_stride)]
+        cmp edi, [var(att_end)]
         jb .score
 
-        mov esi, [att_buf]              ; e[t] = exp_lookup(top - score[t])
+        mov esi, [var(att_buf)]         ; e[t] = exp_lookup(top - score[t])
         mov ebx, [SECTION(K_EXP_TABLE) + SEC_ADDR]
         xor edi, edi                    ; total
-.exp:   mov eax, ebp
-        sub eax, [esi]
+.exp:   lodsd
+        neg eax
+        add eax, [var(att_top)]
         call lookup
-        mov [esi], eax
+        mov [esi - 4], eax
         add edi, eax
-        add esi, 4
-        cmp esi, [att_end]
+        cmp esi, [var(att_end)]
         jb .exp
-        pop ebp
 
-        mov edx, 0xFFFF
+        xor edx, edx
+        dec dx
         or eax, -1
         div edi
         xchg eax, ebx                   ; recip
@@ -1198,7 +1154,7 @@ attention:
 ; lookup (fixed.py exp_lookup, silu_lookup): with i = u >> e, t[i] + ((t[i+1] - t[i]) * (u mod 2^e)) >> e from a
 ; table in its packed form (docs/format.md: mask 2^e - 1, n - 1, e, 0, then (t[i], t[i+1] - t[i]) pairs).
 ; Entry:    EAX = u (unsigned), EBX = the table
-; Output:   EAX and CF = 1; or, past the table (i >= n - 1), EAX = 0 and CF = 0
+; Output:   EAX; 0 past the table (i >= n - 1)
 ; Clobbers: ECX, EDX
 ; ---------------------------------------------------------------------------------------------------------------
 lookup:
@@ -1211,14 +1167,14 @@ lookup:
         imul eax, [ebx + edx*8 + 20]
         sar eax, cl
         add eax, [ebx + edx*8 + 16]
-        stc
         ret
 .past:  xor eax, eax
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; swiglu (fixed.py forward_token step 8): hb[i] = (silu_lookup(hb[i]) * hb[hidden_dim + i]) >> 16, then
-; act = quantize_act(hb[0:hidden_dim], act_bits_hidden).
+; act = quantize_act(hb[0:hidden_dim], act_bits_hidden). The packed SiLU table holds silu(x) - x: x + lookup is
+; silu_lookup bit for bit (the x part interpolates exactly), and past the table's end it is x with no test.
 ; Clobbers: everything but EBP
 ; ---------------------------------------------------------------------------------------------------------------
 swiglu:
@@ -1232,10 +1188,8 @@ swiglu:
         push eax
         sub eax, [HDR + H_SILU_LO]      ; u = x - silu_lo, and the signed compare of x with silu_lo
         jl .zero                        ; below the table: 0
-        call lookup
-        jc .silu
-        pop eax                         ; past the table: x
-        push eax
+        call lookup                     ; the table holds silu(x) - x: 0 past its end
+        add eax, [esp]
         jmp .silu
 .zero:  xor eax, eax
 .silu:  pop edx
@@ -1285,9 +1239,6 @@ sample:
         cmp [var(run_inv_temperature)], ecx
         je .done
         mov [var(sample_top)], ebx
-        call random_u32                 ; (ESI = the logits still)
-        shr eax, 8
-        mov [var(sample_coin)], eax
         mov ebx, [SECTION(K_EXP_TABLE) + SEC_ADDR]
         mov edi, [var(sample_buf)]
         xor eax, eax
@@ -1352,9 +1303,11 @@ sample:
         jb .cut                         ; the running sum passed the threshold
         cmp edi, [var(sample_keep_end)]
         jb .pick
-.cut:   mov eax, [var(sample_threshold)]
-        sub eax, [var(sample_room)]     ; the kept weight
-        mul dword [var(sample_coin)]
+.cut:   call random_u32
+        shr eax, 8                      ; the coin
+        mov ecx, [var(sample_threshold)]
+        sub ecx, [var(sample_room)]     ; the kept weight
+        mul ecx
         shrd eax, edx, 24
         xchg eax, edx                   ; target < the kept weight
         mov esi, [var(sample_picks)]
@@ -1418,11 +1371,8 @@ gdt:                                    ; lgdt's 6 bytes fill the unused null de
                     db 0x00, 0x92, 0xCF, 0x00
 .code16:            dw 0xFFFF, 0x0000   ; base 0, 64 KiB, execute/read, 16-bit: the way back to real mode
                     db 0x00, 0x9A, 0x00, 0x00
-.data16:            dw 0xFFFF, 0x0000   ; base 0, 64 KiB, read/write, 16-bit: what real mode expects
-                    db 0x00, 0x92, 0x00, 0x00
 gdt_end:
 
-msg_too_little_memory: db "sectorllm: too little memory", 10, 0
 
 engine_end:
 
@@ -1441,7 +1391,7 @@ run_passes:         resw 1
 run_prompt_count:   resw 1
 buffers:                                ; N_BUFFERS slots of SLOT_BYTES (setup_model)
 x_buf:              resd 1              ; Q16.16 residual stream (dim)
-xb_buf:             resd 1              ; rmsnorm and attention output (dim)
+xb_buf:             resd 1              ; rmsnorm and attention output (dim); rmsnorm counts on it following x
 act_buf:            resd 1              ; matmul input (dim, hidden_dim or head_size)
 qkv_buf:            resd 1              ; q, k, v (dim + 2 kv_dim)
 hb_buf:             resd 1              ; gate, then up (2 hidden_dim)
@@ -1476,13 +1426,13 @@ kv_count:           resd 1
         absolute SCRATCH
 head:               resd 1              ; attention
 head_off:           resd 1              ; 4 * head * head_size
+att_top:            resd 1              ; the largest score
 att_end:            resd 1
 att_block:          resd 1
         absolute SCRATCH
 sample_room:        resd 1              ; sample
 sample_total:       resd 1
 sample_top:         resd 1
-sample_coin:        resd 1
 sample_keep_end:    resd 1
 sample_threshold:   resd 1
 sample_sorted:      resd 1

@@ -1,23 +1,26 @@
-"""The contract with the boot engine: the disk image it boots from and the serial records it answers with.
+"""The contract with the boot engine: the disk image it boots from, the memory it needs, the records it answers with.
 
 Disk image (512-byte sectors, LBA), each part starting on a sector boundary:
 
-    LBA 0                   boot sector (boot.asm): loads the run block and the engine with INT 13h AH=42h
+    LBA 0                   boot sector (boot.asm): loads the run block, the engine and the model (INT 13h AH=42h,
+                            INT 15h AH=87h above 1 MiB) after checking the RAM against memory_end
     LBA 1                   run block: RUN_BLOCK_FORMAT below, then the prompt token ids; zero-padded
     LBA 2 .. 2+E-1          engine binary (engine.asm), E = engine_sectors <= 64 (it runs at 0x8000..0xFFFF)
-    LBA model_lba ..        model blob (the packed model, opaque here), model_bytes long, zero-padded
+    LBA model_lba ..        model blob (the packed model), model_bytes long, zero-padded
 
-Run block, little-endian (offsets are the RB_* constants of engine.asm); the sampling fields are those of
-FixedSamplerConfig (engines/fixed.py), the integers the fixed-point sampler uses:
+Run block, little-endian (offsets are the RB_* constants of boot.asm and engine.asm); the sampling fields are those
+of FixedSamplerConfig (engines/fixed.py), the integers the fixed-point sampler uses:
 
      0  4s   magic "SLRB"            16  u32  inv_temperature_q16 (0 = greedy)    32  u64  seed (xorshift64* state)
-     4  u16  version (3)             20  u32  topp_q16 (65536 = off)              40  u16  forward passes to run
-     6  u16  engine_sectors          24  u32  topk (0 = off)                      42  u16  prompt token count
+     4  u16  version (4)             20  u32  topp_q16 (65536 = off)              40  u16  forward passes to run
+     6  u16  engine_sectors          24  u32  topk (0 = off)                      42  u16  prompt token count (>= 1)
      8  u32  model_lba               28  u32  minp_q16 (0 = off)                  44  u16  steps (0 = whole context)
-    12  u32  model_bytes                                                          46  u16[] prompt token ids
+    12  u32  model_bytes                                                          46  u32  memory_end
+                                                                                  50  u16[] prompt token ids, BOS first
 
-The engine loads the model to MODEL_BASE (1 MiB) in unreal mode. Serial protocol (COM1): log text, never STX,
-between records `STX tag fields ETX`: `T id,n` followed by the token's n raw bytes, `M name=value`, `E status`.
+The model sits at MODEL_BASE (1 MiB); memory_end() is the end of it, the engine's buffers and its KV cache.
+Serial protocol (COM1; SerialDecoder): log text, never STX, and records `STX 'T' id:u16 n:u8` followed by the
+token's n raw bytes, `STX 'E' status:u8` at the end, `STX 'M' name=value ETX` from the self-test.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from pathlib import Path
 
 from ..engines.fixed import ONE_Q16, FixedSamplerConfig
 from ..atomic import write_atomically
+from ..config import ModelConfig
+from ..packed import HEADER, MAGIC as PACKED_MAGIC, header_config
 from ..errors import BootError, UsageError
 from ..generate import step_budget
 from ..sampling import clock_seed
@@ -45,10 +50,15 @@ ENGINE_BASE = 0x8000
 MAX_ENGINE_BYTES = 0x10000 - ENGINE_BASE  # code and data need 16-bit offsets with DS = 0
 MODEL_BASE = 0x100000
 ADDRESSABLE_TOP = 0xC000_0000  # PC memory above 3 GiB is PCI holes and ROM on QEMU's machines
+# engine.asm's memory map after the model: BUFFER_SLOTS buffers of SLOT_BYTES from the heap, then the KV cache
+BUFFER_SLOTS = 9  # N_BUFFERS
+SLOT_BYTES = 1 << 20  # SLOT_BYTES
+KERNEL_MACS = (SLOT_BYTES - 2) // 32  # setup_model's two kernels of 16-byte multiply-adds share a slot
+HEAP_ALIGN = 4096  # HEAP_ALIGN
 
 RUN_MAGIC = b"SLRB"
-RUN_VERSION = 3
-RUN_BLOCK_FORMAT = "<4sHHIIIIIIQHHH"
+RUN_VERSION = 4
+RUN_BLOCK_FORMAT = "<4sHHIIIIIIQHHHI"
 RUN_BLOCK_HEADER = struct.calcsize(RUN_BLOCK_FORMAT)
 MAX_PROMPT_TOKENS = (SECTOR - RUN_BLOCK_HEADER) // 2
 MAX_STEPS = 0xFFFF
@@ -68,10 +78,10 @@ class Status(IntEnum):
     """End-of-run status: the end record's value and the byte sent to isa-debug-exit (boot.asm, engine.asm)."""
 
     OK = 0x00
-    DISK_ERROR = 0x02  # an INT 13h or INT 15h AH=87h failure (INT 13h status 01h: the BIOS lacks AH=42h)
+    DISK_ERROR = 0x02  # an INT 13h read or INT 15h AH=87h copy failed (as it does on a BIOS without INT 13h AH=42h)
     BAD_RUN_BLOCK = 0x03
     A20_CLOSED = 0x04
-    MODEL_TOO_LARGE = 0x05  # the model does not fit the machine's memory above 1 MiB
+    MODEL_TOO_LARGE = 0x05  # the RAM above 1 MiB ends before memory_end: the boot sector refuses the run
 
 
 @dataclass(frozen=True)
@@ -114,11 +124,12 @@ class RunBlock:
 
 @dataclass(frozen=True)
 class DiskLayout:
-    """Where the boot sector and the engine find the parts of an image."""
+    """Where the boot sector and the engine find the parts of an image, and how much memory the run needs."""
 
     engine_sectors: int
     model_lba: int
     model_bytes: int
+    memory_end: int  # memory_end(): the boot sector refuses a machine whose RAM from 1 MiB ends before it
 
 
 def pack_run_block(run: RunBlock, layout: DiskLayout) -> bytes:
@@ -126,7 +137,7 @@ def pack_run_block(run: RunBlock, layout: DiskLayout) -> bytes:
     run.validate()
     header = struct.pack(RUN_BLOCK_FORMAT, RUN_MAGIC, RUN_VERSION, layout.engine_sectors, layout.model_lba,
                          layout.model_bytes, run.inv_temperature_q16, run.topp_q16, run.topk, run.minp_q16, run.seed,
-                         run.passes, len(run.prompt_tokens), run.steps)
+                         run.passes, len(run.prompt_tokens), run.steps, layout.memory_end)
     prompt = struct.pack(f"<{len(run.prompt_tokens)}H", *run.prompt_tokens)
     return (header + prompt).ljust(SECTOR, b"\0")
 
@@ -134,17 +145,32 @@ def pack_run_block(run: RunBlock, layout: DiskLayout) -> bytes:
 def unpack_run_block(sector: bytes) -> tuple[RunBlock, DiskLayout]:
     """Read back a run block sector; raises BootError if it is not one."""
     (magic, version, engine_sectors, model_lba, model_bytes, inv_temperature_q16, topp_q16, topk, minp_q16, seed,
-     passes, n_prompt, steps) = struct.unpack_from(RUN_BLOCK_FORMAT, sector)
+     passes, n_prompt, steps, memory_end) = struct.unpack_from(RUN_BLOCK_FORMAT, sector)
     if magic != RUN_MAGIC or version != RUN_VERSION or n_prompt > MAX_PROMPT_TOKENS:
         raise BootError(f"not a version {RUN_VERSION} sectorllm run block (magic {magic!r}, version {version})")
     prompt = struct.unpack_from(f"<{n_prompt}H", sector, RUN_BLOCK_HEADER)
     return (RunBlock(prompt, steps, inv_temperature_q16, topp_q16, topk, minp_q16, seed, passes),
-            DiskLayout(engine_sectors, model_lba, model_bytes))
+            DiskLayout(engine_sectors, model_lba, model_bytes, memory_end))
 
 
 def sectors(n_bytes: int) -> int:
     """Sectors needed for n_bytes."""
     return -(-n_bytes // SECTOR)
+
+
+def kv_cache_bytes(config: ModelConfig) -> int:
+    """engine.asm store_kv's blocks: per layer and kv head, seq_len key rows (int16 keys, Dk, Dv) and int16 values."""
+    return config.n_layers * config.n_kv_heads * config.seq_len * (4 * config.head_size + 8)
+
+
+def memory_end(model_bytes: int, config: ModelConfig | None) -> int:
+    """The first physical address past everything the engine uses: the model loaded at MODEL_BASE and, for a packed
+    model's config, its buffers and KV cache (engine.asm setup_model)."""
+    model_end = MODEL_BASE + sectors(model_bytes) * SECTOR
+    if config is None:
+        return model_end
+    heap = -(-model_end // HEAP_ALIGN) * HEAP_ALIGN
+    return heap + BUFFER_SLOTS * SLOT_BYTES + kv_cache_bytes(config)
 
 
 @dataclass(frozen=True)
@@ -215,20 +241,23 @@ def build_image(model_blob: bytes, run: RunBlock, output: Path, *,
                 memory_limit: int = ADDRESSABLE_TOP) -> ImageInfo:
     """Assemble boot sector and engine (listings in build_dir, default output's folder/build) and write the image.
 
-    memory_limit is the first physical address the engine may not use; a model that would run past it is refused.
+    memory_limit is the first physical address the engine may not use; a model (with, for a packed model, the
+    engine's buffers and KV cache) that would run past it is refused.
     """
     output = Path(output)
-    model_end = MODEL_BASE + sectors(len(model_blob)) * SECTOR
-    if model_end > memory_limit:
-        raise BootError(f"the model is {len(model_blob)} bytes: loaded at 1 MiB it overruns the addressable memory "
-                        f"(up to {memory_limit:#x}) by {model_end - memory_limit} bytes")
+    config = header_config(HEADER.unpack_from(model_blob)) if model_blob[:4] == PACKED_MAGIC else None
+    end = memory_end(len(model_blob), config)
+    if end > memory_limit:
+        raise BootError(f"the model is {len(model_blob)} bytes: loaded at 1 MiB, with the engine's buffers and KV "
+                        f"cache, it overruns the addressable memory (up to {memory_limit:#x}) by {end - memory_limit} "
+                        "bytes")
     build = Path(build_dir) if build_dir is not None else output.parent / "build"
     boot = assemble(BOOT_SOURCE, build / "boot.bin")
     engine = assemble(ENGINE_SOURCE, build / "engine.bin", engine_defines)
     if engine.size > MAX_ENGINE_BYTES:
         raise BootError(f"the engine is {engine.size} bytes, {engine.size - MAX_ENGINE_BYTES} more than the "
                         f"{MAX_ENGINE_BYTES} it can have below 64 KiB")
-    layout = DiskLayout(sectors(engine.size), ENGINE_LBA + sectors(engine.size), len(model_blob))
+    layout = DiskLayout(sectors(engine.size), ENGINE_LBA + sectors(engine.size), len(model_blob), end)
     parts = (boot.binary.read_bytes(), pack_run_block(run, layout), engine.binary.read_bytes(), model_blob)
     output.parent.mkdir(parents=True, exist_ok=True)
     image_bytes = write_atomically(output, [piece for part in parts for piece in (part, bytes(-len(part) % SECTOR))])

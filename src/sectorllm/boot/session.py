@@ -21,31 +21,14 @@ from ..generate import GenerationResult, StreamedGeneration, Token as TextToken,
 from ..packed import HEADER, PackedModel, header_config, write_packed
 from ..sampling import SamplerConfig
 from ..tokenizer import BOS, EOS
-from .image import (ADDRESSABLE_TOP, MAX_PROMPT_TOKENS, MODEL_BASE, SECTOR, ImageInfo, RunBlock, Status, Token,
-                    build_image, sectors, unpack_run_block)
+from .image import (ADDRESSABLE_TOP, KERNEL_MACS, MAX_PROMPT_TOKENS, SECTOR, ImageInfo, RunBlock, Status, Token,
+                    build_image, memory_end, unpack_run_block)
 from .qemu import DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT, boot
 
-# engine.asm's memory map after the model: BUFFER_SLOTS buffers of SLOT_BYTES, then the KV cache
-BUFFER_SLOTS = 9  # N_BUFFERS
-SLOT_BYTES = 1 << 20  # SLOT_BYTES
-KERNEL_MACS = (SLOT_BYTES - 2) // 32  # setup_model's two kernels of 16-byte multiply-adds share a slot
-HEAP_ALIGN = 4096  # HEAP_ALIGN
 MEBIBYTE = 1 << 20
 BIOS_HEADROOM_MIB = 4  # SeaBIOS keeps the top of RAM for its tables
 BENCH_MODEL = "stories260K"
 BENCH_TOKENS = 256
-
-
-def kv_cache_bytes(config: ModelConfig) -> int:
-    """engine.asm store_kv's blocks: per layer and kv head, seq_len key rows (int16 keys, Dk, Dv) and int16 values."""
-    return config.n_layers * config.n_kv_heads * config.seq_len * (4 * config.head_size + 8)
-
-
-def memory_end(model_bytes: int, config: ModelConfig) -> int:
-    """The first physical address past everything the engine uses for a model: itself, its buffers and KV cache."""
-    model_end = MODEL_BASE + sectors(model_bytes) * SECTOR
-    heap = -(-model_end // HEAP_ALIGN) * HEAP_ALIGN
-    return heap + BUFFER_SLOTS * SLOT_BYTES + kv_cache_bytes(config)
 
 
 def memory_mib(end: int) -> int:
