@@ -146,9 +146,9 @@ def test_qemu_486_greedy_from_bos(stories, tmp_path):
     assert_same(session.run_image(case.image, timeout=120, cpu="486").result, case.want)
 
 
-def test_kvm_keeps_unreal_mode_through_generation(stories, tmp_path):
-    """Only KVM checks segment limits (a 32-bit address off SS faults there, passes under TCG and unicorn). Real mode
-    runs slowly under KVM, so this is a short run."""
+def test_kvm_runs_the_mode_switches_through_generation(stories, tmp_path):
+    """KVM runs the guest on the CPU itself: the switches to real mode and back for each byte on screen, with the
+    32-bit stack the BIOS gets there, as a PC would. A short run."""
     require("qemu-system-i386")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("no usable /dev/kvm")

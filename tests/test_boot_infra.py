@@ -295,9 +295,9 @@ def test_qemu_timeout_kills_qemu(tmp_path):
     assert still_running == []
 
 
-def test_kvm_enforces_limits_and_unreal_mode_holds(selftest_image, blob):
-    """Only KVM checks real-mode segment limits: an engine that lost unreal mode hangs here (checked by hand: the
-    engine without its enter_unreal_mode calls passes under TCG and times out under KVM). SeaBIOS boots in ~4 s."""
+def test_kvm_runs_the_selftest(selftest_image, blob):
+    """KVM runs the guest on the CPU itself, checking segments as hardware does: the boot sector's INT 15h AH=87h
+    copies and the engine's mode switches must hold there too. SeaBIOS boots in ~4 s."""
     require("qemu-system-i386")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("no usable /dev/kvm")

@@ -1,16 +1,17 @@
 """Run a boot image in-process on the unicorn CPU emulator, with a small BIOS shim, counting guest instructions.
 
 The shim answers the BIOS interrupts and I/O ports the image uses (INT 10h teletype, INT 13h extended reads from
-the image, INT 14h serial initialization, INT 15h memory size and extended-memory moves, INT 16h keys from a string, INT 1Ah ticks; COM1, port 0x92, isa-debug-exit) from
-Python hooks, so no BIOS code runs in the guest: every counted instruction is the image's own.
+the image, INT 14h serial initialization, INT 15h memory size and extended-memory moves, INT 16h keys from a
+string, INT 1Ah ticks; COM1, port 0x92, isa-debug-exit) from Python hooks, so no BIOS code runs in the guest:
+every counted instruction is the image's own.
 
 Counting: a block hook adds each translation block's instruction count, which unicorn reports for the block
 (ctl_request_cache), so the count is exact at a fraction of the cost of a hook per instruction. A rep-prefixed
 string instruction counts once per iteration: unicorn re-enters it for each one.
 
-Unreal mode: unicorn is QEMU's TCG, which handles lgdt, mov cr0 and descriptor loads as a CPU does, but like TCG it
-checks no segment limits in real mode, so it cannot tell whether unreal mode is in force (only KVM or real
-hardware can). All of memory is RAM here, with A20 always open.
+Modes: unicorn is QEMU's TCG, which handles lgdt, mov cr0, far jumps and descriptor loads as a CPU does, so the
+engine's switches between real and protected mode run here as on a PC; like TCG it checks no segment limits in
+real mode (only KVM or real hardware do). All of memory is RAM here, with A20 always open.
 """
 
 from __future__ import annotations

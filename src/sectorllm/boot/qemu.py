@@ -59,7 +59,7 @@ def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, cpu: str | None = Non
     """Boot image in qemu-system-i386 until the engine ends the run; raises BootError on timeout or QEMU failure.
 
     TCG is the default: it ran real-mode code faster than KVM here, and boots SeaBIOS in a fraction of the time;
-    but only KVM checks segment limits, so only KVM can show that unreal mode holds.
+    but only KVM runs the guest on the CPU itself, with its segment checks and mode switches.
     on_token is called for each token as soon as its record and bytes have arrived. With screenshot, the runner
     asks the engine (SERIAL_HOLD) to wait after its end record, saves the VGA screen as PNG, then lets it exit.
     """
