@@ -94,21 +94,19 @@ H_N_HEADS           equ 28
 H_N_KV_HEADS        equ 32
 H_VOCAB             equ 36
 H_SEQ_LEN           equ 40
-H_FLAGS             equ 44              ; bit 0: the classifier is the token embedding
 H_ACT_BITS_DIM      equ 52
 H_ACT_BITS_HIDDEN   equ 56
 H_ACT_BITS_HEAD     equ 60
 H_ROPE_SHIFT        equ 68
 H_RMS_EPS           equ 72
 H_SILU_LO           equ 84
-H_N_SECTIONS        equ 92
 H_HEAD_SIZE         equ 100
 H_KV_DIM            equ 104
 H_KV_MUL            equ 108             ; query heads per kv head
 TABLE_OFFSET        equ 128             ; the section table follows the header: an entry for each kind, in order
 SEC_START           equ MODEL_BASE + TABLE_OFFSET - 16  ; kind k's entry at SEC_START + 16 k
 
-K_TOKEN_EMBEDDING_Q equ 1               ; section kinds (docs/format.md)
+K_TOKEN_EMBEDDING_Q equ 1               ; section kinds (docs/format.md); forward's EBX walks 3 to 17 in order
 K_TOKEN_EMBEDDING_S equ 2
 K_RMS_ATT_WEIGHT    equ 3
 K_WQKV_Q            equ 4
@@ -122,13 +120,12 @@ K_WCLS_RESIDUAL_Q   equ 16
 K_ROPE              equ 18
 K_EXP_TABLE         equ 19
 K_SILU_TABLE        equ 20
-K_PIECES            equ 21
 K_PRINTED           equ 22
 K_BOS_SKIP          equ 24
 SEC_ADDR            equ 4               ; SEC entries, 16 bytes per kind: the section table's entry with its
 SEC_LEN             equ 8               ; offset turned into an address (the weights' addresses then move on
 SEC_PARAM           equ 12              ; layer by layer as the forward pass reads them)
-N_KINDS             equ 25
+N_KINDS             equ 25              ; kinds 1 to 24, and the unused 0
 %define SECTION(kind) (SEC + 16 * (kind))
 %define hdr(field) ebp + (field) - HDR_USED - VARS_BIAS
 %define var(name) ebp + (name) - VARS - VARS_BIAS
@@ -159,7 +156,8 @@ engine_start:
         jmp teletype.protected
         bits 32
 
-; main: size the memory, check that the model fits, set it up and generate; end the run.
+; ---------------------------------------------------------------------------------------------------------------
+; main: set the model up and generate (or run the self-test), then end the run with STATUS_OK.
 ; ---------------------------------------------------------------------------------------------------------------
 main:
 %ifdef SELFTEST
@@ -1379,7 +1377,7 @@ engine_end:
         absolute engine_end
                     resb -(engine_end - engine_start) & 0xFFF  ; a page of their own: QEMU retranslates the code
                                                                 ; of any page that is written to
-heap_base:          resd 1
+heap_base:          resd 1              ; the self-test's: the end of the model rounded up to HEAP_ALIGN
 HDR:                resb HDR_USED       ; the packed header's copy: [hdr(H_x)]
 VARS:                                   ; EBP - VARS_BIAS in the model code: [var(x)]
 run_inv_temperature: resd 1             ; the run block's settings (RB_INV_TEMPERATURE .. RB_PROMPT_COUNT)
@@ -1398,7 +1396,7 @@ hb_buf:             resd 1              ; gate, then up (2 hidden_dim)
 att_buf:            resd 1              ; scores, then e, then weights (pos + 1)
 logits_buf:         resd 1              ; (vocab_size)
 sample_buf:         resd 1              ; the sampler's e (vocab_size), then its picks
-kernel_buf:         resd 1              ; the dot-product kernel, written by setup_model
+kernel_buf:         resd 1              ; the two dot-product kernels, written by setup_model
 N_BUFFERS           equ ($ - buffers) / 4
 kv_base:            resd 1              ; the first cache block, after the buffers
 layer_kv:           resd 1              ; this layer's first cache block
@@ -1409,7 +1407,7 @@ value_row:          resd 1              ; bytes of a transposed value row
 layer_bytes:        resd 1              ; n_kv_heads blocks
 token:              resd 1              ; the token at pos
 pos:                resd 1
-act_row:            resd 1              ; quantize_act's 2n, k and the end of act
+act_row:            resd 1              ; quantize_act's n (an int8 row's bytes), k and the end of act
 act_k:              resd 1
 act_end:            resd 1
 kernel8_end:        resd 1              ; the dot-product kernels' rets: int8 q (weights), int16 q (the cache)
