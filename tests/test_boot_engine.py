@@ -227,6 +227,19 @@ def test_engine_memory_layout_matches_session(stories, tmp_path):
     assert layout.memory_end == kv_end  # what the boot sector checks the machine's memory against
 
 
+def test_boot_sector_refuses_a_machine_too_small_for_the_buffers(stories, tmp_path):
+    """2 MiB holds the model but not the engine's buffers and KV cache: the boot sector says so before loading it,
+    and the engine never runs."""
+    emulator = emulator_module()
+    blob, packed = stories
+    image = tmp_path / "small.img"
+    build_image(blob, session.run_block(packed, "", 8, GREEDY), image)
+    assert img.MODEL_BASE + len(blob) < 2 << 20 < session.read_image(image).memory_mib << 20
+    result = emulator.emulate(image, memory_mib=2)
+    assert result.status == Status.MODEL_TOO_LARGE and result.end_status is None and not result.tokens
+    assert result.log == "sectorllm: out of memory\n"
+
+
 def test_breakpoint_on_code_that_already_ran(stories, tmp_path):
     """serial_put prints the start-up banner before generation; a breakpoint set later must still stop there."""
     emulator = emulator_module()
@@ -260,6 +273,14 @@ def test_make_image_refuses_a_model_past_addressable_memory(stories260k, tok512,
     require("nasm")
     monkeypatch.setattr(session, "ADDRESSABLE_TOP", 8 << 20)
     with pytest.raises(BootError, match=r"bytes more than the boot engine can address"):
+        session.make_image(stories260k, tok512, tmp_path / "boot.img")
+    assert not (tmp_path / "boot.img").exists()
+
+
+def test_make_image_refuses_a_model_past_the_kernels(stories260k, tok512, tmp_path, monkeypatch):
+    require("nasm")
+    monkeypatch.setattr(session, "KERNEL_MACS", 700)  # stories260K needs 64 + 172 + 512 = 748 multiply-adds
+    with pytest.raises(BootError, match=r"dim \+ hidden_dim \+ seq_len is 748; .* at most 700"):
         session.make_image(stories260k, tok512, tmp_path / "boot.img")
     assert not (tmp_path / "boot.img").exists()
 
