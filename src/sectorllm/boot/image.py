@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
-from ..engines.fixed import ONE_Q16, FixedSamplerConfig
 from ..atomic import write_atomically
 from ..config import ModelConfig
-from ..packed import HEADER, MAGIC as PACKED_MAGIC, header_config
+from ..engines.fixed import ONE_Q16, FixedSamplerConfig
 from ..errors import BootError, UsageError
 from ..generate import step_budget
+from ..packed import HEADER, MAGIC as PACKED_MAGIC, header_config
 from ..sampling import clock_seed
 from ..tokenizer import BOS
 
