@@ -22,6 +22,7 @@ VERSION = 2
 ALIGN = 16  # every section starts on a paragraph, so 16-bit code can point a segment register at it
 HEADER = struct.Struct("<4s3I 8I 9I i I 2I 3I 16x")  # 128 bytes, see docs/format.md
 ENTRY = struct.Struct("<4I")  # kind, offset, length, param: one paragraph per section
+CRC_FIELD = 12  # the header's crc32
 CRC_START = 16  # the CRC covers everything after magic, version, file_bytes and the CRC itself
 SCHEMES = ("tensor", "row")  # stored as the index into this tuple
 MAX_FILE_BYTES = 0xFFFFFFFF  # offsets are u32 from the start of the file
@@ -275,8 +276,8 @@ def packed_bytes(model: PackedModel) -> int:
     return _layout(_payloads(model))[1]
 
 
-def write_packed(path: str | os.PathLike, model: PackedModel) -> None:
-    """Write a packed model atomically (a temporary file, then os.replace)."""
+def pack(model: PackedModel) -> bytearray:
+    """The packed file's bytes for a model: what write_packed writes, and what a boot image holds."""
     check_shape(model.config)
     if model.tokenizer.vocab_size != model.config.vocab_size:
         raise QuantizeError(f"the tokenizer has {model.tokenizer.vocab_size} pieces but the model's vocabulary "
@@ -292,9 +293,13 @@ def write_packed(path: str | os.PathLike, model: PackedModel) -> None:
         if entry.kind in data_of:
             image[entry.offset:entry.offset + entry.length] = data_of[entry.kind]
     image[:HEADER.size] = _header(model, file_bytes, 0, len(entries))
-    crc = zlib.crc32(memoryview(image)[CRC_START:])
-    image[:HEADER.size] = _header(model, file_bytes, crc, len(entries))
-    write_atomically(path, (image,))
+    struct.pack_into("<I", image, CRC_FIELD, zlib.crc32(memoryview(image)[CRC_START:]))
+    return image
+
+
+def write_packed(path: str | os.PathLike, model: PackedModel) -> None:
+    """Write a packed model atomically (a temporary file, then os.replace)."""
+    write_atomically(path, (pack(model),))
 
 
 def is_packed(path: str | os.PathLike) -> bool:

@@ -276,12 +276,6 @@ class Emulator:
         if drive != BOOT_DRIVE:
             self._set(ah=0x01)
             self._flags(carry=True)
-        elif ah == 0x00:
-            self._set(ah=0)
-            self._flags(carry=False)
-        elif ah == 0x41 and self._reg("ebx") & 0xFFFF == 0x55AA:
-            self._set(ah=0x30, bx=0xAA55, cx=0x0001)  # EDD 3.0, packet interface (AH=42h) present
-            self._flags(carry=False)
         elif ah == 0x42:
             self._flags(carry=not self._extended_read())
         else:
@@ -311,12 +305,6 @@ class Emulator:
             self._flags(carry=False)
         elif ax >> 8 == 0x87:
             self._flags(carry=not self._move_extended())
-        elif ax >> 8 == 0x88:
-            self._set(ax=min(extended >> 10, 0xFFFF))
-            self._flags(carry=False)
-        elif ax == 0x2401:  # enable A20: it always is here
-            self._set(ah=0)
-            self._flags(carry=False)
         else:
             self._set(ah=0x86)  # unsupported function
             self._flags(carry=True)

@@ -18,7 +18,7 @@ from ..config import ModelConfig
 from ..engines.fixed import FixedSamplerConfig
 from ..errors import BootError, UsageError
 from ..generate import GenerationResult, StreamedGeneration, Token as TextToken, check_steps, step_budget
-from ..packed import HEADER, PackedModel, header_config, write_packed
+from ..packed import HEADER, PackedModel, header_config, pack
 from ..sampling import SamplerConfig
 from ..tokenizer import BOS, EOS
 from .image import (ADDRESSABLE_TOP, KERNEL_MACS, MAX_PROMPT_TOKENS, SECTOR, ImageInfo, RunBlock, Status, Token,
@@ -43,10 +43,7 @@ def packed_model(model: str | os.PathLike, tokenizer: str | os.PathLike | None =
     Refuses (BootError) a model whose weights, buffers and KV cache would run past what the engine can address.
     """
     packed = load_packed(model, tokenizer, scheme)
-    with tempfile.TemporaryDirectory(prefix="sectorllm-pack-") as scratch:
-        path = Path(scratch) / "model.sllm"
-        write_packed(path, packed)
-        blob = path.read_bytes()
+    blob = bytes(pack(packed))
     c = packed.config
     if c.dim + c.hidden_dim + c.seq_len > KERNEL_MACS:
         raise BootError(f"{model}: dim + hidden_dim + seq_len is {c.dim + c.hidden_dim + c.seq_len}; the boot "
