@@ -15,7 +15,7 @@ import numpy as np
 from .atomic import write_atomically
 from .config import ModelConfig
 from .errors import CheckpointError, PackedFormatError, QuantizeError
-from .tokenizer import EOS, Tokenizer
+from .tokenizer import BOS, EOS, Tokenizer, piece_ids
 
 MAGIC = b"SLLM"
 VERSION = 2
@@ -120,6 +120,7 @@ _MATRICES = {  # matrix field -> its (values, scales) sections
     "wcls": (Section.WCLS_Q, Section.WCLS_S),
     "wcls_residual": (Section.WCLS_RESIDUAL_Q, Section.WCLS_RESIDUAL_S),
 }
+_CLASSIFIER_ALIASES = tuple(zip(_MATRICES["wcls"], _MATRICES["token_embedding"]))  # a shared classifier's entries
 _NORMS = {"rms_att_weight": Section.RMS_ATT_WEIGHT, "rms_ffn_weight": Section.RMS_FFN_WEIGHT,
           "rms_final_weight": Section.RMS_FINAL_WEIGHT}
 
@@ -130,13 +131,18 @@ def _matrix_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             "w13": (L, 2 * h, d), "w2": (L, d, h), "wcls": (c.vocab_size, d), "wcls_residual": (c.vocab_size, d)}
 
 
+def _stored_matrices(c: ModelConfig) -> list[str]:
+    """The matrices with sections of their own: all but a classifier shared with the embedding."""
+    return [name for name in _MATRICES if not (name == "wcls" and c.shared_classifier)]
+
+
 def _fixed_sections(c: ModelConfig) -> dict[Section, tuple[np.dtype, tuple[int, ...]]]:
     """dtype and shape of every section whose size the config fixes."""
     out: dict[Section, tuple[np.dtype, tuple[int, ...]]] = {}
-    for name, shape in _matrix_shapes(c).items():
-        if name == "wcls" and c.shared_classifier:
-            continue
+    shapes = _matrix_shapes(c)
+    for name in _stored_matrices(c):
         q_kind, s_kind = _MATRICES[name]
+        shape = shapes[name]
         out[q_kind] = (np.dtype(np.int8), shape)
         out[s_kind] = (np.dtype("<i4"), shape[:-1])
     out[Section.RMS_ATT_WEIGHT] = out[Section.RMS_FFN_WEIGHT] = (np.dtype("<i4"), (c.n_layers, c.dim))
@@ -200,11 +206,11 @@ def _silu_inputs(p: QuantParams, n: int) -> np.ndarray:
     return p.silu_lo + (np.arange(n, dtype=np.int64) << p.silu_shift)
 
 
-def bos_skips(tok: Tokenizer) -> np.ndarray:
+def bos_skips(tok: Tokenizer, printed: list[bytes]) -> np.ndarray:
     """Per token, how many leading bytes of its PRINTED string run.c leaves out right after BOS (0, 1 or all)."""
     skips = np.zeros(tok.vocab_size, dtype=np.uint8)
-    for i in range(tok.vocab_size):
-        full, after_bos = tok.piece_bytes(EOS, i), tok.piece_bytes(1, i)
+    for i, full in enumerate(printed):
+        after_bos = tok.piece_bytes(BOS, i)
         if not full.endswith(after_bos):
             raise QuantizeError(f"token {i}'s bytes after BOS are not a suffix of its bytes elsewhere")
         skips[i] = len(full) - len(after_bos)
@@ -226,9 +232,8 @@ def _payloads(model: PackedModel) -> list[tuple[Section, bytes, int]]:
             raise QuantizeError(f"section {kind.name} has shape {array.shape}, the format needs {shape}")
         parts[kind] = (np.ascontiguousarray(array, dtype=dtype).tobytes(), param)
 
-    for name, (q_kind, s_kind) in _MATRICES.items():
-        if name == "wcls" and c.shared_classifier:
-            continue
+    for name in _stored_matrices(c):
+        q_kind, s_kind = _MATRICES[name]
         matrix: QuantizedMatrix = getattr(model, name)
         put(q_kind, matrix.q)
         put(s_kind, matrix.s, matrix.shift)
@@ -242,8 +247,9 @@ def _payloads(model: PackedModel) -> list[tuple[Section, bytes, int]]:
     parts[Section.SILU_TABLE] = (_lookup_form(model.silu_table - silu_inputs, model.quant.silu_shift), 0)
     parts[Section.PIECES] = (_string_table(model.tokenizer.pieces), 0)
     tok = model.tokenizer  # what run.c prints for each token after any token but BOS, and what it leaves out after BOS
-    parts[Section.PRINTED] = (_string_table([tok.piece_bytes(EOS, i) for i in range(tok.vocab_size)]), 0)
-    put(Section.BOS_SKIP, bos_skips(tok))
+    printed = [tok.piece_bytes(EOS, i) for i in range(tok.vocab_size)]
+    parts[Section.PRINTED] = (_string_table(printed), 0)
+    put(Section.BOS_SKIP, bos_skips(tok, printed))
     return [(kind, *parts[kind]) for kind in Section if kind in parts]
 
 
@@ -254,7 +260,7 @@ def _header(model: PackedModel, file_bytes: int, crc: int, n_sections: int) -> b
                        int(c.shared_classifier),
                        SCHEMES.index(p.scheme), p.act_bits_dim, p.act_bits_hidden, p.act_bits_head, p.norm_shift,
                        p.rope_shift, p.rms_eps, p.exp_shift, p.silu_shift, p.silu_lo, model.tokenizer.max_token_length,
-                       n_sections, HEADER.size, c.head_size, c.kv_dim, c.n_heads // c.n_kv_heads)
+                       n_sections, HEADER.size, c.head_size, c.kv_dim, c.kv_mul)
 
 
 def _layout(payloads: list[tuple[Section, bytes, int]]) -> tuple[list[SectionEntry], int]:
@@ -265,7 +271,7 @@ def _layout(payloads: list[tuple[Section, bytes, int]]) -> tuple[list[SectionEnt
     for kind, data, param in payloads:
         placed[kind] = SectionEntry(kind, offset, len(data), param)
         offset = _align(offset + len(data))
-    for alias, kind in ((Section.WCLS_Q, Section.TOKEN_EMBEDDING_Q), (Section.WCLS_S, Section.TOKEN_EMBEDDING_S)):
+    for alias, kind in _CLASSIFIER_ALIASES:
         if alias not in placed:
             placed[alias] = replace(placed[kind], kind=alias)
     return [placed[kind] for kind in Section], offset
@@ -376,45 +382,36 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
         config.validate()
     except CheckpointError as e:
         raise PackedFormatError(f"{path}: {e}") from None
-    if tuple(header[-3:]) != (config.head_size, config.kv_dim, config.n_heads // config.n_kv_heads):
+    if tuple(header[-3:]) != (config.head_size, config.kv_dim, config.kv_mul):
         raise PackedFormatError(f"{path}: the header's head_size, kv_dim and kv_mul {tuple(header[-3:])} do not "
                                 "follow from its shape: the file is damaged")
     if scheme >= len(SCHEMES):
         raise PackedFormatError(f"{path}: unknown quantization scheme {scheme}: the file is damaged")
     params = QuantParams(SCHEMES[scheme], *quant)
 
-    def section(kind: Section) -> SectionEntry:
-        if kind not in entries:
-            raise PackedFormatError(f"{path} has no {kind.name} section: the file is damaged or incomplete")
-        return entries[kind]
-
     arrays: dict[Section, np.ndarray] = {}
     for kind, (dtype, shape) in _fixed_sections(config).items():
-        entry = section(kind)
+        entry = entries[kind]  # read_sections saw an entry for every kind
         count = int(np.prod(shape, dtype=np.int64))
         if entry.length != count * dtype.itemsize:
             raise PackedFormatError(f"{path}: section {kind.name} is {entry.length} bytes, the config needs "
                                     f"{count * dtype.itemsize}: the file is damaged")
         arrays[kind] = np.frombuffer(data, dtype=dtype, count=count, offset=entry.offset).reshape(shape)
-    tables = {kind: _read_lookup_form(data, section(kind), shift, str(path))
+    tables = {kind: _read_lookup_form(data, entries[kind], shift, str(path))
               for kind, shift in ((Section.EXP_TABLE, params.exp_shift), (Section.SILU_TABLE, params.silu_shift))}
     silu = tables[Section.SILU_TABLE]
     tables[Section.SILU_TABLE] = (silu + _silu_inputs(params, len(silu))).astype(np.int32)
     rope = arrays[Section.ROPE]
     if np.any(rope[..., 2] != -rope[..., 0]):
         raise PackedFormatError(f"{path}: the ROPE section's -sin column is not the negated sin: the file is damaged")
-    pieces_entry = section(Section.PIECES)
-    section(Section.PRINTED)
+    pieces_entry = entries[Section.PIECES]
     view = memoryview(data)[pieces_entry.offset:pieces_entry.offset + pieces_entry.length]
     pieces = _read_string_table(view, config.vocab_size, "PIECES")
-    ids: dict[bytes, int] = {}
-    for i, piece in enumerate(pieces):
-        ids.setdefault(piece, i)
-    tokenizer = Tokenizer(pieces, arrays[Section.SCORES], max_token_length, ids)
+    tokenizer = Tokenizer(pieces, arrays[Section.SCORES], max_token_length, piece_ids(pieces))
 
     if config.shared_classifier and any(
             (entries[alias].offset, entries[alias].length) != (entries[kind].offset, entries[kind].length)
-            for alias, kind in ((Section.WCLS_Q, Section.TOKEN_EMBEDDING_Q), (Section.WCLS_S, Section.TOKEN_EMBEDDING_S))):
+            for alias, kind in _CLASSIFIER_ALIASES):
         raise PackedFormatError(f"{path}: the shared classifier's entries are not the embedding's: the file is damaged")
     matrices = {}
     for name, (q_kind, s_kind) in _MATRICES.items():

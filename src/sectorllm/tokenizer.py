@@ -129,6 +129,14 @@ class Tokenizer:
         return bytes(out)
 
 
+def piece_ids(pieces: list[bytes]) -> dict[bytes, int]:
+    """Each piece's id; a piece listed twice keeps its first id, as run.c's sorted-vocab lookup finds it."""
+    ids: dict[bytes, int] = {}
+    for i, piece in enumerate(pieces):
+        ids.setdefault(piece, i)
+    return ids
+
+
 def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer:
     """Read a llama2.c tokenizer .bin; with vocab_size, refuse a tokenizer made for another model."""
     path = Path(path)
@@ -161,7 +169,4 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> To
         raise TokenizerError(
             f"{path} has {len(pieces)} tokens but the model has a vocabulary of {vocab_size}: use {hint} (-z)"
         )
-    ids: dict[bytes, int] = {}
-    for i, piece in enumerate(pieces):
-        ids.setdefault(piece, i)
-    return Tokenizer(pieces, np.array(scores, dtype=np.float32), max_token_length, ids)
+    return Tokenizer(pieces, np.array(scores, dtype=np.float32), max_token_length, piece_ids(pieces))
