@@ -15,7 +15,7 @@ from .errors import UsageError
 from .generate import Generation, TokenSampler
 from .hub import resolve_model, resolve_tokenizer
 from .packed import PackedModel, is_packed, read_packed
-from .quantize import quantize
+from .quantize import quantize_model
 from .sampling import Sampler, SamplerConfig
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -75,7 +75,7 @@ def load_packed(model: str | os.PathLike, tokenizer: str | os.PathLike | None = 
             raise UsageError(f"{path} carries its own tokenizer: drop -z")
         return read_packed(path)
     checkpoint = load_checkpoint(path)
-    packed, _ = quantize(checkpoint, _load_tokenizer(checkpoint, path, tokenizer), scheme)
+    packed = quantize_model(checkpoint, _load_tokenizer(checkpoint, path, tokenizer), scheme)
     return packed
 
 

@@ -14,7 +14,7 @@ from .engines.fixed import FixedEngine
 from .engines.float32 import FloatEngine
 from .errors import UsageError
 from .hub import resolve_model, resolve_tokenizer
-from .quantize import quantize
+from .quantize import quantize_model
 from .tokenizer import BOS, load_tokenizer
 
 
@@ -80,5 +80,5 @@ def bench_model(model: str, engine: str, decode_tokens: int = 256, prefill_token
         return bench_engine(FloatEngine(checkpoint), model, engine, decode_tokens, prefill_tokens)
     vocab = checkpoint.config.vocab_size
     tokenizer = load_tokenizer(resolve_tokenizer(None, model.removeprefix("random:"), vocab), vocab)
-    packed, _ = quantize(checkpoint, tokenizer)
+    packed = quantize_model(checkpoint, tokenizer)
     return bench_engine(FixedEngine(packed), model, engine, decode_tokens, prefill_tokens)

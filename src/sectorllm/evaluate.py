@@ -13,7 +13,7 @@ from .engines.fixed import FixedEngine
 from .engines.float32 import FloatEngine
 from .errors import UsageError
 from .packed import packed_bytes
-from .quantize import quantize
+from .quantize import quantize_model
 from .sampling import Sampler, SamplerConfig
 from .tokenizer import Tokenizer
 
@@ -112,7 +112,7 @@ def evaluate(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row",
         raise UsageError("no prompts to evaluate: give a file with one prompt per line")
     if positions < 1:
         raise UsageError(f"positions {positions} must be at least 1")
-    packed, _ = quantize(checkpoint, tokenizer, scheme)
+    packed = quantize_model(checkpoint, tokenizer, scheme)
     float_engine, fixed_engine = FloatEngine(checkpoint), FixedEngine(packed)
     greedy_bos = min(greedy_bos, seq_len - 1)
     bos_stats = teacher_forced(float_engine, fixed_engine, float_continuation(

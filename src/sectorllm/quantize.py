@@ -117,8 +117,9 @@ def silu_table(shift: int = SILU_SHIFT, lo: int = -SILU_RANGE * 65536) -> np.nda
 
 def _report(name: str, w: np.ndarray, deq: np.ndarray, nbytes: int | None = None) -> TensorReport:
     """Errors of one tensor; its packed bytes default to an int8 matrix's: values plus an int32 scale per row."""
-    err = deq - w.astype(np.float64)
-    power = float(np.sum(w.astype(np.float64) ** 2))
+    w = np.asarray(w, dtype=np.float64)
+    err = deq - w
+    power = float(np.sum(w ** 2))
     rel = float(np.sqrt(np.sum(err ** 2) / power)) if power else 0.0
     if nbytes is None:
         nbytes = w.size + 4 * (w.size // w.shape[-1])
@@ -126,6 +127,12 @@ def _report(name: str, w: np.ndarray, deq: np.ndarray, nbytes: int | None = None
 
 
 def quantize(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row") -> tuple[PackedModel, QuantReport]:
+    """quantize_model, with the report of what it cost in precision and bytes (sectorllm quantize prints it)."""
+    model = quantize_model(checkpoint, tokenizer, scheme)
+    return model, QuantReport(scheme, _tensor_reports(checkpoint, model), checkpoint.file_bytes, packed_bytes(model))
+
+
+def quantize_model(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row") -> PackedModel:
     """Quantize a float checkpoint to the packed format; refuses (QuantizeError) what it cannot hold."""
     if scheme not in SCHEMES:
         raise QuantizeError(f"unknown quantization scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
@@ -169,33 +176,37 @@ def quantize(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row") 
         raise QuantizeError(f"dim {c.dim} is too wide: RMSNorm's epsilon term would not fit its 32-bit field")
     params = QuantParams(scheme, bits_dim, bits_hidden, act_bits(c.head_size, KEY_MAX), NORM_SHIFT, ROPE_SHIFT,
                          rms_eps, EXP_SHIFT, SILU_SHIFT, -SILU_RANGE * 65536)
-    model = PackedModel(c, params, rope=rope_table(c), exp_table=exp_table(), silu_table=silu_table(),
-                        tokenizer=tokenizer, **matrices, **norms)
-    return model, QuantReport(scheme, _tensor_reports(c, tensors, matrices, norms, model.rope),
-                              checkpoint.file_bytes, packed_bytes(model))
+    return PackedModel(c, params, rope=rope_table(c), exp_table=exp_table(), silu_table=silu_table(),
+                       tokenizer=tokenizer, **matrices, **norms)
 
 
-def _tensor_reports(c: ModelConfig, tensors: dict[str, np.ndarray], m: dict[str, QuantizedMatrix],
-                    norms: dict[str, np.ndarray], rope: np.ndarray) -> list[TensorReport]:
+def _matrix_bytes(m: QuantizedMatrix) -> int:
+    """An int8 matrix's packed bytes: its values and an int32 scale per row."""
+    return m.q.size + 4 * m.s.size
+
+
+def _tensor_reports(checkpoint: Checkpoint, model: PackedModel) -> list[TensorReport]:
     """Errors in the checkpoint's own tensors: the fused matrices are split back into wq, wk, ..., w3."""
+    c, w = checkpoint.config, checkpoint.weights
     d, kv, h = c.dim, c.kv_dim, c.hidden_dim
-    qkv, w13 = dequantize(m["wqkv"]), dequantize(m["w13"])
+    qkv, w13 = dequantize(model.wqkv), dequantize(model.w13)
     rows = [
-        _report("token_embedding_table", tensors["token_embedding_table"], dequantize(m["token_embedding"])),
-        _report("wq", tensors["wq"], qkv[:, :d] * np.sqrt(c.head_size)),
-        _report("wk", tensors["wk"], qkv[:, d:d + kv]),
-        _report("wv", tensors["wv"], qkv[:, d + kv:]),
-        _report("wo", tensors["wo"], dequantize(m["wo"])),
-        _report("w1", tensors["w1"], w13[:, :h]),
-        _report("w2", tensors["w2"], dequantize(m["w2"])),
-        _report("w3", tensors["w3"], w13[:, h:]),
+        _report("token_embedding_table", w.token_embedding_table, dequantize(model.token_embedding)),
+        _report("wq", w.wq, qkv[:, :d] * np.sqrt(c.head_size)),
+        _report("wk", w.wk, qkv[:, d:d + kv]),
+        _report("wv", w.wv, qkv[:, d + kv:]),
+        _report("wo", w.wo, dequantize(model.wo)),
+        _report("w1", w.w1, w13[:, :h]),
+        _report("w2", w.w2, dequantize(model.w2)),
+        _report("w3", w.w3, w13[:, h:]),
     ]
-    classifier = dequantize(m["wcls"]) + dequantize(m["wcls_residual"])
-    rows.append(_report("wcls (with residual)", tensors["wcls"], classifier,
-                        m["wcls_residual"].q.size + 4 * m["wcls_residual"].s.size
-                        + (0 if c.shared_classifier else m["wcls"].q.size + 4 * m["wcls"].s.size)))
-    for name, G in norms.items():
-        rows.append(_report(name, tensors[name], G / (np.sqrt(c.dim) * 2.0 ** NORM_SHIFT), 4 * G.size))
+    classifier = dequantize(model.wcls) + dequantize(model.wcls_residual)
+    rows.append(_report("wcls (with residual)", w.wcls, classifier, _matrix_bytes(model.wcls_residual)
+                        + (0 if c.shared_classifier else _matrix_bytes(model.wcls))))
+    for name in ("rms_att_weight", "rms_ffn_weight", "rms_final_weight"):
+        G = getattr(model, name)
+        rows.append(_report(name, getattr(w, name), G / (np.sqrt(c.dim) * 2.0 ** NORM_SHIFT), 4 * G.size))
     cos, sin = rope_tables(c.seq_len, c.head_size)
+    rope = model.rope
     rows.append(_report("rope (cos, sin)", np.stack([cos, sin], axis=-1), rope / 2.0 ** ROPE_SHIFT, 2 * rope.size))
     return rows
