@@ -77,14 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.stop_reason == "context":
         _note(f"stopped at the end of the model's {seq_len}-token context")
     if args.json:
-        payload = {
-            "prompt_tokens": result.prompt_tokens,
-            "generated_tokens": result.generated_tokens,
-            "text": result.text + "\n",  # what the plain run prints on stdout, as run.c
-            "stop_reason": result.stop_reason,
-            "tok_per_s": result.tok_per_s,
-            "seed": result.seed,
-        }
+        payload = {**result.as_dict(), "text": result.text + "\n"}  # what the plain run prints on stdout, as run.c
         print(json.dumps(payload, ensure_ascii=False))
     else:
         out.write(b"\n")
@@ -172,9 +165,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
     run = run_image(args.image, timeout=args.timeout, cpu=args.cpu, screenshot=screenshot, on_token=show)
     result = run.result
     if args.json:
-        print(json.dumps({"prompt_tokens": result.prompt_tokens, "generated_tokens": result.generated_tokens,
-                          "text": result.text, "stop_reason": result.stop_reason, "tok_per_s": result.tok_per_s,
-                          "seed": result.seed, "seconds": run.seconds,
+        print(json.dumps({**result.as_dict(), "seconds": run.seconds,
                           "screenshot": str(run.screenshot) if run.screenshot else None}, ensure_ascii=False))
     else:
         out.write(b"\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import numpy as np
@@ -42,6 +42,9 @@ class GenerationResult:
     tok_per_s: float  # generated tokens per second of decoding (prompt and load excluded)
     seed: int
 
+    def as_dict(self) -> dict:
+        return asdict(self)
+
 
 def check_steps(steps: int) -> None:
     if steps < 0:
@@ -54,6 +57,14 @@ def step_budget(steps: int, seq_len: int) -> tuple[int, str]:
     if steps == 0 or steps > seq_len:
         return seq_len, "context"
     return steps, "steps"
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, seq_len: int) -> list[int]:
+    """The prompt's tokens, BOS first; UsageError if they do not fit the model's context."""
+    tokens = tokenizer.encode(prompt)
+    if len(tokens) > seq_len:
+        raise UsageError(f"the prompt is {len(tokens)} tokens but the model's context is {seq_len}: shorten it")
+    return tokens
 
 
 class StreamedGeneration:
@@ -78,12 +89,8 @@ class Generation(StreamedGeneration):
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, prompt: str, steps: int, sampler: TokenSampler) -> None:
         self.engine, self.tokenizer, self.sampler = engine, tokenizer, sampler
-        self.prompt_tokens = tokenizer.encode(prompt)
         seq_len = engine.config.seq_len
-        if len(self.prompt_tokens) > seq_len:
-            raise UsageError(
-                f"the prompt is {len(self.prompt_tokens)} tokens but the model's context is {seq_len}: shorten it"
-            )
+        self.prompt_tokens = encode_prompt(tokenizer, prompt, seq_len)
         self.steps, self._limit_reason = step_budget(steps, seq_len)
 
     def __iter__(self) -> Iterator[Token]:

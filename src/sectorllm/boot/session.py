@@ -17,8 +17,9 @@ from ..api import load_packed
 from ..config import ModelConfig
 from ..engines.fixed import FixedSamplerConfig
 from ..errors import BootError, UsageError
-from ..generate import GenerationResult, StreamedGeneration, Token as TextToken, check_steps, step_budget
-from ..packed import HEADER, PackedModel, header_config, pack
+from ..generate import (GenerationResult, StreamedGeneration, Token as TextToken, check_steps, encode_prompt,
+                        step_budget)
+from ..packed import HEADER, MAGIC, PackedModel, header_config, pack
 from ..sampling import SamplerConfig
 from ..tokenizer import BOS, EOS
 from .image import (ADDRESSABLE_TOP, KERNEL_MACS, MAX_PROMPT_TOKENS, SECTOR, ImageInfo, RunBlock, Status, Token,
@@ -59,10 +60,8 @@ def packed_model(model: str | os.PathLike, tokenizer: str | os.PathLike | None =
 def run_block(packed: PackedModel, prompt: str, steps: int, sampler: SamplerConfig) -> RunBlock:
     """The run block for a prompt and run.c-style settings; refuses what the model or the image cannot hold."""
     check_steps(steps)
-    tokens = packed.tokenizer.encode(prompt)
     seq_len = packed.config.seq_len
-    if len(tokens) > seq_len:
-        raise UsageError(f"the prompt is {len(tokens)} tokens but the model's context is {seq_len}: shorten it")
+    tokens = encode_prompt(packed.tokenizer, prompt, seq_len)
     if len(tokens) > MAX_PROMPT_TOKENS:
         raise UsageError(f"the prompt is {len(tokens)} tokens; a boot image holds at most {MAX_PROMPT_TOKENS}: "
                          "shorten it")
@@ -119,7 +118,7 @@ def read_image(path: str | os.PathLike) -> BootImage:
         raise BootError(f"cannot read boot image {path}: {e.strerror}") from None
     except struct.error:
         raise BootError(f"{path} is too short to be a sectorllm boot image") from None
-    if len(header) < HEADER.size or header[:4] != b"SLLM":
+    if len(header) < HEADER.size or header[:len(MAGIC)] != MAGIC:
         raise BootError(f"{path} holds no packed model where its run block says: not a sectorllm boot image")
     return BootImage(path, run, layout.model_bytes, header_config(HEADER.unpack_from(header)))
 
