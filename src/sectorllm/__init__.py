@@ -1,13 +1,18 @@
 """sectorllm: Llama 2 inference from a numpy float engine down to an x86 boot sector."""
 
-from .api import Model, load
-from .checkpoint import Checkpoint, load_checkpoint
-from .config import ModelConfig
-from .errors import SectorLLMError
-from .generate import Generation, GenerationResult, Token
-from .sampling import Sampler, SamplerConfig
-from .tokenizer import Tokenizer, load_tokenizer
+from importlib import import_module
 
-__all__ = ["Checkpoint", "Generation", "GenerationResult", "Model", "ModelConfig", "Sampler", "SamplerConfig",
-           "SectorLLMError", "Token", "Tokenizer", "load", "load_checkpoint", "load_tokenizer"]
+_EXPORTS = {  # public name -> the module that defines it, imported on first use so the CLI starts fast
+    "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "Model": "api", "load": "api",
+    "ModelConfig": "config", "SectorLLMError": "errors", "Generation": "generate", "GenerationResult": "generate",
+    "Token": "generate", "Sampler": "sampling", "SamplerConfig": "sampling", "Tokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tqdm import tqdm
 from . import __version__
 from .errors import SectorLLMError, UsageError
 from .packed import SCHEMES
@@ -195,6 +194,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from .checkpoint import load_checkpoint
     from .evaluate import BUILTIN_PROMPTS, evaluate, plot_report
     from .hub import resolve_model, resolve_tokenizer
