@@ -259,6 +259,15 @@ def test_download_false_never_touches_the_network(hub: FakeHub) -> None:
     assert hub.requests == []
 
 
+def test_download_false_holds_for_the_tokenizer_too(hub: FakeHub, tmp_path: Path,
+                                                    real_files: dict[str, bytes]) -> None:
+    model = tmp_path / "stories260K.bin"  # a model file with no tokenizer beside it or in the models folder
+    model.write_bytes(real_files["stories260K.bin"])
+    message = _one_line_error(resolve_tokenizer, None, model, 512, download=False)
+    assert "downloads are off" in message
+    assert hub.requests == []
+
+
 def test_unknown_names_and_missing_paths(tmp_path: Path) -> None:
     message = _one_line_error(resolve_model, "stories1B")
     assert all(name in message for name in MODEL_NAMES)

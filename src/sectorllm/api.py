@@ -63,7 +63,8 @@ def load(model: str | os.PathLike = "stories260K", tokenizer: str | os.PathLike 
         packed = load_packed(path, tokenizer, scheme)
         return Model(packed.config, packed.tokenizer, FixedEngine(packed), path, packed)
     checkpoint = load_checkpoint(path)
-    return Model(checkpoint.config, _load_tokenizer(checkpoint, path, tokenizer), FloatEngine(checkpoint), path)
+    return Model(checkpoint.config, checkpoint_tokenizer(checkpoint, path, tokenizer, download), FloatEngine(checkpoint),
+                 path)
 
 
 def load_packed(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, scheme: str = "row",
@@ -75,10 +76,13 @@ def load_packed(model: str | os.PathLike, tokenizer: str | os.PathLike | None = 
             raise UsageError(f"{path} carries its own tokenizer: drop -z")
         return read_packed(path)
     checkpoint = load_checkpoint(path)
-    packed = quantize_model(checkpoint, _load_tokenizer(checkpoint, path, tokenizer), scheme)
-    return packed
+    return quantize_model(checkpoint, checkpoint_tokenizer(checkpoint, path, tokenizer, download), scheme)
 
 
-def _load_tokenizer(checkpoint: Checkpoint, path: Path, tokenizer: str | os.PathLike | None) -> Tokenizer:
+def checkpoint_tokenizer(checkpoint: Checkpoint, model: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+                         download: bool = True) -> Tokenizer:
+    """The tokenizer for a checkpoint: the one given (path or name), else the one its vocabulary calls for, looked
+    for beside the model file first (hub.resolve_tokenizer); checked against the checkpoint's vocabulary."""
     vocab = checkpoint.config.vocab_size
-    return load_tokenizer(resolve_tokenizer(None if tokenizer is None else str(tokenizer), path, vocab), vocab)
+    path = resolve_tokenizer(None if tokenizer is None else str(tokenizer), model, vocab, download)
+    return load_tokenizer(path, vocab)

@@ -7,15 +7,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .api import checkpoint_tokenizer
 from .checkpoint import Checkpoint, load_checkpoint, random_weights
 from .config import STORIES_SHAPES
 from .engines import Engine
 from .engines.fixed import FixedEngine
 from .engines.float32 import FloatEngine
 from .errors import UsageError
-from .hub import resolve_model, resolve_tokenizer
+from .hub import resolve_model
 from .quantize import quantize_model
-from .tokenizer import BOS, load_tokenizer
+from .tokenizer import BOS
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,5 @@ def bench_model(model: str, engine: str, decode_tokens: int = 256, prefill_token
     checkpoint = load_bench_model(model)
     if engine == "float":
         return bench_engine(FloatEngine(checkpoint), model, engine, decode_tokens, prefill_tokens)
-    vocab = checkpoint.config.vocab_size
-    tokenizer = load_tokenizer(resolve_tokenizer(None, model.removeprefix("random:"), vocab), vocab)
-    packed = quantize_model(checkpoint, tokenizer)
+    packed = quantize_model(checkpoint, checkpoint_tokenizer(checkpoint, model.removeprefix("random:")))
     return bench_engine(FixedEngine(packed), model, engine, decode_tokens, prefill_tokens)

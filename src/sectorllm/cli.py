@@ -176,17 +176,15 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .api import checkpoint_tokenizer
     from .checkpoint import load_checkpoint
-    from .hub import resolve_model, resolve_tokenizer
+    from .hub import resolve_model
     from .packed import write_packed
     from .quantize import quantize
-    from .tokenizer import load_tokenizer
 
     path = resolve_model(args.checkpoint)
     checkpoint = load_checkpoint(path)
-    vocab = checkpoint.config.vocab_size
-    tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, path, vocab), vocab)
-    packed, report = quantize(checkpoint, tokenizer, args.scheme)
+    packed, report = quantize(checkpoint, checkpoint_tokenizer(checkpoint, path, args.tokenizer), args.scheme)
     write_packed(args.output, packed)
     print(report.format_table())
     print(f"wrote {args.output}")
@@ -196,16 +194,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .api import checkpoint_tokenizer
     from .checkpoint import load_checkpoint
     from .evaluate import BUILTIN_PROMPTS, evaluate, plot_report
-    from .hub import resolve_model, resolve_tokenizer
-    from .tokenizer import load_tokenizer
+    from .hub import resolve_model
 
     prompts = BUILTIN_PROMPTS if args.prompts is None else _read_prompts(args.prompts)
     path = resolve_model(args.checkpoint)
     checkpoint = load_checkpoint(path)
-    vocab = checkpoint.config.vocab_size
-    tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, path, vocab), vocab)
+    tokenizer = checkpoint_tokenizer(checkpoint, path, args.tokenizer)
     reports = []
     for scheme in args.scheme or ["row"]:
         with tqdm(total=len(prompts), desc=f"eval {scheme}", unit="prompt", disable=args.json or None,

@@ -62,22 +62,23 @@ def resolve_model(name_or_path: str, download: bool = True) -> Path:
     return _find(_FILES[f"{name}.bin"], download=download)
 
 
-def resolve_tokenizer(tokenizer: str | None, model: str | Path, vocab_size: int) -> Path:
+def resolve_tokenizer(tokenizer: str | None, model: str | Path, vocab_size: int, download: bool = True) -> Path:
     """The tokenizer file: the one given, else the one the model's vocabulary (or name) calls for, found like a model.
 
-    Without a tokenizer, the directory of the model file is searched first, then as for models.
+    Without a tokenizer, the directory of the model file is searched first, then as for models; download=False
+    never touches the network.
     """
     if tokenizer is not None:
         path = Path(tokenizer).expanduser()
         if path.is_file():
             return path
         if tokenizer in _TOKENIZER_FOR_VOCAB.values():
-            return _find(_FILES[tokenizer])
+            return _find(_FILES[tokenizer], download=download)
         raise ModelNotFoundError(f"no tokenizer file at {path}: check the path, or leave it out to use the model's own")
     known = _FILES[_tokenizer_name(model, vocab_size)]
     model_path = Path(model).expanduser()
     beside = model_path.parent / known.name if model_path.is_file() else None
-    return _find(known, beside=beside)
+    return _find(known, beside=beside, download=download)
 
 
 def download(name: str) -> list[Path]:
