@@ -75,7 +75,8 @@ _V2_QUANT_ORDER = ("token_embedding_table", "wq", "wk", "wv", "wo", "w1", "w2", 
 
 
 def _tensor_order(version: int, config: ModelConfig) -> tuple[str, ...]:
-    order = {0: _LEGACY_ORDER, 1: _V1_ORDER}[version]
+    """The tensors a file of this version stores (for v2, its int8 ones), in order; wcls last when not shared."""
+    order = {0: _LEGACY_ORDER, 1: _V1_ORDER, 2: _V2_QUANT_ORDER}[version]
     return order if config.shared_classifier else order + ("wcls",)
 
 
@@ -114,20 +115,29 @@ def read_header(data: bytes | mmap.mmap, file_bytes: int) -> tuple[ModelConfig, 
     return config, version, group_size
 
 
-def _expected_bytes(config: ModelConfig, version: int, group_size: int) -> int:
+def _shapes_with_rope(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = _shapes(config)
-    if version == 0:
-        shapes["freq_cis"] = _legacy_rope_shape(config)
-        return LEGACY_HEADER.size + 4 * sum(_numel(shapes[n]) for n in _tensor_order(0, config))
-    if version == 1:
-        return HEADER_BYTES + 4 * sum(_numel(shapes[n]) for n in _tensor_order(1, config))
+    shapes["freq_cis"] = _legacy_rope_shape(config)
+    return shapes
+
+
+def _expected_bytes(config: ModelConfig, version: int, group_size: int) -> int:
+    shapes = _shapes_with_rope(config)
+    stored = sum(_numel(shapes[n]) for n in _tensor_order(version, config))
+    if version != 2:
+        return (LEGACY_HEADER.size if version == 0 else HEADER_BYTES) + 4 * stored
     floats = sum(_numel(shapes[n]) for n in _V2_FLOAT_ORDER)
-    quant = sum(_numel(shapes[n]) for n in _v2_quant_names(config))
-    return HEADER_BYTES + 4 * floats + quant + 4 * (quant // group_size)
+    return HEADER_BYTES + 4 * floats + stored + 4 * (stored // group_size)
 
 
-def _v2_quant_names(config: ModelConfig) -> tuple[str, ...]:
-    return _V2_QUANT_ORDER if config.shared_classifier else _V2_QUANT_ORDER + ("wcls",)
+def _read_f32(data: mmap.mmap, names: tuple[str, ...], shapes: dict[str, tuple[int, ...]], offset: int,
+              arrays: dict[str, np.ndarray]) -> int:
+    """Views of consecutive float32 tensors from offset into arrays; returns the offset after them."""
+    for name in names:
+        count = _numel(shapes[name])
+        arrays[name] = np.frombuffer(data, dtype="<f4", count=count, offset=offset).reshape(shapes[name])
+        offset += 4 * count
+    return offset
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -157,14 +167,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def _read_float(data: mmap.mmap, config: ModelConfig, version: int) -> Weights:
-    shapes = _shapes(config)
-    shapes["freq_cis"] = _legacy_rope_shape(config)
-    offset = LEGACY_HEADER.size if version == 0 else HEADER_BYTES
     arrays: dict[str, np.ndarray] = {}
-    for name in _tensor_order(version, config):
-        count = _numel(shapes[name])
-        arrays[name] = np.frombuffer(data, dtype="<f4", count=count, offset=offset).reshape(shapes[name])
-        offset += 4 * count
+    _read_f32(data, _tensor_order(version, config), _shapes_with_rope(config),
+              LEGACY_HEADER.size if version == 0 else HEADER_BYTES, arrays)
     arrays.pop("freq_cis", None)  # run.c recomputes RoPE; so do we
     arrays.setdefault("wcls", arrays["token_embedding_table"])
     return Weights(**arrays)
@@ -173,13 +178,9 @@ def _read_float(data: mmap.mmap, config: ModelConfig, version: int) -> Weights:
 def _read_q8_0(data: mmap.mmap, config: ModelConfig, group_size: int) -> Weights:
     """Q8_0 tensors are dequantized to float32 (q * scale, as runq.c does for the embedding)."""
     shapes = _shapes(config)
-    offset = HEADER_BYTES
     arrays: dict[str, np.ndarray] = {}
-    for name in _V2_FLOAT_ORDER:
-        count = _numel(shapes[name])
-        arrays[name] = np.frombuffer(data, dtype="<f4", count=count, offset=offset).reshape(shapes[name])
-        offset += 4 * count
-    names = _v2_quant_names(config)
+    offset = _read_f32(data, _V2_FLOAT_ORDER, shapes, HEADER_BYTES, arrays)
+    names = _tensor_order(2, config)
     quantized = {}
     for name in names:
         count = _numel(shapes[name])
@@ -237,7 +238,7 @@ def _checkpoint_parts(config: ModelConfig, weights: Weights, version: int, group
     for name in _V2_FLOAT_ORDER:
         yield tensors[name].tobytes()
     scales = []
-    for name in _v2_quant_names(config):
+    for name in _tensor_order(2, config):
         groups = tensors[name].reshape(-1, group_size)
         scale = (np.abs(groups).max(axis=1) / np.float32(127.0)).astype(np.float32)
         safe = np.where(scale == 0, np.float32(1), scale)
