@@ -54,9 +54,9 @@ def bench_engine(engine: Engine, model: str, engine_name: str, decode_tokens: in
     seq_len = engine.config.seq_len
     decode_tokens = min(decode_tokens, seq_len)
     prefill_tokens = min(prefill_tokens, seq_len)
-    greedy_decode(engine, 2)  # compile and warm up outside the timed runs
+    tokens = greedy_decode(engine, decode_tokens)  # a warm-up outside the timed runs, and the prefill prompt
     decode_s = _best_seconds(lambda: greedy_decode(engine, decode_tokens), repeats)
-    prompt = (greedy_decode(engine, decode_tokens) * (prefill_tokens // decode_tokens + 1))[:prefill_tokens]
+    prompt = (tokens * (prefill_tokens // decode_tokens + 1))[:prefill_tokens]
     engine.prefill(prompt)
     prefill_s = _best_seconds(lambda: engine.prefill(prompt), repeats)
     return BenchResult(model, engine_name, decode_tokens, decode_tokens / decode_s,

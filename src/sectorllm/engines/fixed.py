@@ -234,7 +234,6 @@ class FixedEngine:
     def __init__(self, packed: PackedModel) -> None:
         c: ModelConfig = packed.config
         self.config = c
-        self.packed = packed
         p, q = packed, packed.quant
         self._w = (p.token_embedding.q, p.token_embedding.s, p.rms_att_weight, p.wqkv.q, p.wqkv.s, p.wo.q, p.wo.s,
                    p.rms_ffn_weight, p.w13.q, p.w13.s, p.w2.q, p.w2.s, p.rms_final_weight, p.wcls.q, p.wcls.s,

@@ -227,8 +227,7 @@ class FloatEngine:
     def __init__(self, checkpoint: Checkpoint) -> None:
         c: ModelConfig = checkpoint.config
         self.config = c
-        self.weights: Weights = checkpoint.weights
-        w = self.weights
+        w: Weights = checkpoint.weights
         self._w = (w.token_embedding_table, w.rms_att_weight, w.wq, w.wk, w.wv, w.wo,
                    w.rms_ffn_weight, w.w1, w.w2, w.w3, w.rms_final_weight, w.wcls)
         self.rope_cos, self.rope_sin = rope_tables(c.seq_len, c.head_size)
