@@ -1,197 +1,159 @@
-; boot.asm - sectorllm boot sector: sets up COM1, loads the run block and the engine, opens A20, checks that the RAM
-; holds what the run needs, loads the model above 1 MiB with BIOS services only and jumps to the engine.
+; boot.asm - sectorllm boot sector: checks for a 386, finds how to read the boot drive, loads the run block and the
+; engine, and jumps to the engine's loader, which calls back into read_sectors, print, fail and stop here.
 ;
-; Disk image (512-byte sectors, LBA; image.py writes it, docs there):
-;   LBA 0                 this boot sector
-;   LBA 1                 run block: magic "SLRB", version, engine sector count, model LBA and length, generation
-;                         parameters, memory_end (the end of the model, the engine's buffers and its KV cache)
-;   LBA 2 .. 2+E-1        engine binary, E = run block engine_sectors (at most 64: 32 KiB)
-;   LBA model_lba ..      model blob, model_bytes long (sector-aligned start)
+; One sector for every medium: bytes 3..61 hold a floppy's BIOS parameter block on a floppy image, bytes 446..509
+; the partition table on a disk image (image.py writes both; zeros where a medium has none), the code lives in
+; between. PAYLOAD_LBA (-D, from image.py) is where the run block sits; the engine follows it (docs: image.py).
+; Reads use the INT 13h extensions on a hard disk whose BIOS has them (AH=41h), else CHS with the geometry of
+; AH=08h (floppies, and BIOSes from before EDD), one track at a time, retried after a drive reset.
 ;
-; Memory when the engine starts (physical addresses):
-;   0x00500  MEM_TOP: u32, the end of the RAM that starts at 1 MiB (INT 15h E801h)
-;   0x07C00  this sector          0x07E00  run block          0x08000  engine (entered at its first byte)
-;   0x10000  DISK_BUFFER, where each chunk is read before INT 15h AH=87h copies it up
-;   0x100000 MODEL_BASE: the model, its last sector padded with what the disk holds there
-;   A20 open, CS=DS=ES=SS=0, ESP=0x7C00, interrupts on, direction flag clear.
-;
-; On failure it prints a one-line reason to COM1 and the screen and ends the run through QEMU's isa-debug-exit
-; (port 0xF4; QEMU exits with status (v << 1) | 1), then halts for machines without that device.
-; The status values are shared with engine.asm and image.py (Status).
+; Memory map and run block fields: layout.asm. On failure it prints "sectorllm: " and a one-line reason to COM1
+; and the screen and ends the run through QEMU's isa-debug-exit, then halts for machines without that device.
+
+%include "layout.asm"
 
         bits 16
-        cpu 386
-        org 0x7C00
+        cpu 8086                        ; until the CPU check has passed
+        org BOOT_SECTOR
 
-STACK_TOP           equ 0x7C00
-MEM_TOP             equ 0x0500          ; u32 for the engine: the end of the RAM that starts at 1 MiB
-A20_PROBE           equ 0x0504
-MOVE_GDT            equ 0x0600          ; INT 15h AH=87h's six descriptors; the BIOS fills in four
-RUN_BLOCK           equ 0x7E00
-ENGINE_BASE         equ 0x8000
-DISK_BUFFER         equ 0x10000
-MODEL_BASE          equ 0x100000
-RUN_BLOCK_LBA       equ 1
-ENGINE_LBA          equ 2
-MAX_ENGINE_SECTORS  equ 64              ; the engine lives in 0x8000..0xFFFF
-LOAD_CHUNK_SECTORS  equ 64              ; 32 KiB: fits DISK_BUFFER, under the 127-sector limit of some BIOSes
-RB_MAGIC            equ 0               ; run block field offsets (image.py RUN_BLOCK_FORMAT)
-RB_VERSION          equ 4
-RB_ENGINE_SECTORS   equ 6
-RB_MODEL_LBA        equ 8
-RB_MODEL_BYTES      equ 12
-RB_MEMORY_END       equ 46              ; u32: the end of all the engine will use (image.py memory_end)
-RUN_MAGIC           equ 'SLRB'
-RUN_VERSION         equ 4
+BPB_END             equ 62              ; a FAT boot sector's jump and BIOS parameter block end here
+PARTITION_TABLE     equ 446
+READ_TRIES          equ 3               ; floppy drives fail the first read while their motor spins up
 
-COM1                equ 0x3F8
-SYSTEM_CONTROL_A    equ 0x92            ; "fast A20" port
-DEBUG_EXIT_PORT     equ 0xF4
-STATUS_DISK_ERROR       equ 0x02
-STATUS_BAD_RUN_BLOCK    equ 0x03
-STATUS_A20_CLOSED       equ 0x04
-STATUS_MODEL_TOO_LARGE  equ 0x05
-
-start:
-        cli
-        xor ax, ax
+start:  jmp short entry
+        nop
+        times BPB_END - ($ - $$) db 0
+entry:  xor ax, ax
         mov ds, ax
-        mov es, ax
         mov ss, ax
-        mov esp, STACK_TOP              ; all of ESP: the engine's protected mode uses it
-        sti
-        cld
-        jmp 0:normalized_cs             ; some BIOSes enter at 07C0:0000
-normalized_cs:
-        mov [dap.drive], dl
-        mov ax, 0x00E3                  ; COM1 at 9600 baud, 8N1 (INT 14h AH=00h); no FIFOs, which would drop a
-        xor dx, dx                      ; byte the runner sent before we started (SERIAL_HOLD)
-        int 0x14
+        mov sp, STACK_TOP
+        cld                             ; (some BIOSes enter at 07C0:0000: CS is never used)
+        mov [drive], dl
+        test dl, dl
+        jns .chs                        ; a floppy: CHS (floppy drivers refuse the packet calls)
+        mov ah, 0x41
+        mov bx, 0x55AA
+        int 0x13
+        jc .chs
+        cmp bx, 0xAA55
+        jne .chs
+        test cl, 1                      ; the packet calls (AH=42h..44h)
+        jz .chs
+        mov byte [sectors_per_track], 0 ; 0: LBA reads
+        jmp short .com1
+.chs:   mov ah, 0x08
+        mov dl, [drive]
+        xor di, di                      ; ES:DI = 0 guards against BIOSes that use it
+        int 0x13                        ; (it points ES:DI at a floppy's table: read_sectors ends with ES = 0)
+        jc .com1                        ; no answer: keep a 1.44 MB floppy's geometry
+        and cl, 0x3F
+        mov [sectors_per_track], cl
+        inc dh
+        mov [heads], dh
 
-        xor eax, eax
-        mov al, RUN_BLOCK_LBA
-        mov cx, 1
+.com1:  mov ax, 0x00E3                  ; COM1 at 9600 baud, 8N1 (INT 14h AH=00h); no FIFOs: the UART keeps the
+        cwd                             ; handshake byte a runner sent before we started
+        int 0x14
+        mov si, msg_needs_386
+        pushf
+        mov ax, 0x7000                  ; FLAGS bits 12..14 read back as 0x7 on a 386, as 0xF on an 8086 (bits
+        push ax                         ; 12..15 always set) and as 0 on a 286 in real mode
+        popf
+        pushf
+        pop ax
+        popf
+        and ah, 0xF0
+        cmp ah, 0x70
+        jne fail
+        cpu 386
+
+.load:  mov eax, PAYLOAD_LBA            ; the run block and the engine: a whole engine's room, whatever it holds
+        mov cx, 1 + MAX_ENGINE_SECTORS
         mov bx, RUN_BLOCK >> 4
         call read_sectors
-        mov si, msg_bad_run_block
-        mov al, STATUS_BAD_RUN_BLOCK
+        mov si, msg_bad_image
         cmp dword [RUN_BLOCK + RB_MAGIC], RUN_MAGIC
         jne fail
-        cmp word [RUN_BLOCK + RB_VERSION], RUN_VERSION
-        jne fail
-        mov cx, [RUN_BLOCK + RB_ENGINE_SECTORS]
-        dec cx                          ; 1..MAX_ENGINE_SECTORS
-        cmp cx, MAX_ENGINE_SECTORS - 1
-        ja fail
-        inc cx
-        mov al, ENGINE_LBA
-        mov bx, ENGINE_BASE >> 4
-        call read_sectors
-
-        in al, SYSTEM_CONTROL_A         ; open A20
-        or al, 0x02
-        and al, 0xFE                    ; bit 0 would reset the machine
-        out SYSTEM_CONTROL_A, al
-        push 0xFFFF
-        pop es
-        mov byte [A20_PROBE], 0         ; with A20 closed, 1 MiB higher is the same byte
-        mov byte [es:A20_PROBE + 0x10], 1
-        push ds
-        pop es
-        mov si, msg_a20_closed
-        mov al, STATUS_A20_CLOSED
-        cmp byte [A20_PROBE], 0
-        jne fail
-
-        mov ax, 0xE801                  ; the RAM from 1 MiB: KiB up to 16 MiB, 64 KiB blocks above
-        xor cx, cx
-        xor dx, dx
-        int 0x15
-        jnc .answer
-        xor ax, ax
-.answer:
-        jcxz .ax_bx                     ; BIOSes answer in AX/BX, CX/DX or both
-        xchg ax, cx
-        mov bx, dx
-.ax_bx: movzx eax, ax
-        shl eax, 10
-        add eax, MODEL_BASE
-        bt eax, 24                      ; below 16 MiB (it is at most 16 MiB here): a hole; what lies above it
-        jnc .top                        ; is not contiguous
-        movzx ebx, bx
-        shl ebx, 16
-        add eax, ebx
-.top:   mov [MEM_TOP], eax
-        mov si, msg_out_of_memory
-        mov al, STATUS_MODEL_TOO_LARGE
-        cmp [RUN_BLOCK + RB_MEMORY_END], eax
-        ja fail                         ; the model, the engine's buffers and its KV cache would not fit
-
-        mov ebp, [RUN_BLOCK + RB_MODEL_BYTES]
-        add ebp, 511
-        shr ebp, 9                      ; sectors left to load
-        mov si, move_descriptors        ; source (DISK_BUFFER) and destination descriptors
-        mov di, MOVE_GDT + 0x10
-        mov cx, 8
-        rep movsw
-        mov edi, MODEL_BASE
-        mov eax, [RUN_BLOCK + RB_MODEL_LBA]
-.chunk: mov ecx, LOAD_CHUNK_SECTORS
-        cmp ebp, ecx
-        jae .read
-        mov cx, bp
-.read:  mov bx, DISK_BUFFER >> 4
-        call read_sectors
-        mov [MOVE_GDT + 0x1A], di       ; destination base, bits 0..15, 16..23 and 24..31
-        ror edi, 16
-        mov bx, di
-        mov [MOVE_GDT + 0x1C], bl
-        mov [MOVE_GDT + 0x1F], bh
-        ror edi, 16
-        pushad
-        mov si, MOVE_GDT
-        shl cx, 8                       ; sectors -> words
-        mov ah, 0x87
-        int 0x15                        ; copy to extended memory (the BIOS opens A20 for it)
-        popad
-        jc disk_error
-        add eax, ecx
-        shl ecx, 9
-        add edi, ecx
-        shr ecx, 9
-        sub ebp, ecx
-        jnz .chunk
-        jmp 0:ENGINE_BASE
+        jmp ENGINE_BASE                 ; relative, as every jump here: right with CS = 0 or 07C0h
 
 ; ---------------------------------------------------------------------------------------------------------------
-; read_sectors: read CX sectors starting at LBA EAX to BX:0 with INT 13h AH=42h; fails the boot on a disk error.
-; Entry:    EAX = first LBA, CX = sector count (1..64), BX = destination segment
-; Output:   the sectors in memory
+; read_sectors: read CX sectors from LBA EAX into memory from BX:0000 on, in pieces the drive takes (LBA: all at
+; once; CHS: up to the end of a track), each tried READ_TRIES times with a drive reset in between.
+; Entry:    EAX = first LBA, CX = sector count (1..127; the buffer must not cross a 64 KiB boundary: floppy DMA),
+;           BX = destination segment
+; Output:   the sectors in memory; on a read that keeps failing, the boot ends (disk error)
 ; Clobbers: nothing
 ; ---------------------------------------------------------------------------------------------------------------
 read_sectors:
         pushad
-        mov [dap.count], cx
-        mov [dap.segment], bx
-        mov [dap.lba], eax
-        mov si, dap
-        mov dl, [dap.drive]
+.piece: mov di, READ_TRIES
+.try:   pushad
+        mov bp, sp
+        mov [piece], cx
+        movzx esi, byte [sectors_per_track]
+        test si, si
+        jnz .chs
+        push dword 0                    ; the disk address packet: LBA (high, low), buffer, count, size
+        push eax
+        push bx
+        push si                         ; offset 0
+        push cx
+        push byte 16
+        mov si, sp
         mov ah, 0x42
+        jmp short .call
+.chs:   xor edx, edx
+        div esi                         ; EAX = track, DX = its sector - 1
+        sub si, dx                      ; sectors to the end of the track
+        cmp cx, si
+        jbe .fits
+        mov cx, si
+.fits:  mov [piece], cx
+        push cx
+        inc dx
+        mov cl, dl                      ; sector number (bits 0..5)
+        xor dx, dx
+        movzx esi, byte [heads]
+        div esi                         ; EAX = cylinder, DX = head
+        mov dh, dl
+        mov ch, al                      ; cylinder bits 0..7, and 8..9 in CL's bits 6..7
+        shl ah, 6
+        or cl, ah
+        mov es, bx
+        xor bx, bx
+        pop ax
+        mov ah, 0x02
+.call:  mov dl, [drive]
         int 0x13
-        jc disk_error
+        mov sp, bp
+        jnc .done
+        xor ax, ax                      ; reset the drive (DL still holds it) and try again
+        int 0x13
+        popad
+        dec di
+        jnz .try
+        mov si, msg_disk_error
+        jmp short fail
+.done:  popad
+        movzx edx, word [piece]
+        add eax, edx
+        sub cx, dx
+        shl dx, SECTOR_SHIFT - 4        ; sectors -> paragraphs
+        add bx, dx
+        test cx, cx
+        jnz .piece
+        push ds
+        pop es
         popad
         ret
 
-disk_error:
-        mov si, msg_disk_error
-        mov al, STATUS_DISK_ERROR
-        ; fall through into fail
+        cpu 8086                        ; what follows also serves the CPU check
 
 ; ---------------------------------------------------------------------------------------------------------------
-; fail: print "sectorllm: " and a NUL-terminated message to COM1 and the screen, end the run with a status.
-; Entry:    SI = message, AL = status for isa-debug-exit
+; fail: "sectorllm: " and the message at SI to COM1 and the screen, then stop with its status.
+; Entry:    SI = message: its status byte, then NUL-terminated text
 ; ---------------------------------------------------------------------------------------------------------------
-fail:
+fail:   lodsb
         push ax
         push si
         mov si, msg_prefix
@@ -199,55 +161,52 @@ fail:
         pop si
         call print
         pop ax
-        out DEBUG_EXIT_PORT, al
+        ; fall through into stop
+
+; stop: end the run with status AL through isa-debug-exit, and halt where that device does not exist.
+stop:   out DEBUG_EXIT_PORT, al
 .halt:  cli
         hlt
-        jmp .halt
+        jmp short .halt
 
-; print: a NUL-terminated string at SI to COM1 and the screen ("\n" as CR LF there). Clobbers: AX, BX, CX, DX, SI
+; ---------------------------------------------------------------------------------------------------------------
+; print: the NUL-terminated string at SI to COM1 and the screen; put_char: the byte in AL. Lines end in CR LF.
+; Clobbers: AX, BX, DX; print also SI
+; ---------------------------------------------------------------------------------------------------------------
 print:  lodsb
         test al, al
-        jz .done
-        mov cl, al
-        mov dx, COM1 + 5
-.wait:  in al, dx                       ; line status bit 5: transmit holding register empty
-        test al, 0x20
+        jz put_char.done
+        call put_char
+        jmp short print
+
+put_char:
+        push ax
+        mov dx, UART_LSR
+.wait:  in al, dx                       ; wait for an empty transmit register (no UART reads 0xFF: no wait)
+        test al, LSR_THR_EMPTY
         jz .wait
         mov dl, COM1 & 0xFF
-        mov al, cl
+        pop ax
         out dx, al
-        xor bx, bx
-        cmp al, 10
-        jne .screen
-        mov ax, 0x0E0D
-        int 0x10
-        mov al, 10
-.screen:
         mov ah, 0x0E
+        xor bx, bx
         int 0x10
-        jmp print
 .done:  ret
 
-dap:                                    ; INT 13h AH=42h disk address packet
-                    db 16, 0
-.count:             dw 0
-.offset:            dw 0
-.segment:           dw 0
-.lba:               dq 0
-.drive:             db 0                ; (not part of the packet) the BIOS drive we booted from
-
-move_descriptors:                       ; INT 15h AH=87h source and destination: 64 KiB, present writable data
-                    dw 0xFFFF, DISK_BUFFER & 0xFFFF
-                    db DISK_BUFFER >> 16, 0x93, 0, 0
-                    dw 0xFFFF, 0
-                    db 0, 0x93, 0, 0
-
 msg_prefix:         db "sectorllm: ", 0
-msg_bad_run_block:  db "bad image", 10, 0
-msg_a20_closed:     db "A20 closed", 10, 0
-msg_out_of_memory:  db "out of memory", 10, 0
-msg_disk_error:     db "disk error", 10, 0
+msg_needs_386:      db STATUS_NEEDS_386, "needs a 386", 13, 10, 0
+msg_bad_image:      db STATUS_BAD_RUN_BLOCK, "bad image", 13, 10, 0
+msg_disk_error:     db STATUS_DISK_ERROR, "disk error", 13, 10, 0
+
+drive:              db 0                ; the BIOS drive we booted from
+sectors_per_track:  db 18               ; 0 for LBA reads; else the CHS geometry (a 1.44 MB floppy's by default)
+heads:              db 2
+piece:              dw 0                ; sectors in the current read
 
 code_end:
-        times 510 - ($ - $$) db 0
+%if code_end - $$ > PARTITION_TABLE
+%error "the boot sector's code runs into the partition table"
+%endif
+        times PARTITION_TABLE - ($ - $$) db 0
+        times 510 - ($ - $$) db 0       ; the partition table (image.py)
         dw 0xAA55

@@ -1,26 +1,32 @@
 """The contract with the boot engine: the disk image it boots from, the memory it needs, the records it answers with.
 
-Disk image (512-byte sectors, LBA), each part starting on a sector boundary:
+Disk image (512-byte sectors, LBA), as a hard disk (USB stick, any controller) or a 1.44 MB floppy:
 
-    LBA 0                   boot sector (boot.asm): loads the run block, the engine and the model (INT 13h AH=42h,
-                            INT 15h AH=87h above 1 MiB) after checking the RAM against memory_end
-    LBA 1                   run block: RUN_BLOCK_FORMAT below, then the prompt token ids; zero-padded
-    LBA 2 .. 2+E-1          engine binary (engine.asm), E = engine_sectors <= 64 (it runs at 0x8000..0xFFFF)
+    LBA 0                   boot sector (boot.asm): a floppy's BIOS parameter block, or an MBR partition table with
+                            one active partition (type 0xDA, non-filesystem data) over the payload
+    LBA payload_lba         run block: RUN_BLOCK_FORMAT below, then the prompt token ids; zero-padded
+    .. + 1 .. + E           engine binary (engine.asm), E = engine_sectors <= 64 (it runs at 0x8000..0xFFFF)
     LBA model_lba ..        model blob (the packed model), model_bytes long, zero-padded
+    the rest                zeros, to whole cylinders of DISK_HEADS x DISK_SECTORS_PER_TRACK (BIOSes take a disk's
+                            geometry from its size) or to the floppy's 2,880 sectors; on a floppy the FAT after the
+                            payload makes the medium an empty FAT12 volume, whose reserved sectors hold the payload
 
-Run block, little-endian (offsets are the RB_* constants of boot.asm and engine.asm); the sampling fields are those
-of FixedSamplerConfig (engines/fixed.py), the integers the fixed-point sampler uses:
+Run block (layout.asm RB_*), little-endian:
 
-     0  4s   magic "SLRB"            16  u32  inv_temperature_q16 (0 = greedy)    32  u64  seed (xorshift64* state)
-     4  u16  version (4)             20  u32  topp_q16 (65536 = off)              40  u16  forward passes to run
-     6  u16  engine_sectors          24  u32  topk (0 = off)                      42  u16  prompt token count (>= 1)
-     8  u32  model_lba               28  u32  minp_q16 (0 = off)                  44  u16  steps (0 = whole context)
-    12  u32  model_bytes                                                          46  u32  memory_end
-                                                                                  50  u16[] prompt token ids, BOS first
+     0  4s   magic "SLRB"            24  u32  inv_temperature_q16 (0 = greedy)    52  u32 x 9  buffer addresses
+     4  u16  version (5)             28  u32  topp_q16 (65536 = off)              88  u32  kv_base
+     6  u16  engine_sectors          32  u32  topk (0 = off)                      92  u32  kv_block
+     8  u32  model_lba               36  u32  minp_q16 (0 = off)                  96  u32  off_vt
+    12  u32  model_bytes             40  u64  seed (xorshift64* state)           100  u32  kv_stride
+    16  u32  memory_end              48  u16  forward passes to run              104  u32  value_row
+    20  u16  steps (0 = context)     50  u16  prompt token count (>= 1)          108  u32  layer_bytes
+    22  u16  kernel_macs                                                         112  u16[] prompt ids, BOS first
 
-The model sits at MODEL_BASE (1 MiB); memory_end() is the end of it, the engine's buffers and its KV cache.
-Serial protocol (COM1; SerialDecoder): log text, never STX, and records `STX 'T' id:u16 n:u8` followed by the
-token's n raw bytes, `STX 'E' status:u8` at the end, `STX 'M' name=value ETX` from the self-test.
+The sampling fields are FixedSamplerConfig's integers (engines/fixed.py); the buffers and the KV cache are placed
+by memory_layout() from the model's shape: in the low arena (0x10000..0x7FFFF) where they fit, else after the model.
+Serial protocol (COM1; SerialDecoder): plain text unless the runner sends SERIAL_RECORDS or SERIAL_HOLD first; then
+log text, never STX, and records `STX 'T' id:u16 n:u8` followed by the token's n raw bytes, `STX 'E' status:u8` at
+the end, `STX 'M' name=value ETX` from the self-test.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import re
 import shutil
 import struct
 import subprocess
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -44,44 +51,52 @@ from ..sampling import clock_seed
 from ..tokenizer import BOS
 
 SECTOR = 512
-RUN_BLOCK_LBA = 1
-ENGINE_LBA = 2
+DISK_PAYLOAD_LBA = 63  # a disk's payload partition starts on its second track, as DOS placed the first partition
+FLOPPY_PAYLOAD_LBA = 1
+DISK_HEADS = 16
+DISK_SECTORS_PER_TRACK = 63
+FLOPPY_SECTORS = 2880  # 1.44 MB: 80 cylinders, 2 heads, 18 sectors per track
+PARTITION_TABLE = 446
+PARTITION_TYPE = 0xDA  # non-filesystem data
 ENGINE_BASE = 0x8000
-MAX_ENGINE_BYTES = 0x10000 - ENGINE_BASE  # code and data need 16-bit offsets with DS = 0
+MAX_ENGINE_BYTES = 63 * SECTOR  # layout.asm MAX_ENGINE_SECTORS: the boot sector reads them all, below 64 KiB
 MODEL_BASE = 0x100000
+LOW_ARENA = (0x10000, 0x80000)  # conventional memory free after loading: below any EBDA (at most 128 KiB)
 ADDRESSABLE_TOP = 0xC000_0000  # PC memory above 3 GiB is PCI holes and ROM on QEMU's machines
-# engine.asm's memory map after the model: BUFFER_SLOTS buffers of SLOT_BYTES from the heap, then the KV cache
-BUFFER_SLOTS = 9  # N_BUFFERS
-SLOT_BYTES = 1 << 20  # SLOT_BYTES
-KERNEL_MACS = (SLOT_BYTES - 2) // 32  # setup_model's two kernels of 16-byte multiply-adds share a slot
-HEAP_ALIGN = 4096  # HEAP_ALIGN
+HEAP_ALIGN = 4096  # the high arena starts on a page after the model
+BUFFER_ALIGN = 16
+MAX_KERNEL_MACS = 0xFFFF
 
 RUN_MAGIC = b"SLRB"
-RUN_VERSION = 4
-RUN_BLOCK_FORMAT = "<4sHHIIIIIIQHHHI"
+RUN_VERSION = 5
+RUN_BLOCK_FORMAT = "<4sHHIIIHHIIIIQHH9I6I"
 RUN_BLOCK_HEADER = struct.calcsize(RUN_BLOCK_FORMAT)
 MAX_PROMPT_TOKENS = (SECTOR - RUN_BLOCK_HEADER) // 2
 MAX_STEPS = 0xFFFF
 
 STX = 0x02
 ETX = 0x03
-SERIAL_HOLD = 0x12  # runner -> engine: wait at the end until SERIAL_GO
-SERIAL_GO = 0x14
+SERIAL_RECORDS = 0x1E  # runner -> engine, before the boot: send records instead of plain text
+SERIAL_HOLD = 0x1F  # the same, and wait at the end for one more byte (SERIAL_GO)
+SERIAL_GO = 0x0D
 
 SOURCE_DIR = Path(__file__).resolve().parent
 BOOT_SOURCE = SOURCE_DIR / "boot.asm"
 ENGINE_SOURCE = SOURCE_DIR / "engine.asm"
+BOOT_CALLS = ("read_sectors", "print", "put_char", "fail", "stop")  # the boot sector's routines the engine calls
 NASM_INSTALL = "apt-get install nasm"
 
 
 class Status(IntEnum):
-    """End-of-run status: the end record's value and the byte sent to isa-debug-exit (boot.asm, engine.asm)."""
+    """End-of-run status: the end record's value and the byte sent to isa-debug-exit (layout.asm STATUS_*)."""
 
     OK = 0x00
-    DISK_ERROR = 0x02  # an INT 13h read or INT 15h AH=87h copy failed (as it does on a BIOS without INT 13h AH=42h)
+    DISK_ERROR = 0x02  # an INT 13h read kept failing, or INT 15h AH=87h could not copy above 1 MiB
     BAD_RUN_BLOCK = 0x03
     A20_CLOSED = 0x04
-    MODEL_TOO_LARGE = 0x05  # the RAM above 1 MiB ends before memory_end: the boot sector refuses the run
+    OUT_OF_MEMORY = 0x05  # the RAM from 1 MiB ends before memory_end: the loader refuses the run
+    CPU_EXCEPTION = 0x06
+    NEEDS_386 = 0x07
 
 
 @dataclass(frozen=True)
@@ -122,35 +137,95 @@ class RunBlock:
                 raise UsageError(f"{name} {value} does not fit the run block's unsigned {bits}-bit field")
 
 
+BUFFER_NAMES = ("x", "xb", "act", "qkv", "hb", "att", "logits", "sample", "kernel")  # engine.asm's order
+
+
+@dataclass(frozen=True)
+class MemoryLayout:
+    """Where the engine's buffers and KV cache go (addresses), the cache's geometry, and the end of it all."""
+
+    buffers: tuple[int, ...]  # BUFFER_NAMES' addresses
+    kv_base: int
+    kv_block: int  # bytes of one (layer, kv head) block: cache_len key rows, then the values transposed
+    off_vt: int  # the values' offset in a block
+    kv_stride: int  # bytes of a key row: head_size int16 keys, Dk, Dv
+    value_row: int  # bytes of a transposed value row: cache_len int16
+    layer_bytes: int
+    kernel_macs: int  # multiply-adds in each dot-product kernel: the longest dot product
+    memory_end: int  # the first address past the model and everything placed after it
+
+    @property
+    def fields(self) -> tuple[int, ...]:
+        return (*self.buffers, self.kv_base, self.kv_block, self.off_vt, self.kv_stride, self.value_row,
+                self.layer_bytes)
+
+
+def align(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def memory_layout(model_bytes: int, config: ModelConfig | None, passes: int) -> MemoryLayout:
+    """Place the buffers and the KV cache for a model and a number of forward passes (the cache holds that many
+    positions): each, largest first, in the low arena if it still fits there, else after the model. Without a
+    config (a blob that is not a packed model: the self-test's) nothing is placed."""
+    model_end = MODEL_BASE + sectors(model_bytes) * SECTOR
+    if config is None:
+        return MemoryLayout((0,) * len(BUFFER_NAMES), 0, 0, 0, 0, 0, 0, 1, model_end)
+    c, cache_len = config, max(passes, 1)
+    macs = max(c.dim, c.hidden_dim, cache_len)
+    kv_stride = 2 * c.head_size + 8
+    value_row = 2 * cache_len
+    off_vt = cache_len * kv_stride
+    kv_block = off_vt + c.head_size * value_row
+    layer_bytes = kv_block * c.n_kv_heads
+    sizes = {"x": 4 * c.dim, "xb": 4 * c.dim, "act": 4 * max(c.dim, c.hidden_dim), "qkv": 4 * (c.dim + 2 * c.kv_dim),
+             "hb": 8 * c.hidden_dim, "att": 4 * cache_len, "logits": 4 * c.vocab_size,
+             "sample": 12 * c.vocab_size,  # the sampler's weights, then up to vocab_size (index, weight) picks
+             "kernel": 2 * (16 * macs + 1), "kv": layer_bytes * c.n_layers}
+    low, high = LOW_ARENA[0], align(model_end, HEAP_ALIGN)
+    placed = {}
+    for name in sorted(sizes, key=lambda n: -sizes[n]):
+        size = align(sizes[name], BUFFER_ALIGN)
+        if low + size <= LOW_ARENA[1]:
+            placed[name], low = low, low + size
+        else:
+            placed[name], high = high, high + size
+    return MemoryLayout(tuple(placed[name] for name in BUFFER_NAMES), placed["kv"], kv_block, off_vt, kv_stride,
+                        value_row, layer_bytes, macs, max(model_end, high))
+
+
 @dataclass(frozen=True)
 class DiskLayout:
-    """Where the boot sector and the engine find the parts of an image, and how much memory the run needs."""
+    """Where the boot sector and the engine find the parts of an image."""
 
+    payload_lba: int  # the run block; the engine follows it
     engine_sectors: int
     model_lba: int
     model_bytes: int
-    memory_end: int  # memory_end(): the boot sector refuses a machine whose RAM from 1 MiB ends before it
 
 
-def pack_run_block(run: RunBlock, layout: DiskLayout) -> bytes:
-    """The run block sector for a run and a layout."""
+def pack_run_block(run: RunBlock, disk: DiskLayout, memory: MemoryLayout) -> bytes:
+    """The run block sector for a run, a disk layout and a memory layout."""
     run.validate()
-    header = struct.pack(RUN_BLOCK_FORMAT, RUN_MAGIC, RUN_VERSION, layout.engine_sectors, layout.model_lba,
-                         layout.model_bytes, run.inv_temperature_q16, run.topp_q16, run.topk, run.minp_q16, run.seed,
-                         run.passes, len(run.prompt_tokens), run.steps, layout.memory_end)
+    header = struct.pack(RUN_BLOCK_FORMAT, RUN_MAGIC, RUN_VERSION, disk.engine_sectors, disk.model_lba,
+                         disk.model_bytes, memory.memory_end, run.steps, memory.kernel_macs, run.inv_temperature_q16,
+                         run.topp_q16, run.topk, run.minp_q16, run.seed, run.passes, len(run.prompt_tokens),
+                         *memory.fields)
     prompt = struct.pack(f"<{len(run.prompt_tokens)}H", *run.prompt_tokens)
     return (header + prompt).ljust(SECTOR, b"\0")
 
 
-def unpack_run_block(sector: bytes) -> tuple[RunBlock, DiskLayout]:
+def unpack_run_block(sector: bytes, payload_lba: int) -> tuple[RunBlock, DiskLayout, MemoryLayout]:
     """Read back a run block sector; raises BootError if it is not one."""
-    (magic, version, engine_sectors, model_lba, model_bytes, inv_temperature_q16, topp_q16, topk, minp_q16, seed,
-     passes, n_prompt, steps, memory_end) = struct.unpack_from(RUN_BLOCK_FORMAT, sector)
+    (magic, version, engine_sectors, model_lba, model_bytes, memory_end, steps, kernel_macs, inv_temperature_q16,
+     topp_q16, topk, minp_q16, seed, passes, n_prompt, *fields) = struct.unpack_from(RUN_BLOCK_FORMAT, sector)
     if magic != RUN_MAGIC or version != RUN_VERSION or n_prompt > MAX_PROMPT_TOKENS:
         raise BootError(f"not a version {RUN_VERSION} sectorllm run block (magic {magic!r}, version {version})")
     prompt = struct.unpack_from(f"<{n_prompt}H", sector, RUN_BLOCK_HEADER)
+    n = len(BUFFER_NAMES)
     return (RunBlock(prompt, steps, inv_temperature_q16, topp_q16, topk, minp_q16, seed, passes),
-            DiskLayout(engine_sectors, model_lba, model_bytes, memory_end))
+            DiskLayout(payload_lba, engine_sectors, model_lba, model_bytes),
+            MemoryLayout(tuple(fields[:n]), *fields[n:], kernel_macs, memory_end))
 
 
 def sectors(n_bytes: int) -> int:
@@ -158,51 +233,43 @@ def sectors(n_bytes: int) -> int:
     return -(-n_bytes // SECTOR)
 
 
-def kv_cache_bytes(config: ModelConfig) -> int:
-    """engine.asm store_kv's blocks: per layer and kv head, seq_len key rows (int16 keys, Dk, Dv) and int16 values."""
-    return config.n_layers * config.n_kv_heads * config.seq_len * (4 * config.head_size + 8)
-
-
-def memory_end(model_bytes: int, config: ModelConfig | None) -> int:
-    """The first physical address past everything the engine uses: the model loaded at MODEL_BASE and, for a packed
-    model's config, its buffers and KV cache (engine.asm setup_model)."""
-    model_end = MODEL_BASE + sectors(model_bytes) * SECTOR
-    if config is None:
-        return model_end
-    heap = -(-model_end // HEAP_ALIGN) * HEAP_ALIGN
-    return heap + BUFFER_SLOTS * SLOT_BYTES + kv_cache_bytes(config)
-
-
 @dataclass(frozen=True)
 class AssembledCode:
-    """One nasm output and the assembler's own report of it (listing, map file)."""
+    """One nasm output and the assembler's own report of it (map file), and where its listing went if kept."""
 
-    binary: Path
-    listing: Path
-    map_file: Path
+    code: bytes
     origin: int  # the org address
     size: int  # bytes of output, from the map file's section summary
     symbols: Mapping[str, int]  # labels (addresses) and equ constants, from the map file
     warnings: tuple[str, ...]
+    listing: Path | None  # the .lst and .map files, when a listing folder was asked for
 
 
-def assemble(source: Path, output: Path, defines: Mapping[str, str | int | None] | None = None) -> AssembledCode:
-    """Run nasm -f bin -w+all on source; the listing and the map file go next to output (.lst, .map)."""
+def assemble(source: Path, defines: Mapping[str, str | int | None] | None = None,
+             listing_dir: Path | None = None) -> AssembledCode:
+    """Run nasm -f bin -w+all on source (includes from its folder) in a temporary folder; with listing_dir, keep
+    its listing and map file there as <source stem>.lst and .map."""
     nasm = shutil.which("nasm")
     if nasm is None:
         raise BootError(f"nasm is not installed, the boot image cannot be built: {NASM_INSTALL}")
-    output = output.resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    listing, map_file = output.with_suffix(".lst"), output.with_suffix(".map")
+    source = Path(source).resolve()
     flags = [f"-D{name}" if value is None else f"-D{name}={value}" for name, value in (defines or {}).items()]
-    # The map directive takes a bare file name: run in the output folder so paths with spaces cannot break it.
-    command = [nasm, "-f", "bin", "-w+all", *flags, "--before", f"[map all {map_file.name}]",
-               "-l", listing.name, "-o", output.name, str(Path(source).resolve())]
-    done = subprocess.run(command, cwd=output.parent, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise BootError(f"nasm failed on {source}: {done.stderr.strip()}")
-    origin, size, symbols = parse_map(map_file.read_text())
-    return AssembledCode(output, listing, map_file, origin, size, symbols, tuple(done.stderr.splitlines()))
+    with tempfile.TemporaryDirectory(prefix="sectorllm-nasm-") as scratch:
+        # The map directive takes a bare file name: run in the scratch folder so no path can break it.
+        command = [nasm, "-f", "bin", "-w+all", *flags, "-I", f"{source.parent}/", "--before",
+                   f"[map all {source.stem}.map]", "-l", f"{source.stem}.lst", "-o", "out.bin", str(source)]
+        done = subprocess.run(command, cwd=scratch, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BootError(f"nasm failed on {source.name}: {done.stderr.strip()}")
+        origin, size, symbols = parse_map((Path(scratch) / f"{source.stem}.map").read_text())
+        listing = None
+        if listing_dir is not None:
+            listing = Path(listing_dir) / f"{source.stem}.lst"
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            for suffix in (".lst", ".map"):
+                shutil.copyfile(Path(scratch) / f"{source.stem}{suffix}", listing.with_suffix(suffix))
+        code = (Path(scratch) / "out.bin").read_bytes()
+    return AssembledCode(code, origin, size, symbols, tuple(done.stderr.splitlines()), listing)
 
 
 _MAP_ORIGIN = re.compile(r"-- Program origin -+\s+([0-9A-Fa-f]+)")
@@ -228,40 +295,89 @@ class ImageInfo:
     """A built image and its size figures (from the assembler's map files)."""
 
     path: Path
-    layout: DiskLayout
-    boot_code_bytes: int  # boot sector bytes before the padding and the 0xAA55 signature
+    disk: DiskLayout
+    memory: MemoryLayout
+    floppy: bool
+    boot_code_bytes: int  # the boot sector's code and messages, between the BPB area and the partition table
     engine_bytes: int
     image_bytes: int
     boot: AssembledCode
     engine: AssembledCode
 
 
-def build_image(model_blob: bytes, run: RunBlock, output: Path, *,
-                engine_defines: Mapping[str, str | int | None] | None = None, build_dir: Path | None = None,
+def partition_entry(first_lba: int, n_sectors: int) -> bytes:
+    """An active MBR partition entry of PARTITION_TYPE over [first_lba, first_lba + n_sectors), with its CHS
+    addresses in the DISK_HEADS x DISK_SECTORS_PER_TRACK geometry (saturated past cylinder 1023, as usual)."""
+
+    def chs(lba: int) -> bytes:
+        cylinder, rest = divmod(lba, DISK_HEADS * DISK_SECTORS_PER_TRACK)
+        head, sector = divmod(rest, DISK_SECTORS_PER_TRACK)
+        if cylinder > 1023:
+            cylinder, head, sector = 1023, DISK_HEADS - 1, DISK_SECTORS_PER_TRACK - 1
+        return bytes((head, (sector + 1) | (cylinder >> 8) << 6, cylinder & 0xFF))
+
+    return (b"\x80" + chs(first_lba) + bytes((PARTITION_TYPE,)) + chs(first_lba + n_sectors - 1)
+            + struct.pack("<II", first_lba, n_sectors))
+
+
+def floppy_parameter_block(reserved_sectors: int) -> bytes:
+    """Bytes 3..61 of a 1.44 MB floppy's boot sector: a FAT12 BIOS parameter block whose reserved sectors (the boot
+    sector and the payload) come before an empty file system, so an operating system sees a blank floppy."""
+    return struct.pack("<8sHBHBHHBHHHII BBBI11s8s", b"SECTLLM ", SECTOR, 1, reserved_sectors, 2, 224,
+                       FLOPPY_SECTORS, 0xF0, 9, 18, 2, 0, 0, 0, 0, 0x29, 0x5EC7011, b"SECTORLLM  ", b"FAT12   ")
+
+
+def build_image(model_blob: bytes, run: RunBlock, output: Path, *, floppy: bool = False,
+                engine_defines: Mapping[str, str | int | None] | None = None, listing_dir: Path | None = None,
                 memory_limit: int = ADDRESSABLE_TOP) -> ImageInfo:
-    """Assemble boot sector and engine (listings in build_dir, default output's folder/build) and write the image.
+    """Assemble the boot sector and the engine (their listings kept in listing_dir if given) and write the image:
+    a partitioned disk image, or with floppy a 1.44 MB floppy image (BootError if the payload does not fit).
 
     memory_limit is the first physical address the engine may not use; a model (with, for a packed model, the
     engine's buffers and KV cache) that would run past it is refused.
     """
     output = Path(output)
     config = header_config(HEADER.unpack_from(model_blob)) if model_blob[:4] == PACKED_MAGIC else None
-    end = memory_end(len(model_blob), config)
-    if end > memory_limit:
+    memory = memory_layout(len(model_blob), config, run.passes)
+    if memory.memory_end > memory_limit:
         raise BootError(f"the model is {len(model_blob)} bytes: loaded at 1 MiB, with the engine's buffers and KV "
-                        f"cache, it overruns the addressable memory (up to {memory_limit:#x}) by {end - memory_limit} "
-                        "bytes")
-    build = Path(build_dir) if build_dir is not None else output.parent / "build"
-    boot = assemble(BOOT_SOURCE, build / "boot.bin")
-    engine = assemble(ENGINE_SOURCE, build / "engine.bin", engine_defines)
+                        f"cache, it overruns the addressable memory (up to {memory_limit:#x}) by "
+                        f"{memory.memory_end - memory_limit} bytes")
+    if memory.kernel_macs > MAX_KERNEL_MACS:
+        raise BootError(f"the longest dot product has {memory.kernel_macs} terms; the boot engine's kernels hold at "
+                        f"most {MAX_KERNEL_MACS}")
+    payload_lba = FLOPPY_PAYLOAD_LBA if floppy else DISK_PAYLOAD_LBA
+    boot = assemble(BOOT_SOURCE, {"PAYLOAD_LBA": payload_lba}, listing_dir)
+    calls = {name.upper(): boot.symbols[name] for name in BOOT_CALLS}
+    engine = assemble(ENGINE_SOURCE, {**calls, **(engine_defines or {})}, listing_dir)
     if engine.size > MAX_ENGINE_BYTES:
         raise BootError(f"the engine is {engine.size} bytes, {engine.size - MAX_ENGINE_BYTES} more than the "
                         f"{MAX_ENGINE_BYTES} it can have below 64 KiB")
-    layout = DiskLayout(sectors(engine.size), ENGINE_LBA + sectors(engine.size), len(model_blob), end)
-    parts = (boot.binary.read_bytes(), pack_run_block(run, layout), engine.binary.read_bytes(), model_blob)
+    engine_sectors = sectors(engine.size)
+    disk = DiskLayout(payload_lba, engine_sectors, payload_lba + 1 + engine_sectors, len(model_blob))
+    payload_end = disk.model_lba + sectors(len(model_blob))
+    boot_sector = bytearray(boot.code)
+    if floppy:
+        if payload_end > FLOPPY_SECTORS - 32:  # room for the FAT12 volume's two FATs and root directory
+            raise BootError(f"the model is {len(model_blob):,} bytes: with the engine it needs {payload_end} "
+                            f"sectors, more than a 1.44 MB floppy holds: build a disk image (no --floppy)")
+        boot_sector[3:62] = floppy_parameter_block(payload_end)
+        total = FLOPPY_SECTORS
+    else:
+        total = align(payload_end, DISK_HEADS * DISK_SECTORS_PER_TRACK)
+        boot_sector[PARTITION_TABLE:PARTITION_TABLE + 16] = partition_entry(payload_lba, total - payload_lba)
+    parts = [bytes(boot_sector), bytes((payload_lba - 1) * SECTOR), pack_run_block(run, disk, memory),
+             engine.code.ljust(engine_sectors * SECTOR, b"\0"), model_blob.ljust(sectors(len(model_blob)) * SECTOR,
+                                                                           b"\0")]
+    if floppy:
+        fat = b"\xf0\xff\xff".ljust(9 * SECTOR, b"\0")
+        parts += [fat, fat]
+    used = sum(map(len, parts))
+    parts.append(bytes(total * SECTOR - used))
     output.parent.mkdir(parents=True, exist_ok=True)
-    image_bytes = write_atomically(output, [piece for part in parts for piece in (part, bytes(-len(part) % SECTOR))])
-    return ImageInfo(output, layout, boot.symbols["code_end"] - boot.origin, engine.size, image_bytes, boot, engine)
+    image_bytes = write_atomically(output, parts)
+    return ImageInfo(output, disk, memory, floppy, boot.symbols["code_end"] - boot.symbols["entry"], engine.size,
+                     image_bytes, boot, engine)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_atomically
-from ..errors import BootError
-from .image import SERIAL_GO, SERIAL_HOLD, End, EngineOutput, Record, SerialDecoder, Token
+from ..errors import BootError, UsageError
+from .image import SERIAL_GO, SERIAL_HOLD, SERIAL_RECORDS, End, EngineOutput, Record, SerialDecoder, Token
 
 QEMU = "qemu-system-i386"
 QEMU_INSTALL = "apt-get install qemu-system-x86"
@@ -43,26 +43,66 @@ class BootResult(EngineOutput):
         return self.status == 0
 
 
-def qemu_command(binary: str, image: Path, memory_mib: int, cpu: str | None, accel: str, monitor: Path) -> list[str]:
-    """The QEMU command line: headless, serial on stdio, a monitor socket, isa-debug-exit, the image as IDE disk."""
-    command = [binary, "-machine", f"pc,accel={accel}", "-m", str(memory_mib), "-display", "none",
-               "-serial", "stdio", "-monitor", f"unix:{monitor},server=on,wait=off", "-no-reboot", "-nic", "none",
-               "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-               # snapshot: the guest may write to its disk, the image file stays as built
-               "-drive", f"file={image},format=raw,if=ide,snapshot=on"]
-    return command + (["-cpu", cpu] if cpu else [])
+MACHINES = ("pc", "q35", "isapc")
+DRIVES = ("ide", "floppy", "virtio", "usb", "usb-uhci", "usb-ehci")
+ACCELS = ("tcg", "kvm")
+USB_CONTROLLERS = {"usb": "qemu-xhci", "usb-uhci": "piix3-usb-uhci", "usb-ehci": "usb-ehci"}
 
 
-def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, cpu: str | None = None,
-         memory_mib: int = DEFAULT_MEMORY_MIB, accel: str = "tcg", screenshot: Path | None = None,
+@dataclass(frozen=True)
+class MachineConfig:
+    """The PC QEMU emulates: the machine type, RAM, how the image is attached, the CPU and extra QEMU arguments."""
+
+    machine: str = "pc"
+    memory_mib: int | None = None  # None: enough for the image (session.memory_mib)
+    drive: str = "ide"
+    cpu: str | None = None  # QEMU's default CPU model for the machine
+    accel: str = "tcg"
+    extra: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """Refuse what QEMU's machines cannot do; raises UsageError naming the option."""
+        for name, value, choices in (("machine", self.machine, MACHINES), ("drive", self.drive, DRIVES),
+                                     ("accel", self.accel, ACCELS)):
+            if value not in choices:
+                raise UsageError(f"--{name} {value!r} is not one of {', '.join(choices)}")
+        if self.machine == "isapc" and self.drive not in ("ide", "floppy"):
+            raise UsageError(f"--machine isapc has no PCI bus for --drive {self.drive}: use ide or floppy")
+        if self.memory_mib is not None and not 1 <= self.memory_mib <= 3072:
+            raise UsageError(f"--memory {self.memory_mib} MiB is outside 1..3072")
+
+
+def drive_arguments(image: Path, drive: str) -> list[str]:
+    """QEMU arguments that attach the image (copy-on-write: the guest may write, the file stays as built)."""
+    media = f"file={image},format=raw,snapshot=on"
+    if drive in ("ide", "floppy", "virtio"):
+        return ["-drive", f"{media},if={drive}"] + (["-boot", "a"] if drive == "floppy" else [])
+    return ["-device", f"{USB_CONTROLLERS[drive]},id=usb", "-drive", f"{media},if=none,id=stick",
+            "-device", "usb-storage,bus=usb.0,drive=stick,bootindex=0"]
+
+
+def qemu_command(binary: str, image: Path, machine: MachineConfig, memory_mib: int, monitor: Path) -> list[str]:
+    """The QEMU command line: headless, serial on stdio, a monitor socket, isa-debug-exit, the image attached."""
+    command = [binary, "-machine", f"{machine.machine},accel={machine.accel}", "-m", str(memory_mib),
+               "-display", "none", "-serial", "stdio", "-monitor", f"unix:{monitor},server=on,wait=off",
+               "-no-reboot", "-nic", "none", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+               *drive_arguments(image, machine.drive)]
+    return command + (["-cpu", machine.cpu] if machine.cpu else []) + list(machine.extra)
+
+
+def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, machine: MachineConfig = MachineConfig(),
+         memory_mib: int = DEFAULT_MEMORY_MIB, screenshot: Path | None = None,
          on_token: Callable[[Token], None] | None = None) -> BootResult:
     """Boot image in qemu-system-i386 until the engine ends the run; raises BootError on timeout or QEMU failure.
 
-    TCG is the default: it ran real-mode code faster than KVM here, and boots SeaBIOS in a fraction of the time;
-    but only KVM runs the guest on the CPU itself, with its segment checks and mode switches.
-    on_token is called for each token as soon as its record and bytes have arrived. With screenshot, the runner
-    asks the engine (SERIAL_HOLD) to wait after its end record, saves the VGA screen as PNG, then lets it exit.
+    memory_mib is used unless machine.memory_mib is set. TCG is the default accelerator: it ran real-mode code
+    faster than KVM here, and boots SeaBIOS in a fraction of the time; but only KVM runs the guest on the CPU
+    itself, with its segment checks and mode switches. The runner asks for records (SERIAL_RECORDS) before the
+    machine starts; on_token is called for each token as soon as its record and bytes have arrived. With
+    screenshot, it asks the engine (SERIAL_HOLD) to wait after its end record, saves the VGA screen as PNG, then
+    lets it exit.
     """
+    machine.validate()
     binary = shutil.which(QEMU)
     if binary is None:
         raise BootError(f"{QEMU} is not installed, the boot image cannot be run: {QEMU_INSTALL}")
@@ -74,12 +114,11 @@ def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, cpu: str | None = Non
     with tempfile.TemporaryDirectory(prefix="sectorllm-qemu-") as scratch:
         monitor = Path(scratch) / "monitor.sock"
         stderr_path = Path(scratch) / "stderr.txt"
+        command = qemu_command(binary, image, machine, machine.memory_mib or memory_mib, monitor)
         with open(stderr_path, "wb") as stderr_file:
-            process = subprocess.Popen(qemu_command(binary, image, memory_mib, cpu, accel, monitor),
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr_file)
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr_file)
         try:
-            if screenshot is not None:
-                send_serial(process, SERIAL_HOLD)
+            send_serial(process, SERIAL_RECORDS if screenshot is None else SERIAL_HOLD)
             decoder = SerialDecoder()
             shot = None
             for record in stream_records(process, decoder, deadline, timeout):

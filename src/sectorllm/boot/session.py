@@ -22,9 +22,10 @@ from ..generate import (GenerationResult, StreamedGeneration, Token as TextToken
 from ..packed import HEADER, MAGIC, PackedModel, header_config, pack
 from ..sampling import SamplerConfig
 from ..tokenizer import BOS, EOS
-from .image import (ADDRESSABLE_TOP, KERNEL_MACS, MAX_PROMPT_TOKENS, SECTOR, ImageInfo, RunBlock, Status, Token,
-                    build_image, memory_end, unpack_run_block)
-from .qemu import DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT, boot
+from .image import (ADDRESSABLE_TOP, FLOPPY_PAYLOAD_LBA, MAX_PROMPT_TOKENS, PARTITION_TABLE, PARTITION_TYPE, SECTOR,
+                    DiskLayout, ImageInfo, MemoryLayout, RunBlock, Status, Token, build_image, memory_layout,
+                    unpack_run_block)
+from .qemu import DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT, MachineConfig, boot
 
 MEBIBYTE = 1 << 20
 BIOS_HEADROOM_MIB = 4  # SeaBIOS keeps the top of RAM for its tables
@@ -45,11 +46,7 @@ def packed_model(model: str | os.PathLike, tokenizer: str | os.PathLike | None =
     """
     packed = load_packed(model, tokenizer, scheme)
     blob = bytes(pack(packed))
-    c = packed.config
-    if c.dim + c.hidden_dim + c.seq_len > KERNEL_MACS:
-        raise BootError(f"{model}: dim + hidden_dim + seq_len is {c.dim + c.hidden_dim + c.seq_len}; the boot "
-                        f"engine's dot-product kernels hold at most {KERNEL_MACS} multiply-adds")
-    end = memory_end(len(blob), packed.config)
+    end = memory_layout(len(blob), packed.config, packed.config.seq_len).memory_end
     if end > ADDRESSABLE_TOP:
         raise BootError(f"{model} needs memory up to {end:#x} for its weights, buffers and KV cache: "
                         f"{end - ADDRESSABLE_TOP} bytes more than the boot engine can address (up to "
@@ -70,15 +67,17 @@ def run_block(packed: PackedModel, prompt: str, steps: int, sampler: SamplerConf
 
 def make_image(model: str | os.PathLike, tokenizer: str | os.PathLike | None, output: str | os.PathLike, *,
                prompt: str = "", steps: int = 256, temperature: float = 1.0, topp: float = 0.9, topk: int = 0,
-               minp: float = 0.0, seed: int = 0, scheme: str = "row") -> ImageInfo:
-    """Write a boot image that generates from `prompt` with these settings (run.c's meaning, seed 0 = the clock now).
-
-    Listings and map files go to a build/ folder next to the image; the sizes are in the returned ImageInfo.
+               minp: float = 0.0, seed: int = 0, scheme: str = "row", floppy: bool = False,
+               listing_dir: str | os.PathLike | None = None) -> ImageInfo:
+    """Write a boot image that generates from `prompt` with these settings (run.c's meaning, seed 0 = the clock now):
+    a partitioned disk image, or a 1.44 MB floppy image. The sizes are in the returned ImageInfo; nasm's listings
+    and map files go to listing_dir if given.
     """
     sampler = SamplerConfig(temperature, topp, topk, minp, seed)
     sampler.validate()
     blob, packed = packed_model(model, tokenizer, scheme)
-    return build_image(blob, run_block(packed, prompt, steps, sampler), Path(output))
+    return build_image(blob, run_block(packed, prompt, steps, sampler), Path(output), floppy=floppy,
+                       listing_dir=None if listing_dir is None else Path(listing_dir))
 
 
 @dataclass(frozen=True)
@@ -87,12 +86,18 @@ class BootImage:
 
     path: Path
     run: RunBlock
-    model_bytes: int
+    disk: DiskLayout
+    memory: MemoryLayout
     config: ModelConfig
+    floppy: bool
+
+    @property
+    def model_bytes(self) -> int:
+        return self.disk.model_bytes
 
     @property
     def memory_mib(self) -> int:
-        return memory_mib(memory_end(self.model_bytes, self.config))
+        return memory_mib(self.memory.memory_end)
 
     @property
     def forward_passes(self) -> tuple[int, str]:
@@ -110,9 +115,13 @@ def read_image(path: str | os.PathLike) -> BootImage:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            f.seek(SECTOR)
-            run, layout = unpack_run_block(f.read(SECTOR))
-            f.seek(layout.model_lba * SECTOR)
+            boot_sector = f.read(SECTOR)
+            partition = boot_sector[PARTITION_TABLE:PARTITION_TABLE + 16]
+            floppy = len(partition) < 16 or partition[4] != PARTITION_TYPE
+            payload_lba = FLOPPY_PAYLOAD_LBA if floppy else int.from_bytes(partition[8:12], "little")
+            f.seek(payload_lba * SECTOR)
+            run, disk, memory = unpack_run_block(f.read(SECTOR), payload_lba)
+            f.seek(disk.model_lba * SECTOR)
             header = f.read(HEADER.size)
     except OSError as e:
         raise BootError(f"cannot read boot image {path}: {e.strerror}") from None
@@ -120,7 +129,7 @@ def read_image(path: str | os.PathLike) -> BootImage:
         raise BootError(f"{path} is too short to be a sectorllm boot image") from None
     if len(header) < HEADER.size or header[:len(MAGIC)] != MAGIC:
         raise BootError(f"{path} holds no packed model where its run block says: not a sectorllm boot image")
-    return BootImage(path, run, layout.model_bytes, header_config(HEADER.unpack_from(header)))
+    return BootImage(path, run, disk, memory, header_config(HEADER.unpack_from(header)), floppy)
 
 
 def result_of(image: BootImage, tokens: list[Token], seconds: list[float]) -> GenerationResult:
@@ -148,7 +157,7 @@ class BootRun:
     screenshot: Path | None
 
 
-def run_image(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, cpu: str | None = None,
+def run_image(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, machine: MachineConfig = MachineConfig(),
               screenshot: Path | None = None, on_token: Callable[[Token], None] | None = None) -> BootRun:
     """Boot an image in QEMU, calling on_token for each token record as it arrives; BootError if the engine fails."""
     image = read_image(path)
@@ -161,7 +170,7 @@ def run_image(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, cpu:
         if on_token is not None:
             on_token(token)
 
-    booted = boot(image.path, timeout=timeout, cpu=cpu, memory_mib=image.memory_mib, screenshot=screenshot,
+    booted = boot(image.path, timeout=timeout, machine=machine, memory_mib=image.memory_mib, screenshot=screenshot,
                   on_token=arrived)
     if booted.status != Status.OK:
         name = Status(booted.status).name if booted.status in Status.__members__.values() else booted.status

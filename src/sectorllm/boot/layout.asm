@@ -1,0 +1,73 @@
+; layout.asm - what boot.asm and engine.asm agree on: the memory map, the run block's fields, the end-of-run
+; statuses and the serial handshake (image.py mirrors every value here; tests check that they match).
+;
+; MEMORY MAP (physical addresses, while the engine runs under a BIOS)
+;   0x00000 - 0x004FF   interrupt vectors, BIOS data area                                      BIOS
+;   0x00500 - 0x00503   MEM_TOP: the end of the RAM that starts at 1 MiB (memory.asm)
+;   0x00504 - 0x0051B   E820_ENTRY: one INT 15h E820h answer
+;   0x00600 - 0x07BFF   stack: ESP from STACK_TOP down (below 64 KiB, so real mode shares it)
+;   0x07C00 - 0x07DFF   the boot sector: its read_sectors, print, fail and stop serve the engine's loader
+;   0x07E00 - 0x07FFF   RUN_BLOCK: the run block sector, fields at RB_* (image.py RunBlock)
+;   0x08000 - 0x0FFFF   ENGINE_BASE: engine.asm, then its variables, IDT and section entries (engine.asm)
+;   0x10000 - 0x17FFF   DISK_BUFFER while the model loads: each piece is read here and copied above 1 MiB
+;   0x10000 - 0x7FFFF   LOW_ARENA afterwards: image.py places the buffers and KV cache here when they fit
+;   0x80000 - 0xFFFFF   EBDA, VGA memory, option ROMs, BIOS                                    not ours
+;   0x100000            MODEL_BASE: the packed model (docs/format.md), [RUN_BLOCK + RB_MODEL_BYTES] long; then
+;                       the buffers and KV cache that did not fit the low arena, up to RB_MEMORY_END
+;
+; RUN BLOCK (little-endian; image.py RUN_BLOCK_FORMAT). RB_SETTINGS .. RB_SETTINGS_END is copied as it is to the
+; engine's VARS: the sampler's integers and the memory layout image.py resolved from the model's header.
+
+STACK_TOP           equ 0x7C00
+MEM_TOP             equ 0x0500
+E820_ENTRY          equ 0x0504
+BOOT_SECTOR         equ 0x7C00
+RUN_BLOCK           equ 0x7E00
+ENGINE_BASE         equ 0x8000
+DISK_BUFFER         equ 0x10000
+MODEL_BASE          equ 0x100000
+SECTOR              equ 512
+SECTOR_SHIFT        equ 9
+MAX_ENGINE_SECTORS  equ 63              ; the engine lives in 0x8000..0xFDFF: the boot sector reads it whole
+
+RUN_MAGIC           equ 'SLRB'
+RUN_VERSION         equ 5
+RB_MAGIC            equ 0               ; 4s
+RB_VERSION          equ 4               ; u16
+RB_ENGINE_SECTORS   equ 6               ; u16
+RB_MODEL_LBA        equ 8               ; u32, from the start of the disk
+RB_MODEL_BYTES      equ 12              ; u32
+RB_MEMORY_END       equ 16              ; u32: the end of everything the run uses (image.py memory_end)
+RB_STEPS            equ 20              ; u16, run.c's -n (0 = the whole context), for the runner
+RB_KERNEL_MACS      equ 22              ; u16, multiply-adds in each dot-product kernel: the longest dot product
+RB_SETTINGS         equ 24              ; from here to RB_SETTINGS_END: the engine's VARS, in their order
+RB_INV_TEMPERATURE  equ 24              ; u32, round(65536 / temperature); 0 = greedy
+RB_TOPP             equ 28              ; u32, round(65536 * top-p); 65536 = off
+RB_TOPK             equ 32              ; u32, 0 = off
+RB_MINP             equ 36              ; u32, round(65536 * min-p); 0 = off
+RB_SEED             equ 40              ; u64, the xorshift64* state
+RB_PASSES           equ 48              ; u16, forward passes to run, prompt included (image.py: run.c's rule)
+RB_PROMPT_COUNT     equ 50              ; u16
+RB_BUFFERS          equ 52              ; u32 x 9: x, xb, act, qkv, hb, att, logits, sample, kernel (engine.asm)
+RB_KV_BASE          equ 88              ; u32 x 6: the KV cache and its geometry (engine.asm store_kv)
+RB_SETTINGS_END     equ 112
+RB_PROMPT_IDS       equ 112             ; u16[RB_PROMPT_COUNT >= 1], BOS first
+
+STATUS_OK               equ 0x00        ; the end record's status and the byte sent to isa-debug-exit (port 0xF4)
+STATUS_DISK_ERROR       equ 0x02
+STATUS_BAD_RUN_BLOCK    equ 0x03
+STATUS_A20_CLOSED       equ 0x04
+STATUS_OUT_OF_MEMORY    equ 0x05
+STATUS_CPU_EXCEPTION    equ 0x06
+STATUS_NEEDS_386        equ 0x07
+DEBUG_EXIT_PORT         equ 0xF4        ; QEMU's isa-debug-exit: QEMU exits with status (value << 1) | 1
+
+COM1                equ 0x3F8
+UART_LSR            equ COM1 + 5
+LSR_DATA_READY      equ 0x01
+LSR_THR_EMPTY       equ 0x20
+; The serial handshake: a runner that wants records sends one of these bytes before the machine starts (the UART
+; holds it); a terminal sends nothing, or a key a person types, and gets the story as plain text.
+SERIAL_RECORDS      equ 0x1E            ; records (engine.asm SERIAL PROTOCOL); RS and US: control bytes no
+SERIAL_HOLD         equ 0x1F            ; terminal sends for flow control or a person types by accident; HOLD also waits at the
+                                        ; end for one more byte (the runner's screenshot)
