@@ -1,9 +1,10 @@
 """Run a boot image in-process on the unicorn CPU emulator, with a small BIOS shim, counting guest instructions.
 
-The shim answers the BIOS interrupts and I/O ports the image uses (INT 10h teletype, INT 13h extended reads from
-the image, INT 14h serial initialization, INT 15h memory size and extended-memory moves, INT 16h keys from a
-string, INT 1Ah ticks; COM1, port 0x92, isa-debug-exit) from Python hooks, so no BIOS code runs in the guest:
-every counted instruction is the image's own.
+The shim answers the BIOS interrupts and I/O ports the image uses (INT 10h teletype, INT 13h: the extensions'
+check and extended reads from the image as a hard disk, INT 14h serial initialization, INT 15h: A20 and the memory
+map (E820h), INT 16h keys from a string, INT 1Ah ticks; COM1, port 0x92, isa-debug-exit) from Python hooks, so no
+BIOS code runs in the guest: every counted instruction is the image's own. The runner's side of COM1 starts with
+SERIAL_RECORDS, as `sectorllm boot` sends it.
 
 Counting: a block hook adds each translation block's instruction count, which unicorn reports for the block
 (ctl_request_cache), so the count is exact at a fraction of the cost of a hook per instruction. A rep-prefixed
@@ -25,7 +26,7 @@ from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN, UC_H
 from unicorn import x86_const as x86
 
 from ..errors import BootError
-from .image import MODEL_BASE, SECTOR, EngineOutput, SerialDecoder, Token, sectors
+from .image import MODEL_BASE, SECTOR, SERIAL_RECORDS, EngineOutput, SerialDecoder, Token, sectors
 
 BOOT_ADDRESS = 0x7C00
 BOOT_DRIVE = 0x80
@@ -74,7 +75,8 @@ class _Machine:
 class Emulator:
     """A PC with memory_mib MiB of RAM booting image; run() it, stop at breakpoints, read its memory."""
 
-    def __init__(self, image: bytes, *, memory_mib: int = 64, keys: bytes = b"", serial_input: bytes = b"",
+    def __init__(self, image: bytes, *, memory_mib: int = 64, keys: bytes = b"",
+                 serial_input: bytes = bytes((SERIAL_RECORDS,)),
                  on_token: Callable[[Token], None] | None = None) -> None:
         if memory_mib < 2:
             raise BootError(f"the emulated machine needs at least 2 MiB of memory, not {memory_mib}")
@@ -276,6 +278,9 @@ class Emulator:
         if drive != BOOT_DRIVE:
             self._set(ah=0x01)
             self._flags(carry=True)
+        elif ah == 0x41 and self._reg("ebx") & 0xFFFF == 0x55AA:  # EDD 1.1 with the packet calls
+            self._set(bx=0xAA55, ah=0x01, cx=0x0001)
+            self._flags(carry=False)
         elif ah == 0x42:
             self._flags(carry=not self._extended_read())
         else:
@@ -297,36 +302,25 @@ class Emulator:
 
     def _int15(self) -> None:
         ax = self._reg("eax") & 0xFFFF
-        extended = self.memory_bytes - MODEL_BASE
-        if ax == 0xE801:
-            below_16m = min(extended, 15 << 20) >> 10
-            above_16m = max(self.memory_bytes - (16 << 20), 0) >> 16
-            self._set(ax=below_16m, cx=below_16m, bx=above_16m, dx=above_16m)
+        if ax == 0xE820 and self._reg("edx") == 0x534D4150:
+            self._memory_map_entry()
+        elif ax == 0x2401:  # A20 is always open here
+            self._set(ah=0)
             self._flags(carry=False)
-        elif ax >> 8 == 0x87:
-            self._flags(carry=not self._move_extended())
         else:
             self._set(ah=0x86)  # unsupported function
             self._flags(carry=True)
 
-    def _move_extended(self) -> bool:
-        """INT 15h AH=87h: copy CX words between the bases of the source and destination descriptors of the table at
-        ES:SI. As on a PC, what lands past the end of RAM is lost."""
-        table = (self._reg("es") << 4) + (self._reg("esi") & 0xFFFF)
-        source, destination = (self._descriptor_base(self.read_memory(table + offset, 8)) for offset in (0x10, 0x18))
-        n = 2 * (self._reg("ecx") & 0xFFFF)
-        if n > 0x10000 or source + n > self.memory_bytes:
-            self._set(ah=0x02)
-            return False
-        data = self.read_memory(source, n)[:max(0, self.memory_bytes - destination)]
-        if data:
-            self.uc.mem_write(destination, data)
-        self._set(ah=0)
-        return True
-
-    @staticmethod
-    def _descriptor_base(descriptor: bytes) -> int:
-        return int.from_bytes(descriptor[2:5], "little") | descriptor[7] << 24
+    def _memory_map_entry(self) -> None:
+        """INT 15h E820h: the ranges of a PC with this much RAM, one per call (EBX: the next one, 0 after the last)."""
+        ranges = ((0, CONVENTIONAL_TOP, 1), (CONVENTIONAL_TOP, 0xA0000 - CONVENTIONAL_TOP, 2),
+                  (0xF0000, 0x10000, 2), (MODEL_BASE, self.memory_bytes - MODEL_BASE, 1))
+        index = self._reg("ebx")
+        base, length, kind = ranges[index]
+        entry = (self._reg("es") << 4) + (self._reg("edi") & 0xFFFF)
+        self.uc.mem_write(entry, struct.pack("<QQI", base, length, kind))
+        self._set(eax=0x534D4150, ecx=20, ebx=(index + 1) % len(ranges))
+        self._flags(carry=False)
 
     def _int16(self) -> None:
         ah = self._reg("eax") >> 8 & 0xFF

@@ -100,7 +100,8 @@ KEY_SHIFT           equ 15              ; cached keys are int16, values int8 (fi
 VALUE_SHIFT         equ 7
 
 HEAP_ALIGN          equ 4096            ; where the self-test copies its tokens: the model's end, rounded up
-N_VECTORS           equ 18              ; the IDT's gates: the exceptions a 386 to a Pentium raises (0..17)
+N_VECTORS           equ 14              ; the IDT's gates: the exceptions this code can raise (0..13); a higher
+                                        ; vector is past the IDT's limit and raises #GP (13) instead
 SYSTEM_CONTROL_A    equ 0x92            ; "fast A20" port
 MOVE_GDT            equ 0x0600          ; INT 15h AH=87h's six descriptors; the BIOS fills in four
 LOAD_CHUNK_SECTORS  equ 64              ; 32 KiB: fits DISK_BUFFER, under the 127-sector limit of some BIOSes
@@ -172,7 +173,7 @@ run_passes:         resw 1
 run_prompt_count:   resw 1
 buffers:                                ; where image.py placed them (layout.asm)
 x_buf:              resd 1              ; Q16.16 residual stream (dim)
-xb_buf:             resd 1              ; rmsnorm and attention output (dim); rmsnorm counts on it following x
+xb_buf:             resd 1              ; rmsnorm and attention output (dim): x_buf + XB_DISTANCE
 act_buf:            resd 1              ; matmul input (dim, hidden_dim or head_size)
 qkv_buf:            resd 1              ; q, k, v (dim + 2 kv_dim)
 hb_buf:             resd 1              ; gate, then up (2 hidden_dim)

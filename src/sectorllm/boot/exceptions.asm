@@ -1,7 +1,7 @@
 ; exceptions.asm - a CPU exception in protected mode is said, not a silent reset: the IDT's gates lead here, and the
 ; handler prints "sectorllm: CPU exception N at 0xEIP" to COM1 and the screen and ends the run.
 
-ERROR_CODE_VECTORS  equ 1 << 8 | 1 << 10 | 1 << 11 | 1 << 12 | 1 << 13 | 1 << 14 | 1 << 17  ; push an error code
+ERROR_CODE_VECTORS  equ 1 << 8 | 1 << 10 | 1 << 11 | 1 << 12 | 1 << 13  ; those that push an error code
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; exception_sled: vector N's gate enters at the Nth push, so the pushes run from -(N + 1) down to -N_VECTORS; the

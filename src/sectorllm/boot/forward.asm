@@ -375,21 +375,16 @@ rmsnorm:
         pop ebx
         mov esi, [var(x_buf)]
         sub ebx, esi                    ; G[j] is at [x + 4j + EBX]
-        mov eax, [hdr(H_DIM)]
-        lea eax, [esi + eax*4]
-        push eax                        ; the end of x
         push ebp
-        mov ebp, [var(xb_buf)]
-        sub ebp, esi                    ; xb[j] is at [x + 4j + EBP]
+        mov ebp, [hdr(H_DIM)]
 .scale: lodsd
         imul edi
         shrd eax, edx, cl               ; x / sqrt(ss) in Q2.30
         imul dword [esi + ebx - 4]
-        mov [esi + ebp - 4], edx
-        cmp esi, [esp + 4]
-        jb .scale
+        mov [esi - 4 + XB_DISTANCE], edx  ; xb (image.py places it there)
+        dec ebp
+        jnz .scale
         pop ebp
-        pop eax
         pop ebx
         ret
 
@@ -428,17 +423,15 @@ rope:
         mov ecx, [hdr(H_HEAD_SIZE)]
         shr ecx, 1
 .pair:  push ecx
+        call rotate_term                ; v0 sin + v1 cos
+        push eax
         inc edi
         inc edi
         call rotate_term                ; v0 cos - v1 sin
-        push eax
-        dec edi
-        dec edi
-        call rotate_term                ; v0 sin + v1 cos
-        mov [esi + 4], eax
-        pop dword [esi]
+        mov [esi], eax
+        pop dword [esi + 4]
         add esi, 8
-        add edi, 6
+        add edi, 4
         pop ecx
         loop .pair
         dec ebx

@@ -65,6 +65,7 @@ LOW_ARENA = (0x10000, 0x80000)  # conventional memory free after loading: below 
 ADDRESSABLE_TOP = 0xC000_0000  # PC memory above 3 GiB is PCI holes and ROM on QEMU's machines
 HEAP_ALIGN = 4096  # the high arena starts on a page after the model
 BUFFER_ALIGN = 16
+XB_DISTANCE = 0x10000  # layout.asm: xb = x + XB_DISTANCE, so dim <= 16384
 MAX_KERNEL_MACS = 0xFFFF
 
 RUN_MAGIC = b"SLRB"
@@ -166,8 +167,9 @@ def align(n: int, to: int) -> int:
 
 def memory_layout(model_bytes: int, config: ModelConfig | None, passes: int) -> MemoryLayout:
     """Place the buffers and the KV cache for a model and a number of forward passes (the cache holds that many
-    positions): each, largest first, in the low arena if it still fits there, else after the model. Without a
-    config (a blob that is not a packed model: the self-test's) nothing is placed."""
+    positions): x at the start of the low arena and xb XB_DISTANCE after it; the others, largest first, each in the
+    first free range of the low arena it fits, else after the model. Without a config (a blob that is not a packed
+    model: the self-test's) nothing is placed."""
     model_end = MODEL_BASE + sectors(model_bytes) * SECTOR
     if config is None:
         return MemoryLayout((0,) * len(BUFFER_NAMES), 0, 0, 0, 0, 0, 0, 1, model_end)
@@ -182,14 +184,16 @@ def memory_layout(model_bytes: int, config: ModelConfig | None, passes: int) -> 
              "hb": 8 * c.hidden_dim, "att": 4 * cache_len, "logits": 4 * c.vocab_size,
              "sample": 12 * c.vocab_size,  # the sampler's weights, then up to vocab_size (index, weight) picks
              "kernel": 2 * (16 * macs + 1), "kv": layer_bytes * c.n_layers}
-    low, high = LOW_ARENA[0], align(model_end, HEAP_ALIGN)
-    placed = {}
-    for name in sorted(sizes, key=lambda n: -sizes[n]):
+    x = LOW_ARENA[0]
+    placed = {"x": x, "xb": x + XB_DISTANCE}  # rmsnorm writes xb at x + XB_DISTANCE
+    free = [[x + sizes["x"], x + XB_DISTANCE], [x + XB_DISTANCE + sizes["xb"], LOW_ARENA[1]],
+            [align(model_end, HEAP_ALIGN), None]]  # [start, end) ranges; the last one is open
+    for name in sorted(sizes.keys() - placed.keys(), key=lambda n: -sizes[n]):
         size = align(sizes[name], BUFFER_ALIGN)
-        if low + size <= LOW_ARENA[1]:
-            placed[name], low = low, low + size
-        else:
-            placed[name], high = high, high + size
+        space = next(r for r in free if r[1] is None or r[0] + size <= r[1])
+        placed[name] = space[0]
+        space[0] += size
+    high = free[-1][0]
     return MemoryLayout(tuple(placed[name] for name in BUFFER_NAMES), placed["kv"], kv_block, off_vt, kv_stride,
                         value_row, layer_bytes, macs, max(model_end, high))
 

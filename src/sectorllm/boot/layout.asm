@@ -49,6 +49,7 @@ RB_SEED             equ 40              ; u64, the xorshift64* state
 RB_PASSES           equ 48              ; u16, forward passes to run, prompt included (image.py: run.c's rule)
 RB_PROMPT_COUNT     equ 50              ; u16
 RB_BUFFERS          equ 52              ; u32 x 9: x, xb, act, qkv, hb, att, logits, sample, kernel (engine.asm)
+XB_DISTANCE         equ 0x10000         ; xb is always x + XB_DISTANCE: rmsnorm writes it with no register to spare
 RB_KV_BASE          equ 88              ; u32 x 6: the KV cache and its geometry (engine.asm store_kv)
 RB_SETTINGS_END     equ 112
 RB_PROMPT_IDS       equ 112             ; u16[RB_PROMPT_COUNT >= 1], BOS first

@@ -78,16 +78,15 @@ serial_pair:
 ; Clobbers: nothing
 ; ---------------------------------------------------------------------------------------------------------------
 show:
-        push eax
         cmp byte [serial_mode], 0
         jne .raw
         cmp al, 10
         jne .raw
+        push eax
         mov al, 13
         call serial_put
-        mov al, 10
-.raw:   call serial_put
         pop eax
+.raw:   call serial_put
         ; fall through into screen
 
 ; screen: AL on the screen through [screen_hook], "\n" as CR LF. Clobbers: nothing
@@ -100,15 +99,13 @@ screen:
 .byte:  jmp [screen_hook]
 
 ; ---------------------------------------------------------------------------------------------------------------
-; teletype: AL to the screen through the BIOS (INT 10h AH=0Eh), in real mode through real_call.
+; teletype: AL to the screen through the BIOS (INT 10h AH=0Eh), in real mode through real_call's second half.
 ; Clobbers: nothing
 ; ---------------------------------------------------------------------------------------------------------------
 teletype:
-        push esi
+        pushad
         mov esi, .bios
-        call real_call
-        pop esi
-        ret
+        jmp real_call.pushed
         bits 16
 .bios:  mov ah, 0x0E
         xor bx, bx                      ; page 0, colour 0 (only used in graphics modes)
@@ -125,6 +122,7 @@ teletype:
 ; ---------------------------------------------------------------------------------------------------------------
 real_call:
         pushad
+.pushed:
         jmp CODE16:.code16
         bits 16
 .code16:                                ; (SS keeps DATA32's attributes in real mode, so the BIOS's pushes
