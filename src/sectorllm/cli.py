@@ -56,7 +56,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.engine == "boot":
             from .boot.session import load_boot
 
-            model = load_boot(args.checkpoint, args.tokenizer, scheme=args.scheme)
+            model = load_boot(args.checkpoint, args.tokenizer, scheme=args.scheme, timeout=args.timeout,
+                              machine=_machine(args))
         else:
             model = load(args.checkpoint, args.tokenizer, engine=args.engine, scheme=args.scheme)
     seq_len = model.config.seq_len
@@ -142,9 +143,11 @@ def cmd_image(args: argparse.Namespace) -> int:
 
     info = make_image(args.checkpoint, args.tokenizer, args.output, prompt=args.prompt, steps=args.steps,
                       temperature=args.temperature, topp=args.topp, topk=args.topk, minp=args.minp, seed=args.seed,
-                      scheme=args.scheme)
-    print(f"wrote {info.path}: {info.image_bytes:,} bytes (boot sector {info.boot_code_bytes} bytes of code, "
-          f"engine {info.engine_bytes:,} bytes, model {info.layout.model_bytes:,} bytes)")
+                      scheme=args.scheme, floppy=args.floppy, listing_dir=args.listing)
+    medium = "1.44 MB floppy" if info.floppy else "disk"
+    print(f"wrote {info.path}: {medium} image, {info.image_bytes:,} bytes (boot sector {info.boot_code_bytes} bytes "
+          f"of code, engine {info.engine_bytes:,} bytes, model {info.disk.model_bytes:,} bytes); the run needs "
+          f"{-(-info.memory.memory_end // 1024):,} KiB of RAM and a 386 or later")
     if args.temperature > 0 and not args.seed:
         print(f"seed: {read_image(info.path).run.seed} (taken from the clock)")
     return 0
@@ -161,7 +164,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
             out.flush()
 
     screenshot = Path(args.screenshot) if args.screenshot else None
-    run = run_image(args.image, timeout=args.timeout, cpu=args.cpu, screenshot=screenshot, on_token=show)
+    run = run_image(args.image, timeout=args.timeout, machine=_machine(args), screenshot=screenshot, on_token=show)
     result = run.result
     if args.json:
         print(json.dumps({**result.as_dict(), "seconds": run.seconds,
@@ -262,6 +265,40 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
                         help="quantization scheme when a checkpoint is quantized (fixed and boot engines)")
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 86400:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds in (0, 86400]")
+    return value
+
+
+def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
+    """The QEMU machine a boot image runs on: `boot` and `run --engine boot` share these."""
+    from .boot.qemu import ACCELS, DRIVES, MACHINES
+
+    group = parser.add_argument_group("the emulated PC (QEMU)")
+    group.add_argument("--machine", default="pc", choices=MACHINES, help="QEMU machine type (default pc)")
+    group.add_argument("--memory", type=int, metavar="MIB",
+                       help="RAM in MiB, 1..3072 (default: what the image needs, at least 128)")
+    group.add_argument("--drive", default="ide", choices=DRIVES,
+                       help="how the image is attached: IDE disk, floppy (a --floppy image), virtio-blk, or a USB "
+                            "stick on an xHCI, UHCI or EHCI controller (default ide)")
+    group.add_argument("--accel", default="tcg", choices=ACCELS, help="tcg (default) or kvm")
+    group.add_argument("--cpu", help="QEMU CPU model, e.g. 486 (default: QEMU's)")
+    group.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
+                       help="one more argument for QEMU, as it is (repeatable)")
+    group.add_argument("--timeout", type=_positive_seconds, default=120.0,
+                       help="seconds before QEMU is killed (default 120)")
+
+
+def _machine(args: argparse.Namespace):
+    from .boot.qemu import MachineConfig
+
+    machine = MachineConfig(args.machine, args.memory, args.drive, args.cpu, args.accel, tuple(args.qemu_arg))
+    machine.validate()
+    return machine
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sectorllm", description="Tiny Llama 2 inference: float engine, integer engine, boot image.")
     parser.add_argument("--version", action="version", version=f"sectorllm {__version__}")
@@ -280,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "run in QEMU")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.add_argument("-v", "--verbose", action="store_true", help="report the seed taken from the clock")
+    _add_machine_flags(run)
     run.set_defaults(func=cmd_run)
 
     info = sub.add_parser("info", help="print a checkpoint's config, parameter count and size")
@@ -302,22 +340,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     image = sub.add_parser("image", help="write a boot image that generates text (the x86 boot engine)",
-                           description="Build a bootable disk image: boot sector, run block (prompt and sampling "
-                                       "settings), the boot engine and the packed model. Flags are run's.")
+                           description="Build a bootable image: boot sector, run block (prompt and sampling "
+                                       "settings), the boot engine and the packed model; a partitioned disk image "
+                                       "(USB stick, any disk) or a 1.44 MB floppy. Flags are run's.")
     image.add_argument("checkpoint", help="checkpoint path or model name, or a packed .sllm file")
     image.add_argument("-o", "--output", required=True, help="image file to write (e.g. boot.img)")
+    image.add_argument("--floppy", action="store_true",
+                       help="a 1.44 MB floppy image (an empty FAT12 volume around the payload), for models that fit")
+    image.add_argument("--listing", metavar="DIR", help="keep nasm's listings and map files in DIR")
     _add_generation_flags(image)
     image.set_defaults(func=cmd_image)
 
     boot = sub.add_parser("boot", help="boot an image in QEMU and stream the text it tells",
-                          description="Boot a sectorllm image in qemu-system-i386 (TCG, headless) and print the "
-                                      "tokens as the engine sends them on COM1.")
+                          description="Boot a sectorllm image in qemu-system-i386 (headless) and print the tokens "
+                                      "as the engine sends them on COM1.")
     boot.add_argument("image", help="the boot image (sectorllm image)")
     boot.add_argument("--json", action="store_true",
                       help="print one JSON object (generated_tokens, text, ...) instead of streaming text")
     boot.add_argument("--screenshot", help="save the final screen as this PNG")
-    boot.add_argument("--cpu", help="QEMU CPU model, e.g. 486 (default: QEMU's)")
-    boot.add_argument("--timeout", type=float, default=120.0, help="seconds before QEMU is killed (default 120)")
+    _add_machine_flags(boot)
     boot.set_defaults(func=cmd_boot)
 
     quant = sub.add_parser("quantize", help="write a packed integer model (.sllm) from a checkpoint",

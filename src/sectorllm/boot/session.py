@@ -161,6 +161,9 @@ def run_image(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, mach
               screenshot: Path | None = None, on_token: Callable[[Token], None] | None = None) -> BootRun:
     """Boot an image in QEMU, calling on_token for each token record as it arrives; BootError if the engine fails."""
     image = read_image(path)
+    if machine.drive == "floppy" and not image.floppy:
+        raise UsageError(f"{image.path} is a disk image; --drive floppy takes a floppy image (sectorllm image "
+                         "--floppy)")
     tokens: list[Token] = []
     seconds: list[float] = []
 
@@ -182,8 +185,8 @@ class BootGeneration(StreamedGeneration):
     """Generation through a boot image in QEMU, iterated like generate.Generation: Tokens as the engine sends them,
     then `result`. The image is built in a temporary folder when the iteration starts."""
 
-    def __init__(self, blob: bytes, run: RunBlock, timeout: float) -> None:
-        self.blob, self.run, self.timeout = blob, run, timeout
+    def __init__(self, blob: bytes, run: RunBlock, timeout: float, machine: MachineConfig) -> None:
+        self.blob, self.run, self.timeout, self.machine = blob, run, timeout, machine
 
     def __iter__(self) -> Iterator[TextToken]:
         if self._result is not None:
@@ -191,12 +194,12 @@ class BootGeneration(StreamedGeneration):
         arrivals: queue.Queue[Token | BootRun | BaseException] = queue.Queue()
         with tempfile.TemporaryDirectory(prefix="sectorllm-boot-") as scratch:
             path = Path(scratch) / "boot.img"
-            build_image(self.blob, self.run, path)
+            build_image(self.blob, self.run, path, floppy=self.machine.drive == "floppy")
             echoed = read_image(path).echoed
 
             def run() -> None:
                 try:
-                    arrivals.put(run_image(path, timeout=self.timeout, on_token=arrivals.put))
+                    arrivals.put(run_image(path, timeout=self.timeout, machine=self.machine, on_token=arrivals.put))
                 except BaseException as error:  # handed to the consumer, which raises it
                     arrivals.put(error)
 
@@ -223,6 +226,7 @@ class BootModel:
     blob: bytes
     packed: PackedModel
     timeout: float = DEFAULT_TIMEOUT
+    machine: MachineConfig = MachineConfig()
 
     @property
     def config(self) -> ModelConfig:
@@ -232,13 +236,14 @@ class BootModel:
                  topk: int = 0, minp: float = 0.0, seed: int = 0) -> BootGeneration:
         """As api.Model.generate: iterate for Tokens as QEMU sends them; `.result` holds the whole run."""
         return BootGeneration(self.blob, run_block(self.packed, prompt, steps,
-                                                   SamplerConfig(temperature, topp, topk, minp, seed)), self.timeout)
+                                                   SamplerConfig(temperature, topp, topk, minp, seed)), self.timeout,
+                               self.machine)
 
 
 def load_boot(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, scheme: str = "row",
-              timeout: float = DEFAULT_TIMEOUT) -> BootModel:
-    """Load a checkpoint or packed file for generation through a boot image (packed_model's refusals)."""
-    return BootModel(*packed_model(model, tokenizer, scheme), timeout)
+              timeout: float = DEFAULT_TIMEOUT, machine: MachineConfig = MachineConfig()) -> BootModel:
+    """Load a checkpoint or packed file for generation through a boot image in QEMU (packed_model's refusals)."""
+    return BootModel(*packed_model(model, tokenizer, scheme), timeout, machine)
 
 
 @dataclass(frozen=True)
