@@ -147,7 +147,7 @@ def cmd_image(args: argparse.Namespace) -> int:
     medium = "1.44 MB floppy" if info.floppy else "disk"
     print(f"wrote {info.path}: {medium} image, {info.image_bytes:,} bytes (boot sector {info.boot_code_bytes} bytes "
           f"of code, engine {info.engine_bytes:,} bytes, model {info.disk.model_bytes:,} bytes); the run needs "
-          f"{-(-info.memory.memory_end // 1024):,} KiB of RAM and a 386 or later")
+          f"{info.memory.memory_end // 1024:,} KiB of RAM and a 386 or later")
     if args.temperature > 0 and not args.seed:
         print(f"seed: {read_image(info.path).run.seed} (taken from the clock)")
     return 0

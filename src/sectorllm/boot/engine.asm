@@ -123,6 +123,11 @@ CODE16              equ gdt.code16 - gdt
 main32:
         call serial_handshake
 main:
+%ifdef FAULT_TEST                       ; tests only: a general protection fault, a selector past the GDT's end
+        push byte 0x78
+fault_test:
+        pop ds
+%endif
 %ifdef SELFTEST
         call selftest
 %else

@@ -195,7 +195,7 @@ def memory_layout(model_bytes: int, config: ModelConfig | None, passes: int) -> 
         space[0] += size
     high = free[-1][0]
     return MemoryLayout(tuple(placed[name] for name in BUFFER_NAMES), placed["kv"], kv_block, off_vt, kv_stride,
-                        value_row, layer_bytes, macs, max(model_end, high))
+                        value_row, layer_bytes, macs, align(max(model_end, high), 1024))  # whole KiB, as reported
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ QEMU_INSTALL = "apt-get install qemu-system-x86"
 DEFAULT_MEMORY_MIB = 128
 DEFAULT_TIMEOUT = 60.0
 MONITOR_PROMPT = b"(qemu) "
+TEXT_PAGE = 0xB8000  # VGA text mode's first page: 80 x 25 (character, attribute) pairs
+TEXT_COLUMNS, TEXT_ROWS = 80, 25
 PPM_HEADER = re.compile(rb"P6\s+(\d+)\s+(\d+)\s+(\d+)\s")  # one whitespace byte, then pixels
 
 
@@ -37,6 +39,7 @@ class BootResult(EngineOutput):
     stderr: str
     seconds: float
     screenshot: Path | None
+    screen_text: str | None  # with a screenshot: the characters of the 80x25 text screen, a line each
 
     @property
     def ok(self) -> bool:
@@ -120,12 +123,12 @@ def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, machine: MachineConfi
         try:
             send_serial(process, SERIAL_RECORDS if screenshot is None else SERIAL_HOLD)
             decoder = SerialDecoder()
-            shot = None
+            shot = screen_text = None
             for record in stream_records(process, decoder, deadline, timeout):
                 if isinstance(record, Token) and on_token is not None:
                     on_token(record)
                 elif isinstance(record, End) and screenshot is not None:
-                    shot = take_screenshot(monitor, Path(scratch) / "screen.ppm", Path(screenshot), deadline)
+                    shot, screen_text = take_screenshot(monitor, Path(scratch), Path(screenshot), deadline)
                     send_serial(process, SERIAL_GO)
             exit_code = process.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
@@ -146,7 +149,7 @@ def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, machine: MachineConfi
                         f"{stderr.strip() or output.log.strip() or 'no output'}")
     status = output.end_status if output.end_status is not None else exit_code >> 1
     return BootResult(**vars(output), status=status, exit_code=exit_code, stderr=stderr,
-                      seconds=time.monotonic() - started, screenshot=shot)
+                      seconds=time.monotonic() - started, screenshot=shot, screen_text=screen_text)
 
 
 def send_serial(process: subprocess.Popen, byte: int) -> None:
@@ -176,22 +179,27 @@ def stream_records(process: subprocess.Popen, decoder: SerialDecoder, deadline: 
         yield from decoder.feed(chunk)
 
 
-def take_screenshot(monitor: Path, ppm: Path, png: Path, deadline: float) -> Path:
-    """Ask QEMU's monitor for a screendump of the VGA screen and save it as PNG."""
+def take_screenshot(monitor: Path, scratch: Path, png: Path, deadline: float) -> tuple[Path, str]:
+    """Ask QEMU's monitor for a screendump of the VGA screen, saved as PNG, and for the text page's memory: the
+    screenshot's path and the screen's text."""
+    ppm, page = scratch / "screen.ppm", scratch / "text.bin"
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
             connection.settimeout(max(deadline - time.monotonic(), 0.1))
             connection.connect(str(monitor))
             read_until_prompt(connection)
-            connection.sendall(f"screendump {ppm}\n".encode())
-            read_until_prompt(connection)
+            for command in (f"screendump {ppm}", f"pmemsave {TEXT_PAGE:#x} {TEXT_COLUMNS * TEXT_ROWS * 2} {page}"):
+                connection.sendall(f"{command}\n".encode())
+                read_until_prompt(connection)
     except OSError as error:
         raise BootError(f"cannot take the screenshot through QEMU's monitor: {error}") from None
-    if not ppm.is_file():
-        raise BootError(f"QEMU's screendump wrote no file ({ppm})")
+    if not ppm.is_file() or not page.is_file():
+        raise BootError(f"QEMU's screendump or pmemsave wrote no file ({ppm}, {page})")
     png.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(png, (ppm_to_png(ppm.read_bytes()),))
-    return png
+    characters = page.read_bytes()[::2].decode("cp437")  # (character, attribute) pairs
+    lines = (characters[i:i + TEXT_COLUMNS].rstrip() for i in range(0, len(characters), TEXT_COLUMNS))
+    return png, "\n".join(lines)
 
 
 def read_until_prompt(connection: socket.socket) -> bytes:
