@@ -25,8 +25,10 @@ exception:
         pop edx                         ; the error code
 .eip:   pop edx
         push edx
+        push eax
         mov esi, msg_exception
         call say
+        pop eax
         push byte 10
         pop ecx
         mov edi, show

@@ -188,7 +188,7 @@ def take_screenshot(monitor: Path, scratch: Path, png: Path, deadline: float) ->
             connection.settimeout(max(deadline - time.monotonic(), 0.1))
             connection.connect(str(monitor))
             read_until_prompt(connection)
-            for command in (f"screendump {ppm}", f"pmemsave {TEXT_PAGE:#x} {TEXT_COLUMNS * TEXT_ROWS * 2} {page}"):
+            for command in (f"screendump {ppm}", f"pmemsave {TEXT_PAGE:#x} {TEXT_COLUMNS * TEXT_ROWS * 2} \"{page}\""):
                 connection.sendall(f"{command}\n".encode())
                 read_until_prompt(connection)
     except OSError as error:
