@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite on a machine that may have nothing: installs nasm and QEMU (apt) and sectorllm with its
-# test extras (pip, into .venv unless a virtualenv is active), then runs pytest. Extra arguments go to pytest.
+# The whole test suite on a machine that may have nothing: installs nasm, QEMU, Bochs, mtools and sfdisk (apt) and
+# sectorllm with its test extras (pip, into .venv unless a virtualenv is active), then runs pytest. Extra arguments
+# go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +9,10 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v nasm >/dev/null || missing+=(nasm)
 command -v qemu-system-i386 >/dev/null || missing+=(qemu-system-x86)
+command -v bochs >/dev/null && [ -f /usr/share/bochs/BIOS-bochs-latest ] && [ -f /usr/share/vgabios/vgabios.bin ] \
+  || missing+=(bochs bochsbios vgabios)
+command -v mdir >/dev/null || missing+=(mtools)
+command -v sfdisk >/dev/null || missing+=(fdisk)
 python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} (apt)"

@@ -214,8 +214,7 @@ def test_image_layout_and_sizes(selftest_image, blob):
 
 def test_partition_table_as_sfdisk_reads_it(selftest_image):
     """util-linux's sfdisk, not our reader: one active partition of type 0xDA over the payload, to the disk's end."""
-    if shutil.which("sfdisk") is None:
-        pytest.skip("sfdisk (util-linux) is not installed")
+    require("sfdisk")
     dump = subprocess.run(["sfdisk", "--json", str(selftest_image.path)], capture_output=True, text=True, check=True)
     table = json.loads(dump.stdout)["partitiontable"]
     assert table["label"] == "dos"
@@ -259,8 +258,7 @@ def test_floppy_image_is_an_empty_fat12_floppy(tmp_path, blob):
     data = info.path.read_bytes()
     assert len(data) == 1_474_560 and data[510:512] == b"\x55\xaa" and data[0] == 0xEB
     assert info.disk.payload_lba == 1 and data[img.SECTOR:img.SECTOR + 4] == b"SLRB"
-    if shutil.which("mdir") is None:
-        pytest.skip("mtools is not installed")
+    require("mdir")
     listing = subprocess.run(["mdir", "-i", str(info.path), "::"], capture_output=True, text=True,
                              env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
     assert listing.returncode == 0, listing.stderr
