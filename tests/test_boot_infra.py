@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 import subprocess
 import zlib
@@ -27,7 +26,7 @@ from sectorllm.sampling import SamplerConfig
 from .conftest import emulator_module, require
 SELFTEST = {"SELFTEST": None}
 SELFTEST_TOKENS = [Token(1, b"Once"), Token(9038, b" upon\n"), Token(13, b"\n"), Token(0, b""),
-                   Token(400, bytes([0x00, 0xFF, 0x02, 0x03, img.SERIAL_HOLD, 0x80, 0x0D])), Token(65535, b" time.\r\n\x7f")]
+                   Token(400, bytes([0x00, 0xFF, 0x02, 0x03, img.SERIAL_RECORDS, 0x80, 0x0D])), Token(65535, b" time.\r\n\x7f")]
 RUN = RunBlock(prompt_tokens=(1, 403, 65535, 0), steps=77, inv_temperature_q16=81920, topp_q16=58982, topk=40,
                seed=0x1234_5678_9ABC_DEF1)
 
@@ -277,7 +276,7 @@ def test_assembly_constants_match_python(selftest_image):
     assert engine["RB_KV_BASE"] == engine["RB_BUFFERS"] + 4 * len(img.BUFFER_NAMES)
     assert engine["RB_PROMPT_IDS"] == engine["RB_SETTINGS_END"] == img.RUN_BLOCK_HEADER
     assert boot_sector["RUN_MAGIC"].to_bytes(4, "little") == img.RUN_MAGIC
-    for name in ("RUN_VERSION", "ENGINE_BASE", "MODEL_BASE", "SERIAL_RECORDS", "SERIAL_HOLD", "PARTITION_TABLE",
+    for name in ("RUN_VERSION", "ENGINE_BASE", "MODEL_BASE", "SERIAL_RECORDS", "PARTITION_TABLE",
                  "XB_DISTANCE"):
         assert boot_sector.get(name, engine.get(name)) == getattr(img, name), name
     assert boot_sector["RB_MAGIC"] == engine["RB_MAGIC"] == 0
@@ -408,7 +407,7 @@ def test_emulator_reports_a_model_too_large_for_memory(tmp_path):
     info = build_image(bytes(1536 * 1024), RunBlock(), tmp_path / "big.img", engine_defines=SELFTEST)
     result = emulator.emulate(info.path, memory_mib=2)
     assert result.status == result.end_status == Status.OUT_OF_MEMORY  # the loader refused it, before loading
-    assert result.log == "sectorllm: out of memory: the run needs 2560 KiB of RAM, found 2048 KiB\n"
+    assert result.log == "sectorllm: out of memory: needs 2560 KiB, found 2048 KiB\n"
 
 
 def test_emulator_reports_a_disk_error(selftest_image, tmp_path):

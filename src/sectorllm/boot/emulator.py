@@ -3,8 +3,8 @@
 The shim answers the BIOS interrupts and I/O ports the image uses (INT 10h teletype, INT 13h: the extensions'
 check and extended reads from the image as a hard disk, INT 14h serial initialization, INT 15h: A20 and the memory
 map (E820h), INT 16h keys from a string, INT 1Ah ticks; COM1, port 0x92, isa-debug-exit) from Python hooks, so no
-BIOS code runs in the guest: every counted instruction is the image's own. The runner's side of COM1 starts with
-SERIAL_RECORDS, as `sectorllm boot` sends it.
+BIOS code runs in the guest: every counted instruction is the image's own. The runner's side of COM1 does what
+`sectorllm boot` does: SERIAL_RECORDS before the start, SERIAL_GO after the end record.
 
 Counting: a block hook adds each translation block's instruction count, which unicorn reports for the block
 (ctl_request_cache), so the count is exact at a fraction of the cost of a hook per instruction. A rep-prefixed
@@ -26,7 +26,7 @@ from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN, UC_H
 from unicorn import x86_const as x86
 
 from ..errors import BootError
-from .image import MODEL_BASE, SECTOR, SERIAL_RECORDS, EngineOutput, SerialDecoder, Token, sectors
+from .image import MODEL_BASE, SECTOR, SERIAL_GO, SERIAL_RECORDS, End, EngineOutput, SerialDecoder, Token, sectors
 
 BOOT_ADDRESS = 0x7C00
 BOOT_DRIVE = 0x80
@@ -206,6 +206,8 @@ class Emulator:
         m = self._machine
         if port == COM1 and not m.line_control & 0x80:  # with DLAB set, 0x3F8 is the baud divisor
             for record in m.serial.feed(bytes([value & 0xFF])):
+                if isinstance(record, End):
+                    m.serial_input.append(SERIAL_GO)
                 if isinstance(record, Token):
                     m.token_instructions.append(self.instructions)
                     if self.on_token is not None:

@@ -34,14 +34,14 @@
 ;
 ; SERIAL PROTOCOL (COM1, 9600 8N1 as boot.asm set it; image.py SerialDecoder parses it)
 ;   By default COM1 carries what the screen shows, "\n" as CR LF: a terminal shows the story. A runner that sent
-;   SERIAL_RECORDS or SERIAL_HOLD (layout.asm) before the machine started gets records instead. Outside records
-;   that stream is log text: ASCII, never STX. A record is STX, one tag letter, then:
+;   SERIAL_RECORDS (layout.asm) before the machine started gets records instead. Outside records that stream is
+;   log text: ASCII, never STX. A record is STX, one tag letter, then:
 ;     'T' id (u16) n (u8) b1 .. bn     a token and the n bytes it prints (any values): every forced prompt token
 ;                                      and generated token; a sampled BOS or EOS, which ends the run, with n = 0
 ;     'E' status (u8)                  end of run; the status also goes to isa-debug-exit (port 0xF4)
 ;     'M' name '=' value ETX           a named value (decimal, unsigned 32-bit): the self-test's
-;   After SERIAL_HOLD, end_run waits for one more byte before port 0xF4, so the runner can take a screenshot while
-;   the final screen is still there.
+;   After the end record, end_run waits for one more byte from the runner before port 0xF4, so the runner can take
+;   a screenshot while the final screen is still there.
 
         bits 16
         cpu 386
@@ -122,7 +122,6 @@ CODE16              equ gdt.code16 - gdt
 ; ---------------------------------------------------------------------------------------------------------------
 main32:
         call serial_handshake
-main:
 %ifdef FAULT_TEST                       ; tests only: a general protection fault, a selector past the GDT's end
         push byte 0x78
 fault_test:
@@ -147,7 +146,8 @@ fault_test:
 
 gdt:                                    ; lgdt's 6 bytes fill the unused null descriptor
                     dw gdt_end - gdt - 1
-                    dd gdt
+.ivt:               dd gdt              ; and lidt's for real mode's vectors: base 0, a limit of gdt's
+                                        ; address, at least 0x3FF (the engine lies in 0x8000..0xFDFF)
                     dw 0
 .code32:            dw 0xFFFF, 0x0000   ; base 0, limit 0xFFFFF pages = 4 GiB, execute/read, 32-bit
                     db 0x00, 0x9A, 0xCF, 0x00
@@ -158,9 +158,8 @@ gdt:                                    ; lgdt's 6 bytes fill the unused null de
 gdt_end:
 idt_descriptor:     dw 8 * N_VECTORS - 1
                     dd idt
-ivt_descriptor:     dw 0x3FF            ; real mode's interrupt vectors, for the BIOS calls
-                    dd 0
 screen_hook:        dd teletype         ; another loader puts its own screen routine here
+serial_mode:        db 0                ; 0: plain text; 1: records
 
 engine_end:
 
@@ -197,8 +196,6 @@ layer_bytes:        resd 1              ; n_kv_heads blocks
 %error "VARS and the run block's settings differ"
 %endif
 layer_kv:           resd 1              ; this layer's first cache block
-serial_mode:        resb 1              ; 0: plain text; 1: records; 2: records, and hold at the end
-                    resb 3
 token:              resd 1              ; the token at pos
 pos:                resd 1
 act_row:            resd 1              ; quantize_act's n (an int8 row's bytes), k and the end of act

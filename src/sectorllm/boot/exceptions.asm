@@ -1,8 +1,6 @@
 ; exceptions.asm - a CPU exception in protected mode is said, not a silent reset: the IDT's gates lead here, and the
 ; handler prints "sectorllm: CPU exception N at 0xEIP" to COM1 and the screen and ends the run.
 
-ERROR_CODE_VECTORS  equ 1 << 8 | 1 << 10 | 1 << 11 | 1 << 12 | 1 << 13  ; those that push an error code
-
 ; ---------------------------------------------------------------------------------------------------------------
 ; exception_sled: vector N's gate enters at the Nth push, so the pushes run from -(N + 1) down to -N_VECTORS; the
 ; deepest one names the vector. No EIP or error code comes near those values.
@@ -18,21 +16,20 @@ exception:
         pop eax
         cmp dword [esp], byte -N_VECTORS
         jae .marker
-        not eax                         ; the vector
-        mov ebx, ERROR_CODE_VECTORS
-        bt ebx, eax
-        jnc .eip
+        not eax                         ; the vector: 8 and 10..13 push an error code
+        cmp al, 8
+        jb .eip
+        cmp al, 9
+        je .eip
         pop edx                         ; the error code
 .eip:   pop edx
         push edx
         push eax
-        mov esi, msg_exception
+        mov esi, msg_prefix
         call say
+        call say                        ; msg_exception
         pop eax
-        push byte 10
-        pop ecx
-        mov edi, show
-        call print_number
+        call say_decimal
         call say                        ; msg_at
         pop eax
         mov cl, 16
@@ -41,6 +38,7 @@ exception:
         mov al, STATUS_CPU_EXCEPTION
         jmp end_run
 
-msg_exception:      db "sectorllm: CPU exception ", 0
+msg_prefix:         db "sectorllm: ", 0
+msg_exception:      db "CPU exception ", 0
 msg_at:             db " at 0x", 0
 msg_line_end:       db 10, 0

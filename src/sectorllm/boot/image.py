@@ -24,9 +24,9 @@ Run block (layout.asm RB_*), little-endian:
 
 The sampling fields are FixedSamplerConfig's integers (engines/fixed.py); the buffers and the KV cache are placed
 by memory_layout() from the model's shape: in the low arena (0x10000..0x7FFFF) where they fit, else after the model.
-Serial protocol (COM1; SerialDecoder): plain text unless the runner sends SERIAL_RECORDS or SERIAL_HOLD first; then
-log text, never STX, and records `STX 'T' id:u16 n:u8` followed by the token's n raw bytes, `STX 'E' status:u8` at
-the end, `STX 'M' name=value ETX` from the self-test.
+Serial protocol (COM1; SerialDecoder): plain text unless the runner sends SERIAL_RECORDS first; then log text,
+never STX, and records `STX 'T' id:u16 n:u8` followed by the token's n raw bytes, `STX 'E' status:u8` at the end
+(after which the engine waits for one more byte, SERIAL_GO), `STX 'M' name=value ETX` from the self-test.
 """
 
 from __future__ import annotations
@@ -78,8 +78,7 @@ MAX_STEPS = 0xFFFF
 STX = 0x02
 ETX = 0x03
 SERIAL_RECORDS = 0x1E  # runner -> engine, before the boot: send records instead of plain text
-SERIAL_HOLD = 0x1F  # the same, and wait at the end for one more byte (SERIAL_GO)
-SERIAL_GO = 0x0D
+SERIAL_GO = 0x0D  # runner -> engine, after the end record: exit now
 
 SOURCE_DIR = Path(__file__).resolve().parent
 BOOT_SOURCE = SOURCE_DIR / "boot.asm"

@@ -67,8 +67,6 @@ COM1                equ 0x3F8
 UART_LSR            equ COM1 + 5
 LSR_DATA_READY      equ 0x01
 LSR_THR_EMPTY       equ 0x20
-; The serial handshake: a runner that wants records sends one of these bytes before the machine starts (the UART
-; holds it); a terminal sends nothing, or a key a person types, and gets the story as plain text.
-SERIAL_RECORDS      equ 0x1E            ; records (engine.asm SERIAL PROTOCOL); RS and US: control bytes no
-SERIAL_HOLD         equ 0x1F            ; terminal sends for flow control or a person types by accident; HOLD also waits at the
-                                        ; end for one more byte (the runner's screenshot)
+; The serial handshake: a runner that wants records sends this byte before the machine starts (the UART holds
+; it); a terminal sends nothing, or a key a person types, and gets the story as plain text.
+SERIAL_RECORDS      equ 0x1E            ; RS: a control byte no terminal sends for flow control or a person types

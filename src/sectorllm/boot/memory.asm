@@ -14,19 +14,20 @@ engine_start:
         and al, 0xFE                    ; bit 0 would reset the machine
         out SYSTEM_CONTROL_A, al
         push 0xFFFF
-        pop es
-        mov byte [MEM_TOP], 0           ; with A20 closed, 1 MiB higher is the same byte
-        mov byte [es:MEM_TOP + 0x10], 1
-        push ds
-        pop es
+        pop fs
+        mov [MEM_TOP], al               ; with A20 closed, 1 MiB higher is the same byte
+        not al
+        mov [fs:MEM_TOP + 0x10], al
         mov si, msg_a20_closed
-        cmp byte [MEM_TOP], 0
-        jne FAIL
+        cmp [MEM_TOP], al
+        je FAIL
         call memory_size
-        mov [MEM_TOP], eax
+%ifdef SELFTEST
+        mov [MEM_TOP], eax              ; for the self-test's report
+%endif
         lgdt [gdt]
-        push dword load_model           ; what real_call.protected returns to, with a pushad frame
-        pushad
+        push dword load_model           ; what real_call.protected returns to, with a pushad frame: EAX = the
+        pushad                          ; memory's end
         jmp real_call.protected
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -43,19 +44,18 @@ memory_size:
         mov ecx, 20
         int 0x15
         jc .e801                        ; no E820h, or past its last range
-        cmp dword [di], MODEL_BASE      ; (an E820h range never starts at 1 MiB above 4 GiB)
+        cmp word [di + 2], MODEL_BASE >> 16  ; a range from 1 MiB (bits 16..31 of its base, which is whole KiB)
         jne .next
         cmp byte [di + 16], 1           ; usable RAM
         jne .next
-        mov eax, [di + 8]
-        add eax, MODEL_BASE
+        mov eax, [di]
+        add eax, [di + 8]
         ret
 .next:  test ebx, ebx
         jnz .e820
 .e801:  mov ax, 0xE801                  ; KiB from 1 to 16 MiB and 64 KiB blocks above, in AX/BX, CX/DX or both
         xor bx, bx
-        xor cx, cx
-        xor dx, dx
+        xor cx, cx                      ; (a BIOS that answers in CX answers in DX too)
         int 0x15
         jnc .answer
         mov ah, 0x88                    ; KiB above 1 MiB
@@ -77,12 +77,23 @@ memory_size:
 .done:  ret
         bits 32
 
+; say_kib: EAX / 1024 in decimal, shown. Clobbers: EAX, ECX, EDX, EDI
+say_kib:
+        shr eax, 10
+        jmp say_decimal
+
+msg_a20_closed:     db STATUS_A20_CLOSED, "A20 closed", 13, 10, 0
+msg_out_of_memory:  db "out of memory: needs ", 0
+msg_found:          db " KiB, found ", 0
+msg_kib:            db " KiB", 10, 0
+
 ; ---------------------------------------------------------------------------------------------------------------
-; load_model: fill the IDT; refuse the run if the RAM ends before RB_MEMORY_END; load the model ([RUN_BLOCK +
+; load_model (entered in protected mode, EAX = the memory's end): fill the IDT; refuse the run if the RAM ends before RB_MEMORY_END; load the model ([RUN_BLOCK +
 ; RB_MODEL_BYTES] long from LBA [RUN_BLOCK + RB_MODEL_LBA]) to MODEL_BASE, each piece read to DISK_BUFFER in real
 ; mode and copied up here; then on to main32.
 ; ---------------------------------------------------------------------------------------------------------------
 load_model:
+        xchg eax, ebp                   ; the memory's end, from memory_size through the pushad frame
         mov edi, idt                    ; a gate for each vector: its entry in exception_sled
         mov eax, (CODE32 << 16) + exception_sled
         push byte N_VECTORS
@@ -95,24 +106,26 @@ load_model:
         loop .gate
 
         call serial_handshake
-        mov eax, [MEM_TOP]
         mov ebx, [RUN_BLOCK + RB_MEMORY_END]
-        cmp ebx, eax
+        cmp ebx, ebp
         jbe .fits
-        mov esi, msg_out_of_memory      ; "sectorllm: out of memory: the run needs N KiB, found M KiB"
+        mov esi, msg_prefix             ; "sectorllm: out of memory: needs N KiB, found M KiB"
+        call say
+        mov esi, msg_out_of_memory
         call say
         xchg eax, ebx
         call say_kib
         call say                        ; msg_found
-        xchg eax, ebx
+        xchg eax, ebp
         call say_kib
         call say                        ; msg_kib
         mov al, STATUS_OUT_OF_MEMORY
         jmp end_run
 
 .fits:  mov edx, [RUN_BLOCK + RB_MODEL_BYTES]
-        add edx, SECTOR - 1
-        shr edx, SECTOR_SHIFT           ; sectors left to load
+        dec edx
+        shr edx, SECTOR_SHIFT
+        inc edx                         ; sectors left to load
         mov edi, MODEL_BASE
         mov eax, [RUN_BLOCK + RB_MODEL_LBA]
 .chunk: push byte LOAD_CHUNK_SECTORS
@@ -121,7 +134,7 @@ load_model:
         jae .read
         mov ecx, edx
 .read:  mov ebx, DISK_BUFFER >> 4
-        mov esi, READ_SECTORS
+        mov si, READ_SECTORS
         call real_call
         mov esi, DISK_BUFFER
         push ecx
@@ -131,17 +144,5 @@ load_model:
         add eax, ecx
         sub edx, ecx
         jnz .chunk
-        jmp main                        ; (past main32's handshake, taken above)
+        ; fall through into main32 (engine.asm)
 
-; say_kib: EAX / 1024 in decimal, shown. Clobbers: EAX, ECX, EDX, EDI
-say_kib:
-        shr eax, 10
-        push byte 10
-        pop ecx
-        mov edi, show
-        jmp print_number
-
-msg_a20_closed:     db STATUS_A20_CLOSED, "A20 closed", 13, 10, 0
-msg_out_of_memory:  db "sectorllm: out of memory: the run needs ", 0
-msg_found:          db " KiB of RAM, found ", 0
-msg_kib:            db " KiB", 10, 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..atomic import write_atomically
 from ..errors import BootError, UsageError
-from .image import SERIAL_GO, SERIAL_HOLD, SERIAL_RECORDS, End, EngineOutput, Record, SerialDecoder, Token
+from .image import SERIAL_GO, SERIAL_RECORDS, End, EngineOutput, Record, SerialDecoder, Token
 
 QEMU = "qemu-system-i386"
 QEMU_INSTALL = "apt-get install qemu-system-x86"
@@ -101,9 +101,9 @@ def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, machine: MachineConfi
     memory_mib is used unless machine.memory_mib is set. TCG is the default accelerator: it ran real-mode code
     faster than KVM here, and boots SeaBIOS in a fraction of the time; but only KVM runs the guest on the CPU
     itself, with its segment checks and mode switches. The runner asks for records (SERIAL_RECORDS) before the
-    machine starts; on_token is called for each token as soon as its record and bytes have arrived. With
-    screenshot, it asks the engine (SERIAL_HOLD) to wait after its end record, saves the VGA screen as PNG, then
-    lets it exit.
+    machine starts; on_token is called for each token as soon as its record and bytes have arrived. The engine
+    waits after its end record: with screenshot the runner saves the VGA screen as PNG (and its text) first, then
+    lets it exit (SERIAL_GO).
     """
     machine.validate()
     binary = shutil.which(QEMU)
@@ -121,14 +121,15 @@ def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, machine: MachineConfi
         with open(stderr_path, "wb") as stderr_file:
             process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr_file)
         try:
-            send_serial(process, SERIAL_RECORDS if screenshot is None else SERIAL_HOLD)
+            send_serial(process, SERIAL_RECORDS)
             decoder = SerialDecoder()
             shot = screen_text = None
             for record in stream_records(process, decoder, deadline, timeout):
                 if isinstance(record, Token) and on_token is not None:
                     on_token(record)
-                elif isinstance(record, End) and screenshot is not None:
-                    shot, screen_text = take_screenshot(monitor, Path(scratch), Path(screenshot), deadline)
+                elif isinstance(record, End):
+                    if screenshot is not None:
+                        shot, screen_text = take_screenshot(monitor, Path(scratch), Path(screenshot), deadline)
                     send_serial(process, SERIAL_GO)
             exit_code = process.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:

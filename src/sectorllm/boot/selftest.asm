@@ -129,7 +129,7 @@ selftest_tokens:
         dw 0
         db 0
         dw 400
-        db 7, 0x00, 0xFF, STX, ETX, SERIAL_HOLD, 0x80, 0x0D
+        db 7, 0x00, 0xFF, STX, ETX, SERIAL_RECORDS, 0x80, 0x0D
         dw 65535
         db 9, " time.", 13, 10, 0x7F
 selftest_tokens_end:

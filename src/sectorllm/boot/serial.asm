@@ -2,29 +2,27 @@
 ; (engine.asm SERIAL PROTOCOL), the screen through the BIOS, token reports and the end of the run.
 
 ; ---------------------------------------------------------------------------------------------------------------
-; serial_handshake: records if the runner left SERIAL_RECORDS or SERIAL_HOLD in the UART, else plain text.
-; Output:   [serial_mode] = 0 (text), 1 (records) or 2 (records, hold at the end)
+; serial_handshake: records if the runner left SERIAL_RECORDS in the UART; else the mode stays as it was (plain
+; text from the start), so a second call changes nothing.
+; Output:   [serial_mode] = 0 (text) or 1 (records)
 ; Clobbers: EAX, EDX
 ; ---------------------------------------------------------------------------------------------------------------
 serial_handshake:
-        xor eax, eax
         mov dx, UART_LSR
         in al, dx                       ; (no UART at all reads 0xFF: not a handshake byte)
         test al, LSR_DATA_READY
-        jz .text
+        jz .done
         mov dl, COM1 & 0xFF
         in al, dx
-        sub al, SERIAL_RECORDS - 1
-        cmp al, 2
-        jbe .mode
-.text:  xor eax, eax
-.mode:  mov [serial_mode], al
-        ret
+        cmp al, SERIAL_RECORDS
+        jne .done
+        inc byte [serial_mode]
+.done:  ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; end_run: the end record (records only); after SERIAL_HOLD wait for one more byte (the runner's screenshot); then
-; leave through QEMU's isa-debug-exit (QEMU exits with status (AL << 1) | 1) and halt where that device does not
-; exist.
+; end_run: with records, the end record, then wait for the runner's next byte (it may take a screenshot first);
+; then leave through QEMU's isa-debug-exit (QEMU exits with status (AL << 1) | 1) and halt where that device does
+; not exist.
 ; Entry:    AL = status (0..127)
 ; Output:   never returns
 ; ---------------------------------------------------------------------------------------------------------------
@@ -36,8 +34,6 @@ end_run:
         call serial_pair
         mov al, bl
         call serial_put
-        cmp byte [serial_mode], 2
-        jb .exit
         mov dx, UART_LSR
 .wait:  in al, dx
         test al, LSR_DATA_READY
@@ -87,27 +83,24 @@ show:
         call serial_put
         pop eax
 .raw:   call serial_put
-        ; fall through into screen
-
-; screen: AL on the screen through [screen_hook], "\n" as CR LF. Clobbers: nothing
-screen:
-        cmp al, 10
-        jne .byte
-        mov al, 13
-        call [screen_hook]
-        mov al, 10
-.byte:  jmp [screen_hook]
+        jmp [screen_hook]
 
 ; ---------------------------------------------------------------------------------------------------------------
-; teletype: AL to the screen through the BIOS (INT 10h AH=0Eh), in real mode through real_call's second half.
+; teletype: AL to the screen through the BIOS (INT 10h AH=0Eh; "\n" as CR LF), in real mode through real_call
+; past its pushad.
 ; Clobbers: nothing
 ; ---------------------------------------------------------------------------------------------------------------
 teletype:
         pushad
-        mov esi, .bios
+        mov si, .bios
         jmp real_call.pushed
         bits 16
-.bios:  mov ah, 0x0E
+.bios:  cmp al, 10
+        jne .byte
+        mov al, 13
+        call .byte
+        mov al, 10
+.byte:  mov ah, 0x0E
         xor bx, bx                      ; page 0, colour 0 (only used in graphics modes)
         int 0x10
         ret
@@ -126,15 +119,15 @@ real_call:
         jmp CODE16:.code16
         bits 16
 .code16:                                ; (SS keeps DATA32's attributes in real mode, so the BIOS's pushes
-        lidt [ivt_descriptor]           ; there go through ESP: its high half is 0, so they are SP's)
+        lidt [gdt.ivt]           ; there go through ESP: its high half is 0, so they are SP's)
         mov ebp, cr0
         dec bp                          ; PE off
         mov cr0, ebp
         jmp 0:.real
-.real:  xor bp, bp
-        mov ss, bp
-        mov ds, bp
-        mov es, bp
+.real:  push byte 0                     ; segment values the BIOS can use (ES is each call's own)
+        pop ss
+        push ss
+        pop ds
         sti
         call si
 .protected:
@@ -146,10 +139,12 @@ real_call:
         jmp dword CODE32:.code32
         bits 32
 .code32:
-        mov bp, DATA32
-        mov ss, bp
-        mov ds, bp
-        mov es, bp
+        push byte DATA32
+        pop ss
+        push ss
+        pop ds
+        push ss
+        pop es
         popad
         ret
 
@@ -158,17 +153,22 @@ real_call:
 ; Output:   ESI = the byte after the NUL
 ; Clobbers: EAX
 ; ---------------------------------------------------------------------------------------------------------------
+say_next:
+        call show
 say:    lodsb
         test al, al
-        jz .done
-        call show
-        jmp say
-.done:  ret
+        jnz say_next
+        ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; print_number: the digits of EAX in base ECX (2..16), most significant first, each given to the routine at EDI.
+; say_decimal: EAX in decimal, shown (ECX = 10, EDI = show on return); print_number: the digits of EAX in base
+; ECX (2..16), most significant first, each given to the routine at EDI.
 ; Clobbers: EAX, EDX
 ; ---------------------------------------------------------------------------------------------------------------
+say_decimal:
+        push byte 10
+        pop ecx
+        mov edi, show
 print_number:
         xor edx, edx
         div ecx
