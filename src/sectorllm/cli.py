@@ -196,13 +196,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .api import checkpoint_tokenizer
     from .checkpoint import load_checkpoint
-    from .evaluate import BUILTIN_PROMPTS, evaluate, plot_report
+    from .evaluate import BUILTIN_PROMPTS, ablate, ablations, evaluate, plot_report
     from .hub import resolve_model
 
     prompts = BUILTIN_PROMPTS if args.prompts is None else _read_prompts(args.prompts)
     path = resolve_model(args.checkpoint)
     checkpoint = load_checkpoint(path)
     tokenizer = checkpoint_tokenizer(checkpoint, path, args.tokenizer)
+    if args.ablate:
+        scheme = (args.scheme or ["row"])[0]
+        with tqdm(total=len(ablations()), desc=f"ablate {scheme}", unit="row", disable=args.json or None,
+                  file=sys.stderr) as bar:
+            rows = ablate(checkpoint, tokenizer, scheme, prompts, args.positions, progress=bar.update)
+        if args.json:
+            print(json.dumps([r.as_dict() for r in rows]))
+            return 0
+        print(f"{'steps':<34}{'top-1 agree':>12}{'mean KL':>10}{'greedy BOS':>12}{'greedy mean':>13}")
+        for r in rows:
+            print(f"{r.label:<34}{r.top1_agreement:>12.2%}{r.mean_kl:>10.5f}{r.greedy_prefix_bos:>12}"
+                  f"{r.greedy_prefix_mean:>13.1f}")
+        return 0
     reports = []
     for scheme in args.scheme or ["row"]:
         with tqdm(total=len(prompts), desc=f"eval {scheme}", unit="prompt", disable=args.json or None,
@@ -341,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--positions", type=int, default=128, help="positions scored after each prompt (default 128)")
     ev.add_argument("--json", action="store_true", help="print JSON (one object, or a list for several schemes)")
     ev.add_argument("--plot", help="draw agreement and KL against position into this PNG")
+    ev.add_argument("--ablate", action="store_true",
+                    help="instead: the error budget, each integer step swapped in turn for its exact float counterpart")
     ev.set_defaults(func=cmd_eval)
 
     download = sub.add_parser("download", help="fetch a model and its tokenizer from the Hugging Face hub")

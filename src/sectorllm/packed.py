@@ -83,6 +83,11 @@ class QuantizedMatrix:
     shift: int  # the same for every row of the matrix
 
 
+def dequantize(m: QuantizedMatrix) -> np.ndarray:
+    """The real matrix, float64."""
+    return m.q.astype(np.float64) * (m.s.astype(np.float64) / 2.0 ** m.shift)[..., None]
+
+
 @dataclass(frozen=True)
 class PackedModel:
     config: ModelConfig
