@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite on a machine that may have nothing: installs nasm and QEMU (apt) and sectorllm with its
-# test extras (pip, into .venv unless a virtualenv is active), then runs pytest. Extra arguments go to pytest.
+# The whole test suite on a machine that may have nothing: installs nasm, QEMU, OVMF and the FAT tools (apt) and
+# sectorllm with its test extras (pip, into .venv unless a virtualenv is active), then runs pytest. Extra arguments
+# go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +9,9 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v nasm >/dev/null || missing+=(nasm)
 command -v qemu-system-i386 >/dev/null || missing+=(qemu-system-x86)
+[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || missing+=(ovmf)
+command -v mcopy >/dev/null || missing+=(mtools)
+PATH="$PATH:/usr/sbin:/sbin" command -v mkfs.fat >/dev/null || missing+=(dosfstools)
 python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} (apt)"

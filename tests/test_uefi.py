@@ -1,0 +1,137 @@
+"""The UEFI boot path for real: the loader (uefi.asm) in an EFI System Partition made by dosfstools and mtools,
+booted by OVMF under qemu-system-x86_64 (q35) from a virtio disk and a USB stick, running a stand-in engine with
+engine.asm's contract (tests/uefi_stub.asm) in compatibility mode. COM1 is the engine's; the firmware's console
+(ConOut) is read back through the terminal OVMF keeps on COM2."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from sectorllm.boot import uefi
+from sectorllm.boot.image import MODEL_BASE, DiskLayout, RunBlock, Status, assemble, pack_run_block, sectors
+from sectorllm.errors import BootError
+
+from .conftest import IN_CI, require
+from .test_boot_infra import checksums, pattern_blob
+
+STUB_SOURCE = Path(__file__).with_name("uefi_stub.asm")
+QEMU64 = "qemu-system-x86_64"
+MIB = 1 << 20
+
+
+def require_uefi() -> None:
+    for tool in ("nasm", QEMU64, "mcopy"):
+        require(tool)
+    try:
+        uefi.ovmf_firmware()
+        uefi._tool("mkfs.fat", uefi.FAT_TOOLS_INSTALL)
+    except BootError as error:
+        if IN_CI:
+            pytest.fail(f"{error} (.ci/run must install it)")
+        pytest.skip(str(error))
+
+
+def boot_ovmf(image: Path, drive: str = "virtio", memory_mib: int = 256,
+              timeout: float = 120) -> tuple[int, bytes, bytes]:
+    """Boot image under OVMF until the guest leaves through isa-debug-exit: QEMU's exit code, COM1, COM2."""
+    with tempfile.TemporaryDirectory(prefix="sectorllm-ovmf-") as scratch:
+        com2 = Path(scratch) / "com2.txt"
+        command = [QEMU64, *uefi.ovmf_qemu_args(uefi.copy_ovmf_vars(Path(scratch))), "-m", str(memory_mib),
+                   "-display", "none", "-no-reboot", "-nic", "none", "-serial", "stdio", "-serial", f"file:{com2}",
+                   "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", *uefi.drive_args(image, drive)]
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        return done.returncode, done.stdout, com2.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory):
+    require_uefi()
+    build = tmp_path_factory.mktemp("stub")
+    engine = assemble(STUB_SOURCE, build / "stub.bin")
+    return engine, uefi.assemble_loader(engine, build / "bootx64.efi")
+
+
+def stub_disk(stub, path: Path, model: bytes, memory_end: int, *, run_block: bytes | None = None,
+              with_payload: bool = True) -> Path:
+    engine, loader = stub
+    layout = DiskLayout(sectors(engine.size), 0, len(model), memory_end)
+    block = run_block if run_block is not None else pack_run_block(RunBlock(), layout)
+    files = {uefi.LOADER_PATH: loader.binary.read_bytes()}
+    if with_payload:
+        files[uefi.PAYLOAD_NAME] = uefi.payload(block, engine.binary.read_bytes(), model)
+    path.write_bytes(uefi.uefi_disk_image(uefi.build_esp(files)))
+    return path
+
+
+def exit_code(status: int) -> int:
+    return status << 1 | 1  # isa-debug-exit
+
+
+@pytest.mark.parametrize("drive", ["virtio", "usb"])
+def test_loader_runs_the_engine_in_compatibility_mode(stub, tmp_path, drive):
+    model = pattern_blob(700 * 1024 + 3)
+    memory_end = MODEL_BASE + 5 * MIB + 4096  # not a 2 MiB multiple: the loader rounds its window up
+    code, com1, com2 = boot_ovmf(stub_disk(stub, tmp_path / "disk.img", model, memory_end), drive)
+    total, weighted = checksums(model)
+    assert f"stub sum={total:08X} weighted={weighted:08X} top=5EC7011A\n".encode() in com1
+    assert b"sectorllm stub on ConOut\r\n" in com2  # every byte through screen_hook, registers kept
+    assert code == exit_code(Status.OK)
+
+
+def test_bad_run_block_is_refused_on_com1_and_conout(stub, tmp_path):
+    model = pattern_blob(4096)
+    block = bytearray(pack_run_block(RunBlock(), DiskLayout(1, 0, len(model), MODEL_BASE + MIB)))
+    block[:4] = b"XXXX"
+    code, com1, com2 = boot_ovmf(stub_disk(stub, tmp_path / "disk.img", model, 0, run_block=bytes(block)))
+    assert com1.endswith(b"sectorllm: bad image\r\n")
+    assert b"sectorllm: bad image\r\n" in com2
+    assert code == exit_code(Status.BAD_RUN_BLOCK)
+
+
+def test_missing_payload_is_a_disk_error(stub, tmp_path):
+    code, com1, _ = boot_ovmf(stub_disk(stub, tmp_path / "disk.img", b"", 0, with_payload=False))
+    assert com1.endswith(b"sectorllm: disk error\r\n")
+    assert code == exit_code(Status.DISK_ERROR)
+
+
+def test_out_of_memory_names_what_the_run_needs(stub, tmp_path):
+    memory_end = 1 << 30  # more than the 256 MiB machine has
+    code, com1, _ = boot_ovmf(stub_disk(stub, tmp_path / "disk.img", pattern_blob(4096), memory_end))
+    needed_kib = (memory_end + 2 * MIB + 7 * 4096) // 1024  # the window, 2 MiB alignment, page tables and resident
+    assert com1.endswith(f"sectorllm: out of memory: the run needs {needed_kib} KiB of RAM below 4 GiB\r\n".encode())
+    assert code == exit_code(Status.MODEL_TOO_LARGE)
+
+
+def test_esp_is_a_valid_fat_holding_the_files(tmp_path):
+    require_uefi()
+    files = {uefi.LOADER_PATH: b"MZ" + bytes(1000), uefi.PAYLOAD_NAME: pattern_blob(3 * MIB + 7)}
+    esp = uefi.build_esp(files)
+    assert len(esp) % MIB == 0 and len(esp) >= uefi.ESP_MIN_BYTES
+    fat = tmp_path / "esp.img"
+    fat.write_bytes(esp)
+    check = subprocess.run([uefi._tool("fsck.fat", uefi.FAT_TOOLS_INSTALL), "-n", "-v", str(fat)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert esp[54:62] == b"FAT16   "  # the boot sector's file system type
+    for name, content in files.items():
+        out = tmp_path / Path(name).name
+        subprocess.run(["mcopy", "-i", str(fat), f"::/{name}", str(out)], check=True)
+        assert out.read_bytes() == content
+    disk = uefi.uefi_disk_image(esp)
+    entry = disk[446:462]
+    assert entry[4] == uefi.ESP_TYPE
+    assert int.from_bytes(entry[8:12], "little") == uefi.ESP_START_LBA
+    assert int.from_bytes(entry[12:16], "little") * 512 == len(esp)
+    assert disk[510:512] == b"\x55\xaa" and disk[uefi.ESP_START_LBA * 512:] == esp
+
+
+def test_loader_needs_the_engines_uefi_entry(tmp_path):
+    require("nasm")
+    source = tmp_path / "old.asm"
+    source.write_text("bits 32\norg 0x8000\nstart: hlt\n")
+    with pytest.raises(BootError, match="main32 or screen_hook"):
+        uefi.assemble_loader(assemble(source, tmp_path / "old.bin"), tmp_path / "bootx64.efi")
