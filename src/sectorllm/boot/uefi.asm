@@ -259,11 +259,9 @@ release_com1:
 .handle:
         mov rcx, [rsi]
         lea rdx, [device_path_guid]
-        lea r8, [rsp + 40]
-        call [rbx + BS_HANDLE_PROTOCOL]
-        test rax, rax
+        call protocol
         jnz .next
-        mov rdi, [rsp + 40]
+        mov rdi, rcx
 .node:  cmp byte [rdi], DP_END
         je .next
         cmp word [rdi], DP_ACPI | DP_ACPI_HID << 8
@@ -296,18 +294,12 @@ open_payload:
         sub rsp, 56
         mov rcx, [image_handle]
         lea rdx, [loaded_image_guid]
-        lea r8, [rsp + 40]
-        call [rbx + BS_HANDLE_PROTOCOL]
-        test rax, rax
+        call protocol
         jnz disk_error
-        mov rcx, [rsp + 40]
         mov rcx, [rcx + LI_DEVICE_HANDLE]
         lea rdx, [file_system_guid]
-        lea r8, [rsp + 40]
-        call [rbx + BS_HANDLE_PROTOCOL]
-        test rax, rax
+        call protocol
         jnz disk_error
-        mov rcx, [rsp + 40]
         lea rdx, [rsp + 48]             ; the volume's root directory
         call [rcx + FS_OPEN_VOLUME]
         test rax, rax
@@ -322,6 +314,19 @@ open_payload:
         jnz disk_error
         mov r15, [rsp + 40]
         add rsp, 56
+        ret
+
+; protocol: the interface of a protocol on a handle (HandleProtocol).
+; Entry:    RCX = handle, RDX = the protocol's GUID
+; Output:   ZF set and RCX = the interface if the handle has it; ZF clear if not
+; Clobbers: RAX, RDX, R8 - R11
+protocol:
+        sub rsp, 40
+        lea r8, [rsp + 32]
+        call [rbx + BS_HANDLE_PROTOCOL]
+        mov rcx, [rsp + 32]
+        add rsp, 40
+        test rax, rax
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
@@ -595,18 +600,15 @@ resident_end:
 ; constant data
 ; ---------------------------------------------------------------------------------------------------------------
 code_end:
-loaded_image_guid:  dd 0x5B1B31A1
-                    dw 0x9562, 0x11D2
-                    db 0x8E, 0x3F, 0x00, 0xA0, 0xC9, 0x69, 0x72, 0x3B
-file_system_guid:   dd 0x964E5B22
-                    dw 0x6459, 0x11D2
-                    db 0x8E, 0x39, 0x00, 0xA0, 0xC9, 0x69, 0x72, 0x3B
-serial_io_guid:     dd 0xBB25CF6F
-                    dw 0xF1D4, 0x11D2
-                    db 0x9A, 0x0C, 0x00, 0x90, 0x27, 0x3F, 0xC1, 0xFD
-device_path_guid:   dd 0x09576E91
-                    dw 0x6D3F, 0x11D2
-                    db 0x8E, 0x39, 0x00, 0xA0, 0xC9, 0x69, 0x72, 0x3B
+%macro guid 11                          ; a GUID as the spec writes it: u32, u16, u16, 8 bytes
+        dd %1
+        dw %2, %3
+        db %4, %5, %6, %7, %8, %9, %10, %11
+%endmacro
+loaded_image_guid:  guid 0x5B1B31A1, 0x9562, 0x11D2, 0x8E, 0x3F, 0x00, 0xA0, 0xC9, 0x69, 0x72, 0x3B
+file_system_guid:   guid 0x964E5B22, 0x6459, 0x11D2, 0x8E, 0x39, 0x00, 0xA0, 0xC9, 0x69, 0x72, 0x3B
+serial_io_guid:     guid 0xBB25CF6F, 0xF1D4, 0x11D2, 0x9A, 0x0C, 0x00, 0x90, 0x27, 0x3F, 0xC1, 0xFD
+device_path_guid:   guid 0x09576E91, 0x6D3F, 0x11D2, 0x8E, 0x39, 0x00, 0xA0, 0xC9, 0x69, 0x72, 0x3B
 payload_name:       dw __utf16__("\SECTORLLM.BIN"), 0
 msg_prefix:         db "sectorllm: ", 0
 msg_bad_run_block:  db "bad image", 10, 0
