@@ -5,8 +5,11 @@ engine.asm's contract (tests/uefi_stub.asm) in compatibility mode. COM1 is the e
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -35,16 +38,35 @@ def require_uefi() -> None:
         pytest.skip(str(error))
 
 
-def boot_ovmf(image: Path, drive: str = "virtio", memory_mib: int = 256,
+def boot_ovmf(image: Path, drive: str = "virtio", memory_mib: int = 256, answer: bytes = b"",
               timeout: float = 120) -> tuple[int, bytes, bytes]:
-    """Boot image under OVMF until the guest leaves through isa-debug-exit: QEMU's exit code, COM1, COM2."""
+    """Boot image under OVMF until the guest leaves through isa-debug-exit, sending answer to COM1 once the loader's
+    cue arrives: QEMU's exit code, COM1, COM2."""
     with tempfile.TemporaryDirectory(prefix="sectorllm-ovmf-") as scratch:
         com2 = Path(scratch) / "com2.txt"
         command = [QEMU64, *uefi.ovmf_qemu_args(uefi.copy_ovmf_vars(Path(scratch))), "-m", str(memory_mib),
                    "-display", "none", "-no-reboot", "-nic", "none", "-serial", "stdio", "-serial", f"file:{com2}",
                    "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", *uefi.drive_args(image, drive)]
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-        return done.returncode, done.stdout, com2.read_bytes()
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        watchdog = threading.Timer(timeout, process.kill)
+        watchdog.start()
+        com1 = bytearray()
+        try:
+            while chunk := os.read(process.stdout.fileno(), 1 << 16):
+                com1 += chunk
+                if answer and uefi.HANDSHAKE_CUE in com1:
+                    process.stdin.write(answer)
+                    process.stdin.flush()
+                    answer = b""
+            code = process.wait()
+        finally:
+            watchdog.cancel()
+            process.kill()
+            process.wait()
+            process.stdin.close()
+            process.stdout.close()
+        assert code != -signal.SIGKILL, f"QEMU killed after {timeout} s: {bytes(com1[-300:])!r}"
+        return code, bytes(com1), com2.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +93,14 @@ def exit_code(status: int) -> int:
     return status << 1 | 1  # isa-debug-exit
 
 
-@pytest.mark.parametrize("drive", ["virtio", "usb"])
-def test_loader_runs_the_engine_in_compatibility_mode(stub, tmp_path, drive):
+@pytest.mark.parametrize("drive, answer, seen", [("virtio", b"\x1e", "1E"), ("usb", b"", "--")])
+def test_loader_runs_the_engine_in_compatibility_mode(stub, tmp_path, drive, answer, seen):
     model = pattern_blob(700 * 1024 + 3)
     memory_end = MODEL_BASE + 5 * MIB + 4096  # not a 2 MiB multiple: the loader rounds its window up
-    code, com1, com2 = boot_ovmf(stub_disk(stub, tmp_path / "disk.img", model, memory_end), drive)
+    code, com1, com2 = boot_ovmf(stub_disk(stub, tmp_path / "disk.img", model, memory_end), drive, answer=answer)
     total, weighted = checksums(model)
-    assert f"stub sum={total:08X} weighted={weighted:08X} top=5EC7011A\n".encode() in com1
+    assert com1.index(uefi.HANDSHAKE_CUE) < com1.index(b"stub ")
+    assert f"stub handshake={seen} sum={total:08X} weighted={weighted:08X} top=5EC7011A\n".encode() in com1
     assert b"sectorllm stub on ConOut\r\n" in com2  # every byte through screen_hook, registers kept
     assert code == exit_code(Status.OK)
 

@@ -1,8 +1,9 @@
 ; uefi_stub.asm - a stand-in engine for the UEFI loader's tests, with engine.asm's contract at main32 (flat 32-bit
 ; segments, run block at 0x7E00, this code at 0x8000, the model at 0x100000, RAM up to memory_end, interrupts off)
 ; and its screen_hook. It proves what the loader set up and reports on COM1 as hexadecimal text:
-;   "stub sum=XXXXXXXX weighted=XXXXXXXX top=XXXXXXXX" - the model's checksums (engine.asm selftest's, over whole
-;   sectors) and the dword it wrote and read back just below memory_end
+;   "stub handshake=XX sum=XXXXXXXX weighted=XXXXXXXX top=XXXXXXXX" - the byte waiting in the UART at main32 (the
+;   runner's handshake; "--" if none), the model's checksums (engine.asm selftest's, over whole sectors) and the
+;   dword it wrote and read back just below memory_end
 ; and shows "sectorllm stub on ConOut\n" through screen_hook (CR LF for the newline), then ends through port 0xF4
 ; with status 0.
 
@@ -19,6 +20,22 @@ COM1                equ 0x3F8
 engine_start:                           ; the BIOS entry point: unused here
         hlt
 main32:
+        mov esi, msg_handshake
+        call serial_text
+        mov dx, COM1 + 5
+        in al, dx
+        test al, 1                      ; data ready
+        jz .none
+        mov dx, COM1
+        in al, dx
+        shl eax, 24
+        mov ecx, 2
+        call serial_hex.digits
+        jmp .sum_text
+.none:  mov al, '-'
+        call serial_put
+        call serial_put
+.sum_text:
         mov esi, msg_sum
         call serial_text
         mov esi, MODEL_BASE
@@ -77,8 +94,9 @@ serial_text:                            ; NUL-terminated ESI to COM1
         jmp serial_text
 .done:  ret
 
-serial_hex:                             ; EAX as 8 hex digits to COM1
+serial_hex:                             ; EAX as 8 hex digits to COM1 (.digits: the top CL digits)
         mov ecx, 8
+.digits:
 .digit: rol eax, 4
         push eax
         and al, 15
@@ -104,7 +122,8 @@ serial_put:
         pop edx
         ret
 
-msg_sum:        db "stub sum=", 0
+msg_handshake:  db "stub handshake=", 0
+msg_sum:        db " sum=", 0
 msg_weighted:   db " weighted=", 0
 msg_top:        db " top=", 0
 msg_screen:     db "sectorllm stub on ConOut", 10, 0

@@ -35,7 +35,9 @@
 ;   Engine (compatibility mode): engine.asm's contract at main32: CS = CODE32, DS = ES = SS = DATA32 (flat, 32-bit),
 ;   ESP = STACK_TOP, interrupts off; screen_hook (a dword in the engine) holds hook32's address.
 ;
-; SERIAL AND EXIT: like boot.asm: a failure prints "sectorllm: " and a reason to COM1 and ConOut and ends the run
+; SERIAL AND EXIT: the loader prints "sectorllm: UEFI loader" once it has COM1, then waits up to HANDSHAKE_MS for
+; a byte in the UART: the runner's handshake (engine.asm SERIAL PROTOCOL), which it sends on seeing that line, as it
+; cannot send it before the boot (the firmware's serial driver resets the UART). Like boot.asm, a failure prints "sectorllm: " and a reason to COM1 and ConOut and ends the run
 ; through QEMU's isa-debug-exit (port 0xF4) with image.py's Status, then halts; the engine ends its runs the same way.
 
         bits 64
@@ -66,7 +68,9 @@ RUN_MAGIC           equ 'SLRB'
 
 COM1                equ 0x3F8
 UART_LSR            equ COM1 + 5
+LSR_DATA_READY      equ 0x01
 LSR_THR_EMPTY       equ 0x20
+HANDSHAKE_MS        equ 1000            ; how long the runner has to answer msg_loader
 DEBUG_EXIT_PORT     equ 0xF4
 STATUS_DISK_ERROR       equ 0x02        ; image.py Status
 STATUS_BAD_RUN_BLOCK    equ 0x03
@@ -86,6 +90,7 @@ ST_CONOUT           equ 64              ; EFI_SYSTEM_TABLE
 ST_BOOT_SERVICES    equ 96
 BS_ALLOCATE_PAGES   equ 40              ; EFI_BOOT_SERVICES
 BS_HANDLE_PROTOCOL  equ 152
+BS_STALL            equ 248
 BS_SET_WATCHDOG     equ 256
 BS_DISCONNECT       equ 272
 BS_LOCATE_HANDLES   equ 312
@@ -174,7 +179,19 @@ efi_main:
         call release_com1
         mov rcx, r12
         call [r12 + OUT_CLEAR_SCREEN]
-        call open_payload
+        lea rsi, [msg_loader]           ; the runner's cue: COM1 is ours now, send the handshake byte
+        call say
+        mov ebp, HANDSHAKE_MS
+.handshake:                             ; until a byte waits in the UART for the engine's serial_handshake (a
+        mov dx, UART_LSR                ; byte the runner sent before the firmware reset the UART is gone)
+        in al, dx
+        test al, LSR_DATA_READY
+        jnz .load
+        mov ecx, 1000                   ; 1 ms
+        call [rbx + BS_STALL]
+        dec ebp
+        jnz .handshake
+.load:  call open_payload
 
         lea rdx, [run_block]            ; the run block sector: what to allocate, how much to read
         mov ecx, SECTOR
@@ -610,6 +627,7 @@ file_system_guid:   guid 0x964E5B22, 0x6459, 0x11D2, 0x8E, 0x39, 0x00, 0xA0, 0xC
 serial_io_guid:     guid 0xBB25CF6F, 0xF1D4, 0x11D2, 0x9A, 0x0C, 0x00, 0x90, 0x27, 0x3F, 0xC1, 0xFD
 device_path_guid:   guid 0x09576E91, 0x6D3F, 0x11D2, 0x8E, 0x39, 0x00, 0xA0, 0xC9, 0x69, 0x72, 0x3B
 payload_name:       dw __utf16__("\SECTORLLM.BIN"), 0
+msg_loader:         db "sectorllm: UEFI loader", 10, 0     ; uefi.py HANDSHAKE_CUE
 msg_prefix:         db "sectorllm: ", 0
 msg_bad_run_block:  db "bad image", 10, 0
 msg_bad_gdt:        db "firmware GDT too large", 10, 0

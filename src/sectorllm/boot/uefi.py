@@ -24,6 +24,9 @@ LOADER_SOURCE = SOURCE_DIR / "uefi.asm"
 LOADER_PATH = "EFI/BOOT/BOOTX64.EFI"  # the removable-media boot path for x86-64 (UEFI spec 3.5.1)
 PAYLOAD_NAME = "SECTORLLM.BIN"
 ENGINE_SYMBOLS = ("main32", "screen_hook")  # the engine's UEFI entry point and its screen routine's pointer
+# The loader's line on COM1 once the firmware has let go of the port; a runner sends its handshake byte when it
+# sees it (the loader waits a second for it), not before the boot: the firmware's serial driver resets the UART.
+HANDSHAKE_CUE = b"sectorllm: UEFI loader\r\n"
 
 ESP_TYPE = 0xEF  # MBR partition type of an EFI System Partition
 ESP_START_LBA = 2048  # 1 MiB: where partitioning tools put the first partition
