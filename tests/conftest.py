@@ -38,6 +38,11 @@ def stories260k(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def stories260k_q80(models_dir: Path) -> Path:
+    return _require(models_dir / "stories260K_q80.bin", "stories260K_q80.bin")
+
+
+@pytest.fixture(scope="session")
 def tok512(models_dir: Path) -> Path:
     return _require(models_dir / "tok512.bin", "tok512.bin")
 
@@ -47,10 +52,20 @@ def llama_tokenizer(models_dir: Path) -> Path:
     return _require(models_dir / "tokenizer.bin", "tokenizer.bin")
 
 
+def _reference_dir() -> Path:
+    return Path(os.environ.get("SECTORLLM_REFERENCE", ROOT.parent / "shared" / "reference"))
+
+
 @pytest.fixture(scope="session")
 def reference() -> dict:
-    path = Path(os.environ.get("SECTORLLM_REFERENCE", ROOT.parent / "shared" / "reference"))
-    return json.loads(_require(path / "run_c_stories260K.json", "run.c reference outputs").read_text())
+    return json.loads(_require(_reference_dir() / "run_c_stories260K.json", "run.c reference outputs").read_text())
+
+
+@pytest.fixture(scope="session")
+def runq_reference() -> dict:
+    """llama2.c runq.c's outputs on stories260K_q80.bin."""
+    path = _reference_dir() / "runq_stories260K_q80.json"
+    return json.loads(_require(path, "runq.c reference outputs").read_text())
 
 
 def require(tool: str) -> None:

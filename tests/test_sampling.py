@@ -55,8 +55,10 @@ def test_top_p_keeps_the_nucleus():
     assert draws == {0, 1}  # 0.5 + 0.3 is the first sum past 0.7
 
 
-@pytest.mark.parametrize("config", [SamplerConfig(temperature=-1), SamplerConfig(topp=0), SamplerConfig(topp=1.5),
-                                    SamplerConfig(topk=-2), SamplerConfig(minp=1.0), SamplerConfig(seed=-1)])
+@pytest.mark.parametrize("config", [SamplerConfig(temperature=-1), SamplerConfig(temperature=float("nan")),
+                                    SamplerConfig(temperature=1e6), SamplerConfig(topp=-0.1), SamplerConfig(topp=1.5),
+                                    SamplerConfig(topk=-2), SamplerConfig(topk=2**63), SamplerConfig(minp=1.0),
+                                    SamplerConfig(seed=-1)])
 def test_bad_settings_are_refused(config):
     with pytest.raises(UsageError):
         Sampler(config)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .chat import chat
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import ModelConfig
 from .engines import Engine
@@ -38,13 +40,24 @@ class Model:
 
         Defaults are run.c's: temperature 1, top-p 0.9, 256 steps (prompt included), seed from the clock.
         """
-        config = SamplerConfig(temperature, topp, topk, minp, seed)
-        sampler: TokenSampler
-        if self.packed is None:
-            sampler = Sampler(config)
-        else:
-            sampler = FixedSampler(FixedSamplerConfig.from_sampler_config(config), self.packed)
+        sampler = self._sampler(SamplerConfig(temperature, topp, topk, minp, seed))
         return Generation(self.engine, self.tokenizer, prompt, steps, sampler)
+
+    def chat(self, read_line: Callable[[], str | None], prompt: str | None = None, system_prompt: str | None = None,
+             *, steps: int = 256, temperature: float = 1.0, topp: float = 0.9, topk: int = 0, minp: float = 0.0,
+             seed: int = 0) -> Iterator[bytes]:
+        """run.c's chat mode (chat.chat): the bytes to print, asking read_line() for each turn not given."""
+        sampler = self._sampler(SamplerConfig(temperature, topp, topk, minp, seed))
+        return chat(self.engine, self.tokenizer, sampler, steps, read_line, prompt, system_prompt)
+
+    def _sampler(self, config: SamplerConfig) -> TokenSampler:
+        if self.packed is None:
+            return Sampler(config)
+        return FixedSampler(FixedSamplerConfig.from_sampler_config(config), self.packed)
+
+    def __repr__(self) -> str:
+        engine = "float" if self.packed is None else "fixed"
+        return f"Model({self.path}, {engine} engine, {self.config})"
 
 
 def load(model: str | os.PathLike = "stories260K", tokenizer: str | os.PathLike | None = None,

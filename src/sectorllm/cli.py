@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from .errors import SectorLLMError, UsageError
 from .packed import SCHEMES
 
 DEFAULT_MODEL = "stories260K"
+COMPILE_NOTE = "loading; the first run after installing also compiles the engines (numba), about 10 to 20 s"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,14 +49,58 @@ def _run_c_seed(text: str) -> int:
     return run_c_seed(int(text))
 
 
+def _ranged(convert: type, low: float | None = None, high: float | None = None,
+            high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: `convert` of the text, finite, within [low, high] (or [low, high)); argparse turns the
+    ArgumentTypeError into one usage line naming the flag."""
+
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if convert is int else 'a number'}")
+        if convert is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if (low is not None and value < low) or too_high:
+            show = (lambda x: f"{x:g}") if convert is float else str
+            if high is None:
+                bounds = f">= {show(low)}"
+            elif low is None:
+                bounds = f"{'<' if high_open else '<='} {show(high)}"
+            else:
+                bounds = f"in [{show(low)}, {show(high)}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bounds}")
+        return value
+
+    return parse
+
+
+def _run_c_overrides(args: argparse.Namespace) -> None:
+    """run.c's own corrections of out-of-range -t, -p and -n, each with a note saying what it changed."""
+    if args.temperature < 0:
+        _note(f"-t {args.temperature:g} is negative: using 0 (greedy), as run.c does")
+        args.temperature = 0.0
+    if not 0 <= args.topp <= 1:
+        _note(f"-p {args.topp:g} is outside [0, 1]: using 0.9, as run.c does")
+        args.topp = 0.9
+    if args.steps < 0:
+        _note(f"-n {args.steps} is negative: using 0 (the whole context), as run.c does")
+        args.steps = 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .api import load
-    from .generate import check_steps
     from .sampling import SamplerConfig
 
+    _run_c_overrides(args)
     SamplerConfig(args.temperature, args.topp, args.topk, args.minp, args.seed).validate()  # before the slow load
-    check_steps(args.steps)
-    with _notice_if_slow("loading; the first run also compiles the engine, which takes a few seconds"):
+    chat = args.mode == "chat"
+    if chat and (args.json or args.engine == "boot"):
+        raise UsageError(f"-m chat reads turns from stdin: it runs on the float or fixed engine, without --json")
+    if args.system_prompt is not None and not chat:
+        raise UsageError("-y is the chat mode's system prompt: add -m chat")
+    with _notice_if_slow(COMPILE_NOTE):
         if args.engine == "boot":
             from .boot.session import load_boot
 
@@ -62,27 +110,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     seq_len = model.config.seq_len
     if args.steps > seq_len:
         _note(f"-n {args.steps} is beyond the model's {seq_len}-token context: generating up to {seq_len}")
-    generation = model.generate(args.prompt, steps=args.steps, temperature=args.temperature, topp=args.topp,
-                                topk=args.topk, minp=args.minp, seed=args.seed)
+    settings = dict(steps=args.steps, temperature=args.temperature, topp=args.topp, topk=args.topk,
+                    minp=args.minp, seed=args.seed)
     out = sys.stdout.buffer
+    if chat:
+        for text in model.chat(_read_stdin_line, None if args.prompt is None else args.prompt,
+                               args.system_prompt, **settings):
+            out.write(text)
+            out.flush()
+        return 0
+    generation = model.generate(args.prompt or "", **settings)
     for token in generation:
         if not args.json:
             out.write(token.piece)
             out.flush()
     result = generation.result
+    if args.json:
+        payload = {**result.as_dict(), "text": result.text + "\n"}  # what the plain run prints on stdout, as run.c
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        out.write(b"\n")  # before any note: a note on a terminal starts on a line of its own
+        out.flush()
     if args.verbose and not args.seed and args.temperature > 0:
         print(f"seed: {result.seed} (taken from the clock; pass -s {result.seed} to repeat this run)",
               file=sys.stderr)
     if result.stop_reason == "context":
         _note(f"stopped at the end of the model's {seq_len}-token context")
-    if args.json:
-        payload = {**result.as_dict(), "text": result.text + "\n"}  # what the plain run prints on stdout, as run.c
-        print(json.dumps(payload, ensure_ascii=False))
-    else:
-        out.write(b"\n")
-        out.flush()
+    if not args.json:
         print(f"achieved tok/s: {result.tok_per_s:.1f}", file=sys.stderr)
     return 0
+
+
+def _read_stdin_line() -> str | None:
+    """One line of the chat's input without its newline, as run.c's fgets; None once stdin ends."""
+    sys.stdout.flush()
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return None
+    return line.removesuffix(b"\n").decode("utf-8", errors="replace")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -140,7 +205,8 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
 def cmd_image(args: argparse.Namespace) -> int:
     from .boot.session import make_image, read_image
 
-    info = make_image(args.checkpoint, args.tokenizer, args.output, prompt=args.prompt, steps=args.steps,
+    _run_c_overrides(args)
+    info = make_image(args.checkpoint, args.tokenizer, args.output, prompt=args.prompt or "", steps=args.steps,
                       temperature=args.temperature, topp=args.topp, topk=args.topk, minp=args.minp, seed=args.seed,
                       scheme=args.scheme)
     print(f"wrote {info.path}: {info.image_bytes:,} bytes (boot sector {info.boot_code_bytes} bytes of code, "
@@ -259,18 +325,25 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     """run.c's flags (-z -t -p -s -n -i), our -k and --minp, and the quantization scheme: for run and image."""
+    from .sampling import GREEDY_BELOW, MAX_TEMPERATURE, MAX_TOPK
+
     parser.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
-    parser.add_argument("-t", "--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    parser.add_argument("-p", "--topp", type=float, default=0.9,
-                        help="top-p (nucleus) in (0, 1]; 1 = off (default 0.9)")
-    parser.add_argument("-k", "--topk", type=int, default=0, help="keep only the k likeliest tokens (default 0 = off)")
-    parser.add_argument("--minp", type=float, default=0.0,
-                        help="drop tokens below minp x the top probability (0 = off)")
+    parser.add_argument("-t", "--temperature", type=_ranged(float, high=MAX_TEMPERATURE), default=1.0,
+                        help=f"up to {MAX_TEMPERATURE:g}; 0 = greedy, and so is anything below {GREEDY_BELOW:g}; "
+                             "negative becomes 0, as in run.c (default 1.0)")
+    parser.add_argument("-p", "--topp", type=_ranged(float), default=0.9,
+                        help="top-p (nucleus) in [0, 1]; 0 or 1 = off; outside [0, 1] becomes 0.9, as in run.c "
+                             "(default 0.9)")
+    parser.add_argument("-k", "--topk", type=_ranged(int, 0, MAX_TOPK), default=0,
+                        help=f"keep only the k likeliest tokens, 0 .. {MAX_TOPK} (default 0 = off)")
+    parser.add_argument("--minp", type=_ranged(float, 0, 1, high_open=True), default=0.0,
+                        help="drop tokens below minp x the top probability, in [0, 1) (0 = off)")
     parser.add_argument("-s", "--seed", type=_run_c_seed, default=0,
                         help="random seed, read as run.c reads it (a 32-bit int; default 0 = from the clock)")
-    parser.add_argument("-n", "--steps", type=int, default=256,
-                        help="forward passes, prompt included; 0 = the whole context (default 256)")
-    parser.add_argument("-i", "--prompt", default="", help="prompt text (default: start from BOS)")
+    parser.add_argument("-n", "--steps", type=_ranged(int), default=256,
+                        help="forward passes, prompt included; 0 or more than the context = the whole context; "
+                             "negative becomes 0, as in run.c (default 256)")
+    parser.add_argument("-i", "--prompt", help="prompt text (default: start from BOS)")
     parser.add_argument("--scheme", default="row", choices=SCHEMES,
                         help="quantization scheme when a checkpoint is quantized (fixed and boot engines)")
 
@@ -287,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"checkpoint path or model name (stories260K, stories15M, stories42M, stories110M; "
                           f"default {DEFAULT_MODEL})")
     _add_generation_flags(run)
+    run.add_argument("-m", "--mode", choices=["generate", "chat"], default="generate",
+                     help="generate (default) or chat: run.c's chat mode, Llama 2 [INST] turns read from stdin; "
+                          "-i is the first user turn, -y the system prompt")
+    run.add_argument("-y", "--system-prompt", help="the system prompt of -m chat (default: asked on stdin)")
     run.add_argument("--engine", choices=["float", "fixed", "boot"],
                      help="float (default for checkpoints) or fixed: the integer engine, quantizing a checkpoint in "
                           "memory (the only engine for a packed .sllm file); boot: the fixed engine's boot image, "
@@ -306,8 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model names, paths or random:NAME (default: stories260K random:stories15M)")
     bench.add_argument("--engine", action="append", choices=["float", "fixed"],
                        help="engine to measure (repeatable; default float)")
-    bench.add_argument("--decode", type=int, default=256, help="decode steps (default 256)")
-    bench.add_argument("--prefill", type=int, default=200, help="prompt length for prefill (default 200)")
+    bench.add_argument("--decode", type=_ranged(int, 1), default=256,
+                       help="decode steps, 1 or more, at most the model's context (default 256)")
+    bench.add_argument("--prefill", type=_ranged(int, 1), default=200,
+                       help="prompt length for prefill, 1 or more, at most the model's context (default 200)")
     bench.add_argument("--json", action="store_true", help="print a JSON list of results")
     bench.add_argument("--boot", action="store_true",
                        help="instead: the boot engine's instructions per token (256 greedy from BOS on stories260K, "
@@ -351,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
     ev.add_argument("--scheme", action="append", choices=SCHEMES, help="scheme(s) to compare (repeatable; default row)")
     ev.add_argument("--prompts", help="text file, one prompt per line (default: 50 built-in story openings)")
-    ev.add_argument("--positions", type=int, default=128, help="positions scored after each prompt (default 128)")
+    ev.add_argument("--positions", type=_ranged(int, 1), default=128,
+                    help="positions scored after each prompt, 1 or more (default 128)")
     ev.add_argument("--json", action="store_true", help="print JSON (one object, or a list for several schemes)")
     ev.add_argument("--plot", help="draw agreement and KL against position into this PNG")
     ev.add_argument("--ablate", action="store_true",
@@ -364,20 +444,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every finally block and temporary file cleanup runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None:  # started with stdout closed (`>&-`): Python gives us no stream to write to
+        print("sectorllm: error: stdout is closed: redirect it to a file or to /dev/null", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except SectorLLMError as e:
         print(f"sectorllm: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        sys.stderr.close()  # the reader went away (e.g. `| head`): not an error worth a traceback
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error worth a traceback
+        _drop_stdout()
         return 0
-    except OSError as e:  # a path we were given cannot be read or written
-        where = f" ({e.filename})" if e.filename else ""
+    except OSError as e:
+        if e.filename is None and _is_stdout_error():
+            _drop_stdout()
+            print(f"sectorllm: error: cannot write to stdout: {e.strerror or e}", file=sys.stderr)
+            return 2
+        where = f" ({e.filename})" if e.filename else ""  # a path we were given cannot be read or written
         print(f"sectorllm: error: {e.strerror or e}{where}: check the path and its permissions", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Terminated) as e:
+        # Every temporary file is gone by now (their cleanup ran as the exception passed). Leave without the
+        # interpreter's shutdown, where numba's and ctypes' finalizers, interrupted mid-way, print tracebacks.
+        code = 130 if isinstance(e, KeyboardInterrupt) else 143
+        _drop_stdout()
+        print(file=sys.stderr, flush=True)
+        os._exit(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _is_stdout_error() -> bool:
+    """Whether stdout is what failed: flushing it again fails too."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        return True
+    return False
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit cannot fail again on a closed pipe or a full disk."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

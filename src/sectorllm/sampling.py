@@ -12,23 +12,38 @@ from .engines.float32 import softmax
 from .errors import UsageError
 
 _U64 = (1 << 64) - 1
+# Below this temperature every engine picks the argmax. Dividing logits by a tiny temperature overflows float32
+# (inf - inf = NaN in the softmax, so run.c prints garbage) and the fixed-point sampler holds 65536/temperature in
+# 31 bits; above it the distribution is already one-hot for any logits these models give.
+GREEDY_BELOW = 1e-4
+MAX_TEMPERATURE = 65536.0  # the fixed-point sampler's round(65536 / temperature) must stay >= 1
+MAX_TOPK = (1 << 31) - 1  # the boot image's u32 field and the engines' int32 arithmetic
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    temperature: float = 1.0  # 0 means greedy argmax
-    topp: float = 0.9  # nucleus threshold; 1 (or 0) samples from the whole distribution
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW) means greedy argmax
+    topp: float = 0.9  # nucleus threshold; 1 or 0 samples from the whole distribution, as run.c
     topk: int = 0  # our extension: keep only the k likeliest tokens (0 = off)
     minp: float = 0.0  # our extension: drop tokens below minp * the top probability (0 = off)
     seed: int = 0  # 0 takes the seed from the clock, as run.c does
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def topp_on(self) -> bool:
+        return 0 < self.topp < 1
+
     def validate(self) -> None:
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise UsageError(f"temperature {self.temperature} is invalid: use 0 (greedy) or a positive number")
-        if not 0 < self.topp <= 1:
-            raise UsageError(f"top-p {self.topp} is outside (0, 1]: use e.g. 0.9, or 1 to turn it off")
-        if self.topk < 0:
-            raise UsageError(f"top-k {self.topk} is negative: use 0 (off) or a positive count")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # NaN fails this too
+            raise UsageError(f"temperature {self.temperature} is outside 0 .. {MAX_TEMPERATURE:g}: use 0 (greedy) "
+                             f"or e.g. 0.8")
+        if not 0 <= self.topp <= 1:
+            raise UsageError(f"top-p {self.topp} is outside [0, 1]: use e.g. 0.9, or 0 or 1 to turn it off")
+        if not 0 <= self.topk <= MAX_TOPK:
+            raise UsageError(f"top-k {self.topk} is outside 0 .. {MAX_TOPK}: use 0 (off) or a count of tokens")
         if not 0 <= self.minp < 1:
             raise UsageError(f"min-p {self.minp} is outside [0, 1): use e.g. 0.05, or 0 to turn it off")
         if not 0 <= self.seed < 1 << 64:
@@ -140,12 +155,12 @@ class Sampler:
         self.config = config
         self.seed = config.seed or clock_seed()
         self.rng = XorShiftRng(self.seed)
-        if config.temperature > 0:  # load (or compile) the jitted sampler now, so it is not timed as decoding
+        if not config.greedy:  # load (or compile) the jitted sampler now, so it is not timed as decoding
             sample_probabilities(np.zeros(2, np.float32), np.float32(1), np.float32(0.5), 0, 0.0, np.float32(0))
 
     def sample(self, logits: np.ndarray) -> int:
         c = self.config
-        if c.temperature == 0:
+        if c.greedy:
             return int(np.argmax(logits))
         scratch = np.array(logits, dtype=np.float32)
         return int(sample_probabilities(scratch, np.float32(c.temperature), np.float32(c.topp),

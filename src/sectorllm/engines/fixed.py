@@ -280,13 +280,14 @@ class FixedSamplerConfig:
     def from_sampler_config(cls, config: SamplerConfig) -> FixedSamplerConfig:
         """Round the float settings once, outside the engine: temperature and top-p become Q16 integers."""
         config.validate()
-        if config.temperature == 0:
+        if config.greedy:
             return cls(0, ONE_Q16, config.topk, config.seed)
         inv_t = round(ONE_Q16 / config.temperature)
         if not 1 <= inv_t < 1 << 31:
             raise UsageError(f"temperature {config.temperature} is outside what the fixed-point sampler holds "
                              "(1/65536 .. 65536): use a value in that range")
-        return cls(inv_t, max(1, round(ONE_Q16 * config.topp)), config.topk, config.seed, round(ONE_Q16 * config.minp))
+        topp = max(1, round(ONE_Q16 * config.topp)) if config.topp_on else ONE_Q16
+        return cls(inv_t, topp, config.topk, config.seed, round(ONE_Q16 * config.minp))
 
 
 @numba.njit(cache=True)
@@ -340,6 +341,8 @@ class FixedSampler:
         self.seed = config.seed or clock_seed()
         self.rng = XorShiftRng(self.seed)
         self._exp_table, self._exp_shift = packed.exp_table, packed.quant.exp_shift
+        if config.inv_temperature_q16:  # load (or compile) the jitted sampler now, so it is not timed as decoding
+            sample_fixed(np.zeros(2, np.int32), self._exp_table, self._exp_shift, ONE_Q16, ONE_Q16, 0, 0, 0)
 
     def sample(self, logits: np.ndarray) -> int:
         c = self.config
