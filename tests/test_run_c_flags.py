@@ -98,7 +98,7 @@ def test_tiny_temperatures_are_greedy(stories260k, tok512):
 @pytest.mark.parametrize("flags, word", [
     (["-m", "talk"], "--mode"), (["-y", "sys"], "-m chat"), (["-m", "chat", "--json"], "--json"),
     (["-t", "nan"], "--temperature"), (["-t", "inf"], "--temperature"), (["-t", "70000"], "65536"),
-    (["-p", "nan"], "--topp"), (["-k", str(2**63)], "--topk"), (["-k", "-1"], "--topk"), (["--minp", "1"], "--minp"),
+    (["-p", "nan"], "--topp"), (["-k", str(2**63)], "top-k"), (["-k", "-1"], "top-k"), (["--minp", "1"], "min-p"),
     (["-n", "1.5"], "--steps"), (["-s", "x"], "--seed"),
 ])
 def test_flags_outside_their_range_are_one_line(stories260k, tok512, flags, word):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from . import __version__
 from .errors import SectorLLMError, UsageError
-from .packed import SCHEMES
 
 DEFAULT_MODEL = "stories260K"
 COMPILE_NOTE = "loading; the first run after installing also compiles the engines (numba), about 10 to 20 s"
@@ -49,10 +48,9 @@ def _run_c_seed(text: str) -> int:
     return run_c_seed(int(text))
 
 
-def _ranged(convert: type, low: float | None = None, high: float | None = None,
-            high_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: `convert` of the text, finite, within [low, high] (or [low, high)); argparse turns the
-    ArgumentTypeError into one usage line naming the flag."""
+def _number(convert: type, low: int | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite `convert` of the text, at least `low`; argparse turns the ArgumentTypeError into one
+    usage line naming the flag. Sampling settings get their ranges from SamplerConfig.validate, before any work."""
 
     def parse(text: str) -> float:
         try:
@@ -61,16 +59,8 @@ def _ranged(convert: type, low: float | None = None, high: float | None = None,
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if convert is int else 'a number'}")
         if convert is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if (low is not None and value < low) or too_high:
-            show = (lambda x: f"{x:g}") if convert is float else str
-            if high is None:
-                bounds = f">= {show(low)}"
-            elif low is None:
-                bounds = f"{'<' if high_open else '<='} {show(high)}"
-            else:
-                bounds = f"in [{show(low)}, {show(high)}{')' if high_open else ']'}"
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bounds}")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {low} or more")
         return value
 
     return parse
@@ -243,12 +233,14 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import checkpoint_tokenizer
+    from .atomic import check_output
     from .checkpoint import load_checkpoint
     from .hub import resolve_model
     from .packed import write_packed
     from .quantize import quantize
 
     path = resolve_model(args.checkpoint)
+    check_output(args.output, [path, *([args.tokenizer] if args.tokenizer else [])])  # before the work
     checkpoint = load_checkpoint(path)
     packed, report = quantize(checkpoint, checkpoint_tokenizer(checkpoint, path, args.tokenizer), args.scheme)
     write_packed(args.output, packed)
@@ -261,12 +253,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .api import checkpoint_tokenizer
+    from .atomic import check_output
     from .checkpoint import load_checkpoint
-    from .evaluate import BUILTIN_PROMPTS, ablate, ablations, evaluate, plot_report
+    from .evaluate import BUILTIN_PROMPTS, ablate, ablations, evaluate, plot_reports, require_matplotlib
     from .hub import resolve_model
 
     prompts = BUILTIN_PROMPTS if args.prompts is None else _read_prompts(args.prompts)
     path = resolve_model(args.checkpoint)
+    if args.plot:  # before the minutes of work, not after them
+        require_matplotlib()
+        check_output(args.plot, [path, *(p for p in (args.tokenizer, args.prompts) if p)])
     checkpoint = load_checkpoint(path)
     tokenizer = checkpoint_tokenizer(checkpoint, path, args.tokenizer)
     if args.ablate:
@@ -288,7 +284,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   file=sys.stderr) as bar:
             reports.append(evaluate(checkpoint, tokenizer, scheme, prompts, args.positions, progress=bar.update))
     if args.plot:
-        plot_report(reports[0], args.plot)
+        plot_reports(reports, args.plot)
     if args.json:
         payloads = [r.as_dict() for r in reports]
         print(json.dumps(payloads[0] if len(payloads) == 1 else payloads))
@@ -323,32 +319,32 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+def _add_generation_flags(parser: argparse.ArgumentParser, schemes: tuple[str, ...]) -> None:
     """run.c's flags (-z -t -p -s -n -i), our -k and --minp, and the quantization scheme: for run and image."""
-    from .sampling import GREEDY_BELOW, MAX_TEMPERATURE, MAX_TOPK
-
     parser.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
-    parser.add_argument("-t", "--temperature", type=_ranged(float, high=MAX_TEMPERATURE), default=1.0,
-                        help=f"up to {MAX_TEMPERATURE:g}; 0 = greedy, and so is anything below {GREEDY_BELOW:g}; "
-                             "negative becomes 0, as in run.c (default 1.0)")
-    parser.add_argument("-p", "--topp", type=_ranged(float), default=0.9,
+    parser.add_argument("-t", "--temperature", type=_number(float), default=1.0,
+                        help="up to 65536; 0 = greedy, and so is anything below 1e-4; negative becomes 0, as in "
+                             "run.c (default 1.0)")
+    parser.add_argument("-p", "--topp", type=_number(float), default=0.9,
                         help="top-p (nucleus) in [0, 1]; 0 or 1 = off; outside [0, 1] becomes 0.9, as in run.c "
                              "(default 0.9)")
-    parser.add_argument("-k", "--topk", type=_ranged(int, 0, MAX_TOPK), default=0,
-                        help=f"keep only the k likeliest tokens, 0 .. {MAX_TOPK} (default 0 = off)")
-    parser.add_argument("--minp", type=_ranged(float, 0, 1, high_open=True), default=0.0,
+    parser.add_argument("-k", "--topk", type=int, default=0,
+                        help="keep only the k likeliest tokens, 0 .. 2147483647 (default 0 = off)")
+    parser.add_argument("--minp", type=_number(float), default=0.0,
                         help="drop tokens below minp x the top probability, in [0, 1) (0 = off)")
     parser.add_argument("-s", "--seed", type=_run_c_seed, default=0,
                         help="random seed, read as run.c reads it (a 32-bit int; default 0 = from the clock)")
-    parser.add_argument("-n", "--steps", type=_ranged(int), default=256,
+    parser.add_argument("-n", "--steps", type=int, default=256,
                         help="forward passes, prompt included; 0 or more than the context = the whole context; "
                              "negative becomes 0, as in run.c (default 256)")
     parser.add_argument("-i", "--prompt", help="prompt text (default: start from BOS)")
-    parser.add_argument("--scheme", default="row", choices=SCHEMES,
+    parser.add_argument("--scheme", default="row", choices=schemes,
                         help="quantization scheme when a checkpoint is quantized (fixed and boot engines)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .packed import SCHEMES
+
     parser = _Parser(prog="sectorllm", description="Tiny Llama 2 inference: float engine, integer engine, boot image.")
     parser.add_argument("--version", action="version", version=f"sectorllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -359,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("checkpoint", nargs="?", default=DEFAULT_MODEL,
                      help=f"checkpoint path or model name (stories260K, stories15M, stories42M, stories110M; "
                           f"default {DEFAULT_MODEL})")
-    _add_generation_flags(run)
+    _add_generation_flags(run, SCHEMES)
     run.add_argument("-m", "--mode", choices=["generate", "chat"], default="generate",
                      help="generate (default) or chat: run.c's chat mode, Llama 2 [INST] turns read from stdin; "
                           "-i is the first user turn, -y the system prompt")
@@ -383,9 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model names, paths or random:NAME (default: stories260K random:stories15M)")
     bench.add_argument("--engine", action="append", choices=["float", "fixed"],
                        help="engine to measure (repeatable; default float)")
-    bench.add_argument("--decode", type=_ranged(int, 1), default=256,
+    bench.add_argument("--decode", type=_number(int, 1), default=256,
                        help="decode steps, 1 or more, at most the model's context (default 256)")
-    bench.add_argument("--prefill", type=_ranged(int, 1), default=200,
+    bench.add_argument("--prefill", type=_number(int, 1), default=200,
                        help="prompt length for prefill, 1 or more, at most the model's context (default 200)")
     bench.add_argument("--json", action="store_true", help="print a JSON list of results")
     bench.add_argument("--boot", action="store_true",
@@ -398,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "settings), the boot engine and the packed model. Flags are run's.")
     image.add_argument("checkpoint", help="checkpoint path or model name, or a packed .sllm file")
     image.add_argument("-o", "--output", required=True, help="image file to write (e.g. boot.img)")
-    _add_generation_flags(image)
+    _add_generation_flags(image, SCHEMES)
     image.set_defaults(func=cmd_image)
 
     boot = sub.add_parser("boot", help="boot an image in QEMU and stream the text it tells",
@@ -430,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
     ev.add_argument("--scheme", action="append", choices=SCHEMES, help="scheme(s) to compare (repeatable; default row)")
     ev.add_argument("--prompts", help="text file, one prompt per line (default: 50 built-in story openings)")
-    ev.add_argument("--positions", type=_ranged(int, 1), default=128,
+    ev.add_argument("--positions", type=_number(int, 1), default=128,
                     help="positions scored after each prompt, 1 or more (default 128)")
     ev.add_argument("--json", action="store_true", help="print JSON (one object, or a list for several schemes)")
     ev.add_argument("--plot", help="draw agreement and KL against position into this PNG")
@@ -445,20 +441,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Terminated(BaseException):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every finally block and temporary file cleanup runs."""
+    """SIGTERM, raised as Ctrl-C raises KeyboardInterrupt, so that every finally block and temporary file cleanup runs."""
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated
+class _Signals:
+    """A handler for SIGINT and SIGTERM that raises and remembers the signal: numba wraps an exception raised inside
+    its own code (in a SystemError, say), and the signal number still tells main() what happened."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received = signum
+        raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # started with stdout closed (`>&-`): Python gives us no stream to write to
         print("sectorllm: error: stdout is closed: redirect it to a file or to /dev/null", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    signals = _Signals()
+    ours = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, signals) for s in ours}
     try:
+        args = build_parser().parse_args(argv)
         code = args.func(args)
         sys.stdout.flush()
         return code
@@ -469,31 +475,31 @@ def main(argv: list[str] | None = None) -> int:
         _drop_stdout()
         return 0
     except OSError as e:
-        if e.filename is None and _is_stdout_error():
+        if signals.received:
+            _leave_on_signal(signals.received)
+        if e.filename is None:  # every file we open names itself; this is stdout (a full disk, a closed terminal)
             _drop_stdout()
-            print(f"sectorllm: error: cannot write to stdout: {e.strerror or e}", file=sys.stderr)
+            print(f"sectorllm: error: cannot write the output: {e.strerror or e}", file=sys.stderr)
             return 2
         where = f" ({e.filename})" if e.filename else ""  # a path we were given cannot be read or written
         print(f"sectorllm: error: {e.strerror or e}{where}: check the path and its permissions", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, _Terminated) as e:
-        # Every temporary file is gone by now (their cleanup ran as the exception passed). Leave without the
-        # interpreter's shutdown, where numba's and ctypes' finalizers, interrupted mid-way, print tracebacks.
-        code = 130 if isinstance(e, KeyboardInterrupt) else 143
-        _drop_stdout()
-        print(file=sys.stderr, flush=True)
-        os._exit(code)
+    except BaseException:
+        if signals.received:
+            _leave_on_signal(signals.received)
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
-def _is_stdout_error() -> bool:
-    """Whether stdout is what failed: flushing it again fails too."""
-    try:
-        sys.stdout.flush()
-    except OSError:
-        return True
-    return False
+def _leave_on_signal(signum: int) -> None:
+    """Exit 128 + the signal number, as a shell reports it. Every temporary file is gone by now (their cleanup ran
+    as the exception passed); the interpreter's shutdown is skipped, where numba's and ctypes' finalizers,
+    interrupted mid-way, print tracebacks."""
+    _drop_stdout()
+    print(file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def _drop_stdout() -> None:

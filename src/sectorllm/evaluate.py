@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .atomic import write_atomically
 from .checkpoint import Checkpoint
 from .engines import Engine
 from .engines.fixed import FixedEngine
@@ -224,23 +227,36 @@ def ablate(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row",
     return report
 
 
-def plot_report(report: EvalReport, path: str) -> None:
-    """Agreement and KL against position after the prompt, one panel each (needs matplotlib)."""
+def require_matplotlib() -> None:
+    """Refuse a plot before any work when matplotlib is missing."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'sectorllm[plot]'") from None
+
+
+def plot_reports(reports: Sequence[EvalReport], path: str | os.PathLike) -> None:
+    """Agreement and KL against position after the prompt, one panel each, one line per scheme (needs matplotlib)."""
+    require_matplotlib()
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    top.plot(report.agreement_by_position, color="tab:blue")
+    for report in reports:
+        top.plot(report.agreement_by_position, label=f"scheme {report.scheme}")
+        bottom.plot(report.kl_by_position, label=f"scheme {report.scheme}")
+    lowest = min(min(r.agreement_by_position) for r in reports)
     top.set_ylabel("top-1 agreement")
-    top.set_ylim(min(0.9, min(report.agreement_by_position)) - 0.01, 1.005)
-    top.set_title(f"fixed vs float, scheme {report.scheme}: {report.prompts} prompts x 2 texts")
-    bottom.plot(report.kl_by_position, color="tab:red")
+    top.set_ylim(min(0.9, lowest) - 0.01, 1.005)
+    top.set_title(f"fixed vs float: {reports[0].prompts} prompts x 2 texts")
+    top.legend()
     bottom.set_ylabel("mean KL(float || fixed), nats")
     bottom.set_xlabel("position after the prompt")
+    bottom.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    write_atomically(path, (png.getvalue(),))
