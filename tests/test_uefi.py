@@ -105,6 +105,18 @@ def test_loader_runs_the_engine_in_compatibility_mode(stub, tmp_path, drive, ans
     assert code == exit_code(Status.OK)
 
 
+def test_cpu_exception_in_the_engine_is_reported(tmp_path):
+    require_uefi()
+    engine = assemble(STUB_SOURCE, tmp_path / "fault.bin", {"FAULT": None})
+    loader = uefi.assemble_loader(engine, tmp_path / "bootx64.efi")
+    disk = stub_disk((engine, loader), tmp_path / "disk.img", pattern_blob(4096), MODEL_BASE + MIB)
+    code, com1, com2 = boot_ovmf(disk)
+    line = f"sectorllm: CPU exception 6 at 0x{engine.symbols['fault']:X}\r\n".encode()
+    assert com1.endswith(line)
+    assert b"sectorllm stub on ConOut\r\n" + line in com2
+    assert code == exit_code(6)  # engine.asm STATUS_CPU_EXCEPTION
+
+
 def test_bad_run_block_is_refused_on_com1_and_conout(stub, tmp_path):
     model = pattern_blob(4096)
     block = bytearray(pack_run_block(RunBlock(), DiskLayout(1, 0, len(model), MODEL_BASE + MIB)))

@@ -5,7 +5,7 @@
 ;   runner's handshake; "--" if none), the model's checksums (engine.asm selftest's, over whole sectors) and the
 ;   dword it wrote and read back just below memory_end
 ; and shows "sectorllm stub on ConOut\n" through screen_hook (CR LF for the newline), then ends through port 0xF4
-; with status 0.
+; with status 0; with -DFAULT it raises an invalid-opcode exception (6) at `fault` instead.
 
         bits 32
         cpu 386
@@ -81,7 +81,11 @@ main32:
 .broken:
         mov al, 1
         out 0xF4, al
-.end:   xor eax, eax
+.end:
+%ifdef FAULT
+fault:  ud2                             ; after the screen's ConOut calls: the loader's IDT is back in place
+%endif
+        xor eax, eax
         out 0xF4, al
 .halt:  hlt
         jmp .halt

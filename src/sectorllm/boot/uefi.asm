@@ -26,7 +26,8 @@
 ;                   BLOCK + 0x7E00, the engine at BLOCK + ENGINE_BASE, the model at BLOCK + MODEL_BASE; the engine's
 ;                   stack from BLOCK + STACK_TOP down
 ;   TABLES          BLOCK + W: PML4, one PDPT, four page directories (0 .. 4 GiB in 2 MiB pages; linear 0 .. W to
-;                   BLOCK, the rest to itself), then the resident page: hook32 and friends, their variables, the GDT
+;                   BLOCK, the rest to itself), then the resident page: hook32 and friends, their variables, the
+;                   engine's IDT, the GDT
 ;
 ; REGISTER CONVENTIONS
 ;   Loader (64-bit, Microsoft x64 calling convention for firmware calls): RBX = boot services, R12 = ConOut,
@@ -34,6 +35,10 @@
 ;   unless their banner says otherwise.
 ;   Engine (compatibility mode): engine.asm's contract at main32: CS = CODE32, DS = ES = SS = DATA32 (flat, 32-bit),
 ;   ESP = STACK_TOP, interrupts off; screen_hook (a dword in the engine) holds hook32's address.
+;
+; EXCEPTIONS: while the engine runs, its own IDT (64-bit gates, as long mode needs) leads to exception64, which
+; goes back to the firmware's state and prints "sectorllm: CPU exception N at 0xEIP" like engine.asm's handler,
+; then ends the run with STATUS_CPU_EXCEPTION. The firmware's IDT is back in place around every firmware call.
 ;
 ; SERIAL AND EXIT: the loader prints "sectorllm: UEFI loader" once it has COM1, then waits up to HANDSHAKE_MS for
 ; a byte in the UART: the runner's handshake (engine.asm SERIAL PROTOCOL), which it sends on seeing that line, as it
@@ -75,6 +80,7 @@ DEBUG_EXIT_PORT     equ 0xF4
 STATUS_DISK_ERROR       equ 0x02        ; image.py Status
 STATUS_BAD_RUN_BLOCK    equ 0x03
 STATUS_MODEL_TOO_LARGE  equ 0x05
+STATUS_CPU_EXCEPTION    equ 0x06
 
 LARGE_PAGE          equ 1 << 21
 PAGE                equ 4096
@@ -83,7 +89,11 @@ PTE_LARGE           equ 0x80
 TABLE_PAGES         equ 6               ; PML4, PDPT, 4 page directories
 RESIDENT_OFFSET     equ TABLE_PAGES * PAGE
 TABLES_BYTES        equ RESIDENT_OFFSET + PAGE
-GDT_ROOM            equ PAGE - (resident_gdt - resident)  ; the firmware's descriptors and our two
+N_VECTORS           equ 20              ; the engine's IDT: exceptions 0..19
+ERROR_CODE_VECTORS  equ 1 << 8 | 1 << 10 | 1 << 11 | 1 << 12 | 1 << 13 | 1 << 14 | 1 << 17  ; push an error code
+RESIDENT_IDT        equ (resident_end - resident + 15) & -16  ; offsets in the resident page: the IDT, then
+RESIDENT_GDT        equ RESIDENT_IDT + 16 * N_VECTORS           ; the GDT up to the page's end
+GDT_ROOM            equ PAGE - RESIDENT_GDT  ; the firmware's descriptors and our two
 
 ; UEFI (spec 2.x): table offsets in bytes
 ST_CONOUT           equ 64              ; EFI_SYSTEM_TABLE
@@ -376,7 +386,7 @@ read_file:
 build_tables:
         mov rdi, r14
         xor eax, eax
-        mov ecx, RESIDENT_OFFSET / 8
+        mov ecx, TABLES_BYTES / 8
         rep stosq
         lea rax, [r14 + PAGE + PTE_PRESENT_WRITE]
         mov [r14], rax                  ; PML4[0]: the PDPT
@@ -418,7 +428,7 @@ build_tables:
         cmp ecx, GDT_ROOM - 16
         ja fail
         mov rsi, [rdx + r_gdtr + 2 - resident]
-        lea rdi, [rdx + resident_gdt - resident]
+        lea rdi, [rdx + RESIDENT_GDT]
         mov [rdx + r_gdtr + 2 - resident], rdi
         rep movsb
         add rdi, 7
@@ -436,32 +446,59 @@ build_tables:
         mov [rdx + r_gdtr - resident], ax   ; limit
         lea rax, [rdx + hook32 - resident]
         mov [r13 + ENGINE_SCREEN_HOOK], eax
+
+        sidt [rdx + r_fw_idtr - resident]
+        lea rdi, [rdx + RESIDENT_IDT]
+        mov word [rdx + r_idtr - resident], 16 * N_VECTORS - 1
+        mov [rdx + r_idtr + 2 - resident], rdi
+        lea rax, [engine_exception]
+        mov [rdx + r_report - resident], rax
+        lea rax, [rdx + exception_gates - resident]
+        mov ecx, N_VECTORS
+.gate:  mov [rdi], ax                   ; 64-bit interrupt gates: offset 0..15, selector, present DPL 0 type 14,
+        mov [rdi + 2], cs               ; offset 16..31 (the copy is below 4 GiB: offset 32..63 stays 0)
+        mov [rdi + 4], eax
+        mov word [rdi + 4], 0x8E00
+        add rax, 5                      ; the next `call exception64`
+        add rdi, 16
+        loop .gate
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; out_of_memory, disk_error, fail: print "sectorllm: " and the reason to COM1 and ConOut, end the run with a status
-; through isa-debug-exit, halt.
-; Entry:    fail: RSI = NUL-terminated message, AL = status; fail.reason: the same, the prefix already shown
+; out_of_memory, engine_exception, disk_error, fail: print "sectorllm: " and the reason to COM1 and ConOut, end the
+; run with a status through isa-debug-exit, halt.
+; Entry:    engine_exception (from the resident exception64, the firmware's state back): EAX = vector, ESI = EIP
+;           fail: RSI = NUL-terminated message, AL = status; fail.reason: the same, the prefix already shown
 ; ---------------------------------------------------------------------------------------------------------------
 out_of_memory:
-        mov rax, [needed]
-        shr rax, 10
-        lea rdi, [msg_needed_kib]       ; the digits, backwards, before " KiB"
-        mov ecx, 10
-.digit: xor edx, edx
-        div rcx
-        add dl, '0'
-        dec rdi
-        mov [rdi], dl
-        test rax, rax
-        jnz .digit
-        push rdi
         lea rsi, [msg_prefix]
         call say
         lea rsi, [msg_out_of_memory]
         call say
-        pop rsi
+        mov rax, [needed]
+        shr rax, 10
+        mov ecx, 10
+        call say_number
+        lea rsi, [msg_kib]
         mov al, STATUS_MODEL_TOO_LARGE
+        jmp fail.reason
+engine_exception:
+        push rsi
+        push rax
+        lea rsi, [msg_prefix]
+        call say
+        lea rsi, [msg_exception]
+        call say
+        pop rax
+        mov ecx, 10
+        call say_number
+        lea rsi, [msg_at]
+        call say
+        pop rax
+        mov ecx, 16
+        call say_number
+        lea rsi, [msg_line_end]
+        mov al, STATUS_CPU_EXCEPTION
         jmp fail.reason
 disk_error:
         lea rsi, [msg_disk_error]
@@ -481,6 +518,22 @@ fail:
 .halt:  cli
         hlt
         jmp .halt
+
+; say_number: the digits of RAX in base ECX (2..16) to COM1 and ConOut, as say. Clobbers: as say, RDI
+say_number:
+        lea rdi, [digits_end]
+.digit: xor edx, edx
+        div rcx
+        add dl, '0'
+        cmp dl, '9'
+        jbe .put
+        add dl, 'A' - '9' - 1
+.put:   dec rdi
+        mov [rdi], dl
+        test rax, rax
+        jnz .digit
+        mov rsi, rdi
+        ; fall through into say
 
 ; say: a NUL-terminated ASCII string at RSI to COM1 and ConOut ("\n" as CR LF on both). Clobbers: RAX, RCX, RDX,
 ; R8 - R11, RSI
@@ -550,6 +603,7 @@ start_engine:
 to_engine:
         mov rdx, [r_our_cr3]
         mov cr3, rdx
+        lidt [r_idtr]
         mov dx, [r_data32]
         mov ss, dx
         mov ds, dx
@@ -572,13 +626,7 @@ hook32:
         bits 64
 hook64:
         mov [r_engine_esp], esp
-        mov rdx, [r_fw_cr3]
-        mov cr3, rdx
-        mov rsp, [r_fw_rsp]
-        mov dx, [r_fw_data]
-        mov ss, dx
-        mov ds, dx
-        mov es, dx
+        call to_firmware
         movzx eax, al
         mov [r_char], eax               ; the byte as a CHAR16 and a NUL
         sub rsp, 32
@@ -595,6 +643,42 @@ hook_return:
         ret
         bits 64
 
+; to_firmware: back to the firmware's page tables, stack (RSP = its stack as start_engine left it), data segments
+; and IDT. Clobbers: RCX, RDX
+to_firmware:
+        pop rcx
+        mov rdx, [r_fw_cr3]
+        mov cr3, rdx
+        mov rsp, [r_fw_rsp]
+        mov dx, [r_fw_data]
+        mov ss, dx
+        mov ds, dx
+        mov es, dx
+        lidt [r_fw_idtr]
+        jmp rcx
+
+; exception_gates, exception64: vector N's gate enters at the Nth call, whose return address names the vector;
+; then the error code if the vector has one, and the faulting RIP, as the CPU pushed them. To engine_exception.
+exception_gates:
+%rep N_VECTORS
+        call exception64
+%endrep
+exception64:
+        pop rax
+        lea rdx, [exception_gates + 5]
+        sub eax, edx
+        mov cl, 5
+        div cl
+        movzx eax, al                   ; the vector
+        mov edx, ERROR_CODE_VECTORS
+        bt edx, eax
+        jnc .eip
+        pop rdx
+.eip:   pop rsi
+        call to_firmware
+        mov r12, [r_conout]             ; (compatibility mode leaves R8 - R15 undefined)
+        jmp [r_report]
+
         align 8
 r_our_cr3:          dq 0
 r_fw_cr3:           dq 0
@@ -607,11 +691,16 @@ r_fw_data:          dw 0
 r_engine_esp:       dd 0
 r_char:             dd 0
                     dw 0
+r_report:           dq 0                ; engine_exception in the loader
 r_gdtr:             dw 0                ; limit, then base
                     dq 0
-        align 16
-resident_gdt:                           ; the GDT is built here in the copy, up to the end of its page
-resident_end:
+                    dw 0
+r_idtr:             dw 0                ; the engine's IDT, in the copy after resident_end
+                    dq 0
+                    dw 0
+r_fw_idtr:          dw 0
+                    dq 0
+resident_end:                           ; the copy's IDT and GDT follow (RESIDENT_IDT, RESIDENT_GDT)
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; constant data
@@ -633,8 +722,10 @@ msg_bad_run_block:  db "bad image", 10, 0
 msg_bad_gdt:        db "firmware GDT too large", 10, 0
 msg_disk_error:     db "disk error", 10, 0
 msg_out_of_memory:  db "out of memory: the run needs ", 0
-                    times 20 db 0       ; out_of_memory writes the digits here, backwards
-msg_needed_kib:     db " KiB of RAM below 4 GiB", 10, 0
+msg_kib:            db " KiB of RAM below 4 GiB", 10, 0
+msg_exception:      db "CPU exception ", 0
+msg_at:             db " at 0x", 0
+msg_line_end:       db 10, 0
 
 ; variables
         align 8
@@ -645,6 +736,8 @@ window:             dq 0
 needed:             dq 0
 block:              dq 0
 char16:             dd 0
+                    times 20 db 0       ; say_number's digits, written backwards
+digits_end:         db 0
 run_block:          times SECTOR db 0
         align FILE_ALIGN, db 0
 image_end:
