@@ -62,13 +62,6 @@ def test_plain_run_streams_text_and_reports_speed(stories260k, tok512):
     assert b"achieved tok/s:" in proc.stderr
 
 
-def test_info(stories260k):
-    proc = run_cli("info", str(stories260k))
-    assert proc.returncode == 0
-    out = proc.stdout.decode()
-    assert "260,032" in out and "n_kv_heads  4" in out
-
-
 def test_bench_json(stories260k):
     proc = run_cli("bench", str(stories260k), "--decode", "16", "--prefill", "16", "--json")
     assert proc.returncode == 0, proc.stderr.decode()

@@ -141,19 +141,11 @@ def _read_stdin_line() -> str | None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
+    from .describe import describe
     from .hub import resolve_model
 
-    checkpoint = load_checkpoint(resolve_model(args.checkpoint))
-    c = checkpoint.config
-    rows = [
-        ("file", str(checkpoint.path)),
-        ("format", {0: "llama2.c legacy (v0)", 1: "llama2.c v1 float32", 2: "llama2.c v2 Q8_0"}[checkpoint.version]),
-        ("dim", c.dim), ("hidden_dim", c.hidden_dim), ("n_layers", c.n_layers), ("n_heads", c.n_heads),
-        ("n_kv_heads", c.n_kv_heads), ("vocab_size", c.vocab_size), ("seq_len", c.seq_len),
-        ("head_size", c.head_size), ("classifier", "shared with the embedding" if c.shared_classifier else "separate"),
-        ("parameters", f"{c.n_params():,}"), ("size", f"{checkpoint.file_bytes:,} bytes"),
-    ]
+    path = Path(args.file)
+    rows = describe(path if path.is_file() else resolve_model(args.file))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -368,8 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="report the seed taken from the clock")
     run.set_defaults(func=cmd_run)
 
-    info = sub.add_parser("info", help="print a checkpoint's config, parameter count and size")
-    info.add_argument("checkpoint", help="checkpoint path or model name")
+    info = sub.add_parser("info", help="describe a checkpoint, tokenizer, packed model or boot image",
+                          description="What a file is: a llama2.c checkpoint (any version) or tokenizer, a packed "
+                                      ".sllm model (scheme, sections, CRC) or a boot image (parts, run settings, "
+                                      "model, RAM needed).")
+    info.add_argument("file", help="a file, or a model name (stories260K...)")
     info.set_defaults(func=cmd_info)
 
     bench = sub.add_parser("bench", help="measure decode and prefill speed",
