@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,8 @@ def boot_ovmf(image: Path, drive: str = "virtio", memory_mib: int = 256, answer:
     cue arrives: QEMU's exit code, COM1, COM2."""
     with tempfile.TemporaryDirectory(prefix="sectorllm-ovmf-") as scratch:
         com2 = Path(scratch) / "com2.txt"
-        command = [QEMU64, *uefi.ovmf_qemu_args(uefi.copy_ovmf_vars(Path(scratch))), "-m", str(memory_mib),
+        command = [QEMU64, "-machine", "q35", *uefi.ovmf_qemu_args(uefi.copy_ovmf_vars(Path(scratch))),
+                   "-m", str(memory_mib),
                    "-display", "none", "-no-reboot", "-nic", "none", "-serial", "stdio", "-serial", f"file:{com2}",
                    "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", *uefi.drive_args(image, drive)]
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -85,7 +88,7 @@ def stub_disk(stub, path: Path, model: bytes, memory_end: int, *, run_block: byt
     files = {uefi.LOADER_PATH: loader.binary.read_bytes()}
     if with_payload:
         files[uefi.PAYLOAD_NAME] = uefi.payload(block, engine.binary.read_bytes(), model)
-    path.write_bytes(uefi.uefi_disk_image(uefi.build_esp(files)))
+    path.write_bytes(uefi.uefi_disk_image(files))
     return path
 
 
@@ -144,24 +147,37 @@ def test_out_of_memory_names_what_the_run_needs(stub, tmp_path):
 def test_esp_is_a_valid_fat_holding_the_files(tmp_path):
     require_uefi()
     files = {uefi.LOADER_PATH: b"MZ" + bytes(1000), uefi.PAYLOAD_NAME: pattern_blob(3 * MIB + 7)}
-    esp = uefi.build_esp(files)
+    esp = uefi.build_esp(files, 2048)
     assert len(esp) % MIB == 0 and len(esp) >= uefi.ESP_MIN_BYTES
+    assert esp[54:62] == b"FAT16   "  # the boot sector's file system type
+    assert int.from_bytes(esp[28:32], "little") == 2048  # hidden sectors: where the partition starts
     fat = tmp_path / "esp.img"
     fat.write_bytes(esp)
-    check = subprocess.run([uefi._tool("fsck.fat", uefi.FAT_TOOLS_INSTALL), "-n", "-v", str(fat)],
-                           capture_output=True, text=True)
+    check = subprocess.run([uefi._tool("fsck.fat", uefi.FAT_TOOLS_INSTALL), "-n", str(fat)], capture_output=True,
+                           text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert esp[54:62] == b"FAT16   "  # the boot sector's file system type
     for name, content in files.items():
         out = tmp_path / Path(name).name
         subprocess.run(["mcopy", "-i", str(fat), f"::/{name}", str(out)], check=True)
         assert out.read_bytes() == content
-    disk = uefi.uefi_disk_image(esp)
-    entry = disk[446:462]
-    assert entry[4] == uefi.ESP_TYPE
-    assert int.from_bytes(entry[8:12], "little") == uefi.ESP_START_LBA
-    assert int.from_bytes(entry[12:16], "little") * 512 == len(esp)
-    assert disk[510:512] == b"\x55\xaa" and disk[uefi.ESP_START_LBA * 512:] == esp
+
+
+def test_esp_joins_a_partitioned_disk_in_the_second_entry(tmp_path):
+    require_uefi()
+    legacy_entry = bytes.fromhex("80 01 01 00 da 0f 3f 00 3f 000000 b1030000".replace(" ", ""))
+    legacy = bytes(446) + legacy_entry + bytes(48) + b"\x55\xaa" + pattern_blob(1007 * 512)
+    files = {uefi.PAYLOAD_NAME: pattern_blob(5000)}
+    disk = uefi.add_esp(legacy, files)
+    assert disk[:446 + 16] == legacy[:446 + 16] and disk[512:len(legacy)] == legacy[512:]
+    kind, start, size = disk[462 + 4], *struct.unpack_from("<II", disk, 462 + 8)
+    assert (kind, start) == (0xEF, 2048)  # the first MiB boundary past the 1008 legacy sectors
+    time.sleep(1.1)  # a later second: the partition's bytes do not depend on the clock
+    assert disk[start * 512:(start + size) * 512] == uefi.build_esp(files, start)
+    assert len(disk) % (1008 * 512) == 0 and len(disk) >= (start + size) * 512
+    with pytest.raises(BootError, match="entry 2 is taken"):
+        uefi.add_esp(disk, files)
+    with pytest.raises(BootError, match="no MBR"):
+        uefi.add_esp(bytes(1024), files)
 
 
 def test_loader_needs_the_engines_uefi_entry(tmp_path):

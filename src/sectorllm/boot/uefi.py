@@ -28,12 +28,16 @@ ENGINE_SYMBOLS = ("main32", "screen_hook")  # the engine's UEFI entry point and 
 # sees it (the loader waits a second for it), not before the boot: the firmware's serial driver resets the UART.
 HANDSHAKE_CUE = b"sectorllm: UEFI loader\r\n"
 
+MBR_TABLE = 446  # the partition table's offset in the MBR
+ESP_ENTRY = 1  # the ESP's entry in it: the legacy image's payload partition has the first
 ESP_TYPE = 0xEF  # MBR partition type of an EFI System Partition
-ESP_START_LBA = 2048  # 1 MiB: where partitioning tools put the first partition
+ESP_ALIGN = 1 << 20  # partitions start on MiB boundaries, as partitioning tools place them
+CYLINDER_SECTORS = 16 * 63  # the legacy image's disk geometry (heads x sectors per track)
 ESP_MIN_BYTES = 4 << 20  # FAT16 needs 4085 clusters at least: 4 MiB holds 8,000 of 512 bytes
 FAT16_MAX_CLUSTERS = 65524
 FAT_LABEL = "SECTORLLM"
-FAT_SERIAL = "534C4C4D"  # fixed, so the same inputs give the same partition bytes
+FAT_SERIAL = "534C4C4D"  # fixed, as the timestamps (FAT_EPOCH): the same inputs give the same partition bytes
+FAT_EPOCH = "315532800"  # 1980-01-01, FAT's first date: mtools' SOURCE_DATE_EPOCH
 
 OVMF_DIR = Path("/usr/share/OVMF")
 OVMF_CODE = OVMF_DIR / "OVMF_CODE_4M.fd"  # Debian's build without Secure Boot: the loader is not signed
@@ -81,7 +85,7 @@ def esp_bytes(files: Mapping[str, bytes]) -> int:
     return -(-needed // (1 << 20)) << 20
 
 
-def build_esp(files: Mapping[str, bytes], start_lba: int = ESP_START_LBA) -> bytes:
+def build_esp(files: Mapping[str, bytes], start_lba: int) -> bytes:
     """A FAT16 EFI System Partition holding files (path with "/" -> content), for a disk where it starts at
     start_lba (the boot sector's hidden-sector count)."""
     mkfs, mmd, mcopy = (_tool(name, FAT_TOOLS_INSTALL) for name in ("mkfs.fat", "mmd", "mcopy"))
@@ -91,37 +95,54 @@ def build_esp(files: Mapping[str, bytes], start_lba: int = ESP_START_LBA) -> byt
         cluster_sectors *= 2
     with tempfile.TemporaryDirectory(prefix="sectorllm-esp-") as scratch:
         fat = Path(scratch) / "esp.img"
-        run = [mkfs, "-F", "16", "-s", str(cluster_sectors), "-h", str(start_lba), "-i", FAT_SERIAL,
-               "-n", FAT_LABEL, "-C", str(fat), str(size // 1024)]
-        _run(run)
+        _run([mkfs, "--invariant", "-F", "16", "-s", str(cluster_sectors), "-h", str(start_lba), "-i", FAT_SERIAL,
+              "-n", FAT_LABEL, "-C", str(fat), str(size // 1024)])
         folders = sorted({str(parent) for name in files for parent in Path(name).parents} - {"."})
         for folder in folders:  # parents before children: sorted puts "EFI" before "EFI/BOOT"
             _run([mmd, "-i", str(fat), f"::/{folder}"])
         for name, content in files.items():
             source = Path(scratch) / "file"
             source.write_bytes(content)
-            _run([mcopy, "-i", str(fat), "-D", "o", str(source), f"::/{name}"])
+            _run([mcopy, "-i", str(fat), str(source), f"::/{name}"])
         return fat.read_bytes()
 
 
 def _run(command: list[str]) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+    """Run one FAT tool; BootError with its message if it fails."""
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": FAT_EPOCH}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise BootError(f"{Path(command[0]).name} failed building the EFI System Partition: "
                         f"{(done.stderr or done.stdout).strip()}")
 
 
-def partition_entry(kind: int, start_lba: int, sectors: int, *, active: bool = False) -> bytes:
-    """One 16-byte MBR partition table entry; the CHS fields hold the "use LBA" marker (1023/254/63)."""
+def partition_entry(kind: int, start_lba: int, sectors: int) -> bytes:
+    """One 16-byte MBR partition table entry, not active; the CHS fields hold the "use LBA" marker (1023/254/63)."""
     chs_beyond = b"\xfe\xff\xff"
-    return struct.pack("<B3sB3sII", 0x80 if active else 0, chs_beyond, kind, chs_beyond, start_lba, sectors)
+    return struct.pack("<B3sB3sII", 0, chs_beyond, kind, chs_beyond, start_lba, sectors)
 
 
-def uefi_disk_image(esp: bytes, start_lba: int = ESP_START_LBA) -> bytes:
-    """A disk that boots under UEFI only: an MBR whose one partition is the ESP, then the ESP at start_lba."""
-    table = partition_entry(ESP_TYPE, start_lba, len(esp) // SECTOR) + bytes(48)
-    mbr = bytes(446) + table + b"\x55\xaa"
-    return mbr + bytes((start_lba - 1) * SECTOR) + esp
+def add_esp(disk: bytes, files: Mapping[str, bytes]) -> bytes:
+    """disk (an MBR-partitioned image whose second table entry is free) with an EFI System Partition holding files
+    added: on the next MiB boundary, in the table's second entry; the whole padded to cylinders of CYLINDER_SECTORS,
+    as BIOSes take a disk's geometry from its size."""
+    if len(disk) < SECTOR or disk[510:512] != b"\x55\xaa" or len(disk) % SECTOR:
+        raise BootError("the disk image has no MBR (boot signature 0x55AA): the EFI System Partition needs one")
+    entry = MBR_TABLE + 16 * ESP_ENTRY
+    if any(disk[entry:entry + 16]):
+        raise BootError(f"the disk image's partition table entry {ESP_ENTRY + 1} is taken: no room for the EFI "
+                        "System Partition")
+    start = -(-len(disk) // ESP_ALIGN) * ESP_ALIGN // SECTOR
+    esp = build_esp(files, start)
+    mbr = bytearray(disk[:SECTOR])
+    mbr[entry:entry + 16] = partition_entry(ESP_TYPE, start, len(esp) // SECTOR)
+    image = bytes(mbr) + disk[SECTOR:] + bytes(start * SECTOR - len(disk)) + esp
+    return image + bytes(-len(image) % (CYLINDER_SECTORS * SECTOR))
+
+
+def uefi_disk_image(files: Mapping[str, bytes]) -> bytes:
+    """A disk that boots under UEFI only: an MBR with no boot code whose one partition is the ESP holding files."""
+    return add_esp(bytes(510) + b"\x55\xaa", files)
 
 
 def ovmf_firmware() -> tuple[Path, Path]:
@@ -133,10 +154,10 @@ def ovmf_firmware() -> tuple[Path, Path]:
 
 
 def ovmf_qemu_args(vars_copy: Path) -> list[str]:
-    """QEMU arguments for OVMF on a q35 machine: the firmware read-only, vars_copy (a copy of OVMF_VARS the caller
-    made for this boot, as the firmware writes to it) as its variable store."""
+    """qemu-system-x86_64 arguments that make OVMF the firmware (q35 is the machine it is tested on): its code
+    read-only, vars_copy (a copy of OVMF_VARS made for this boot, as the firmware writes to it) its variable store."""
     code, _ = ovmf_firmware()
-    return ["-machine", "q35", "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+    return ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
 
 
