@@ -61,11 +61,11 @@ class Model:
 
 
 def load(model: str | os.PathLike = "stories260K", tokenizer: str | os.PathLike | None = None,
-         engine: str | None = None, scheme: str = "row", download: bool = True) -> Model:
+         engine: str | None = None, scheme: str = "row", download: bool = True, threads: int = 0) -> Model:
     """Load a llama2.c checkpoint (a path or a name such as "stories15M") or a packed .sllm file.
 
     engine: "float" (the default for checkpoints) or "fixed" (the default, and the only choice, for packed files;
-    a checkpoint is quantized in memory with `scheme`).
+    a checkpoint is quantized in memory with `scheme`). threads: the float engine's (0: all cores).
     """
     if engine is not None and engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
@@ -76,8 +76,8 @@ def load(model: str | os.PathLike = "stories260K", tokenizer: str | os.PathLike 
         packed = load_packed(path, tokenizer, scheme)
         return Model(packed.config, packed.tokenizer, FixedEngine(packed), path, packed)
     checkpoint = load_checkpoint(path)
-    return Model(checkpoint.config, checkpoint_tokenizer(checkpoint, path, tokenizer, download), FloatEngine(checkpoint),
-                 path)
+    return Model(checkpoint.config, checkpoint_tokenizer(checkpoint, path, tokenizer, download),
+                 FloatEngine(checkpoint, threads), path)
 
 
 def load_packed(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, scheme: str = "row",

@@ -96,7 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             model = load_boot(args.checkpoint, args.tokenizer, scheme=args.scheme)
         else:
-            model = load(args.checkpoint, args.tokenizer, engine=args.engine, scheme=args.scheme)
+            model = load(args.checkpoint, args.tokenizer, engine=args.engine, scheme=args.scheme,
+                         threads=args.threads)
     seq_len = model.config.seq_len
     if args.steps > seq_len:
         _note(f"-n {args.steps} is beyond the model's {seq_len}-token context: generating up to {seq_len}")
@@ -161,7 +162,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = []
     for model in args.models:
         for engine in args.engine or ["float"]:
-            result = bench_model(model, engine, decode_tokens=args.decode, prefill_tokens=args.prefill)
+            result = bench_model(model, engine, decode_tokens=args.decode, prefill_tokens=args.prefill,
+                                 threads=args.threads)
             results.append(result)
             if not args.json:
                 print(f"{result.model:<22} {result.engine:<6} decode {result.decode_tok_per_s:>10,.1f} tok/s"
@@ -356,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="float (default for checkpoints) or fixed: the integer engine, quantizing a checkpoint in "
                           "memory (the only engine for a packed .sllm file); boot: the fixed engine's boot image, "
                           "run in QEMU")
+    run.add_argument("--threads", type=_number(int, 0), default=0,
+                     help="threads for the float engine (default 0: all cores)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.add_argument("-v", "--verbose", action="store_true", help="report the seed taken from the clock")
     run.set_defaults(func=cmd_run)
@@ -368,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     bench = sub.add_parser("bench", help="measure decode and prefill speed",
-                           description="Decode: greedy steps from BOS; prefill: one batched prompt. Best of 3 runs. "
+                           description="Decode: greedy steps from BOS; prefill: one batched prompt. Median of 5 runs. "
                                        "'random:NAME' is a random-weight model of NAME's shape.")
     bench.add_argument("models", nargs="*", default=[DEFAULT_MODEL, "random:stories15M"],
                        help="model names, paths or random:NAME (default: stories260K random:stories15M)")
@@ -378,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decode steps, 1 or more, at most the model's context (default 256)")
     bench.add_argument("--prefill", type=_number(int, 1), default=200,
                        help="prompt length for prefill, 1 or more, at most the model's context (default 200)")
+    bench.add_argument("--threads", type=_number(int, 0), default=0,
+                       help="threads for the float engine (default 0: all cores)")
     bench.add_argument("--json", action="store_true", help="print a JSON list of results")
     bench.add_argument("--boot", action="store_true",
                        help="instead: the boot engine's instructions per token (256 greedy from BOS on stories260K, "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .engines.float32 import softmax
+from .engines.softmax import softmax
 from .errors import UsageError
 
 _U64 = (1 << 64) - 1
@@ -61,19 +61,25 @@ def clock_seed() -> int:
     return int(time.time()) & 0xFFFFFFFF
 
 
+@numba.njit(cache=True)
+def next_u32(state: np.ndarray) -> int:
+    """Advance the generator held in state[0] (uint64) and return its next 32-bit output."""
+    s = state[0]
+    s ^= s >> np.uint64(12)
+    s ^= s << np.uint64(25)
+    s ^= s >> np.uint64(27)
+    state[0] = s
+    return (s * np.uint64(0x2545F4914F6CDD1D)) >> np.uint64(32)
+
+
 class XorShiftRng:
     """run.c's xorshift64* generator: the same seed gives the same stream of coins."""
 
     def __init__(self, seed: int) -> None:
-        self.state = seed & _U64
+        self.state = np.array([seed & _U64], dtype=np.uint64)  # an array, so that compiled code advances it too
 
     def next_u32(self) -> int:
-        s = self.state
-        s ^= s >> 12
-        s ^= (s << 25) & _U64
-        s ^= s >> 27
-        self.state = s
-        return ((s * 0x2545F4914F6CDD1D) & _U64) >> 32
+        return int(next_u32(self.state))
 
     def next_f32(self) -> np.float32:
         """A coin in [0, 1): the top 24 bits of a u32 over 2**24, as run.c's random_f32."""
@@ -147,6 +153,17 @@ def sample_probabilities(logits: np.ndarray, temperature: np.float32, topp: np.f
     return _sample_topp(logits, topp, coin)
 
 
+@numba.njit(cache=True)
+def sample_logits(logits: np.ndarray, scratch: np.ndarray, temperature: np.float32, topp: np.float32, topk: int,
+                  minp: float, rng_state: np.ndarray) -> int:
+    """run.c's sample(): the first largest logit when greedy, else one coin from the generator and a draw."""
+    if temperature == 0:
+        return np.argmax(logits)
+    coin = np.float32(next_u32(rng_state) >> np.uint64(8)) / np.float32(16777216.0)
+    scratch[:] = logits
+    return sample_probabilities(scratch, temperature, topp, topk, minp, coin)
+
+
 class Sampler:
     """Turns logits into token ids; holds the generator state, so one Sampler per generation."""
 
@@ -155,13 +172,14 @@ class Sampler:
         self.config = config
         self.seed = config.seed or clock_seed()
         self.rng = XorShiftRng(self.seed)
-        if not config.greedy:  # load (or compile) the jitted sampler now, so it is not timed as decoding
-            sample_probabilities(np.zeros(2, np.float32), np.float32(1), np.float32(0.5), 0, 0.0, np.float32(0))
+        # load (or compile) the jitted sampler now, with a throwaway generator, so it is not timed as decoding
+        sample_logits(np.zeros(2, np.float32), np.zeros(2, np.float32), *self.settings, np.ones(1, np.uint64))
+
+    @property
+    def settings(self) -> tuple:
+        """temperature (0 when greedy), top-p, top-k and min-p as the compiled sampler takes them."""
+        c = self.config
+        return np.float32(0 if c.greedy else c.temperature), np.float32(c.topp), c.topk, c.minp
 
     def sample(self, logits: np.ndarray) -> int:
-        c = self.config
-        if c.greedy:
-            return int(np.argmax(logits))
-        scratch = np.array(logits, dtype=np.float32)
-        return int(sample_probabilities(scratch, np.float32(c.temperature), np.float32(c.topp),
-                                        c.topk, c.minp, self.rng.next_f32()))
+        return int(sample_logits(logits, np.empty_like(logits, dtype=np.float32), *self.settings, self.rng.state))

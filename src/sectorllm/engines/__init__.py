@@ -17,5 +17,8 @@ class Engine(Protocol):
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Run one token at position pos; returns next-token logits (vocab_size,)."""
 
+    def step(self, token: int, pos: int, sampler) -> int:
+        """forward(token, pos), then the sampler's choice of the next token."""
+
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Run tokens at positions 0..len-1 in one batch; returns the logits after the last one."""

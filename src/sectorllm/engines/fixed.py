@@ -258,6 +258,9 @@ class FixedEngine:
         return forward_token(token, pos, self._w, self._params, self.key_q, self.key_d,
                              self.value_q, self.value_d, self._buf)
 
+    def step(self, token: int, pos: int, sampler: FixedSampler) -> int:
+        return sampler.sample(self.forward(token, pos))
+
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """The prompt one position at a time: the boot engine has no batched path, so neither has its model."""
         logits = self._buf[-1]
