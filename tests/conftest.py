@@ -16,6 +16,10 @@ from sectorllm.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# No test downloads anything: a model name that is not found locally fails at once against an endpoint nobody
+# listens on, in this process and in every CLI child (test_hub.py points them at its own loopback server).
+DEAD_ENDPOINT = "http://127.0.0.1:9"
+os.environ.update(HF_ENDPOINT=DEAD_ENDPOINT, SECTORLLM_LLAMA2_C_URL=DEAD_ENDPOINT, HF_HUB_DISABLE_TELEMETRY="1")
 
 
 def _require(path: Path, what: str) -> Path:
@@ -29,7 +33,7 @@ def _require(path: Path, what: str) -> Path:
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
-    return Path(os.environ.get("SECTORLLM_MODELS", ROOT.parent / "shared" / "models"))
+    return _require(Path(os.environ.get("SECTORLLM_MODELS", ROOT.parent / "shared" / "models")), "the model folder")
 
 
 @pytest.fixture(scope="session")

@@ -94,3 +94,12 @@ def test_header_sizes_past_64_bits_are_one_line(tmp_path):
     bad.write_bytes(np.array([2**20, 2**20, 2**24, 2**19, 1, 2, 1], "<i4").tobytes() + bytes(4096))
     _assert_one_line_error(run_cli("info", str(bad)), "truncated")
     _assert_one_line_error(run_cli("run", str(bad)), "truncated")
+
+
+@pytest.mark.parametrize("flags", [["--decode", "0"], ["--prefill", "0"], ["--decode", "-5"], ["--prefill", "x"]])
+def test_bench_sizes_below_one_are_one_line(stories260k, flags):
+    _assert_one_line_error(run_cli("bench", str(stories260k), *flags), flags[0])
+
+
+def test_eval_positions_below_one_is_one_line(stories260k):
+    _assert_one_line_error(run_cli("eval", str(stories260k), "--positions", "0"), "--positions")
