@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+from importlib import import_module
 
 from sectorllm import load
 from sectorllm.checkpoint import random_weights, write_checkpoint
@@ -65,3 +66,20 @@ def test_reprs_are_short_with_a_32000_token_tokenizer(tmp_path, llama_tokenizer)
         assert len(repr(model.tokenizer)) < 100
         if model.packed is not None:
             assert len(repr(model.packed)) < 1000
+
+
+def test_nothing_compiles_inside_the_timed_decode(stories260k, tok512):
+    """Loading compiles the engine and generate() the sampler: iterating the generation, where decoding is timed,
+    adds no compiled signature to any jitted function."""
+    import numba
+
+    dispatchers = [obj for module in ("sectorllm.engines.float32", "sectorllm.engines.fixed", "sectorllm.sampling")
+                   for obj in vars(import_module(module)).values() if isinstance(obj, numba.core.dispatcher.Dispatcher)]
+    for engine in ("float", "fixed"):
+        model = load(stories260k, tok512, engine=engine)
+        for temperature, topk, minp in ((0, 0, 0.0), (0.8, 5, 0.05)):
+            generation = model.generate("Once upon a time", steps=20, temperature=temperature, topk=topk, minp=minp,
+                                        seed=2)
+            before = {d: len(d.signatures) for d in dispatchers}
+            generation.result  # runs the generation
+            assert {d: len(d.signatures) for d in dispatchers} == before, (engine, temperature)

@@ -17,8 +17,9 @@ from . import __version__
 from .errors import SectorLLMError, UsageError
 
 DEFAULT_MODEL = "stories260K"
-# Measured on a fresh install (2 shared cores): 10 s to the first token of the float engine, 7 s for the fixed one.
-COMPILE_NOTE = "loading; the first run after installing compiles the engines (numba, about 10 s, once)"
+# Measured on a fresh install of the float engine on 2 cores shared with other work (load 5): 40 s to the first
+# token; under a second or two once compiled.
+COMPILE_NOTE = "loading; the first run after installing compiles the engines (numba, once), which can take a minute"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,7 +63,10 @@ def _progress_if_slow(message: str, after_seconds: float = 1.5) -> Iterator[None
 def _run_c_seed(text: str) -> int:
     from .sampling import run_c_seed
 
-    return run_c_seed(int(text))
+    try:
+        return run_c_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
 def _number(convert: type, low: int | None = None) -> Callable[[str], float]:

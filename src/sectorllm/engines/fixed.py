@@ -346,6 +346,7 @@ class FixedSampler:
         self._exp_table, self._exp_shift = packed.exp_table, packed.quant.exp_shift
         if config.inv_temperature_q16:  # load (or compile) the jitted sampler now, so it is not timed as decoding
             sample_fixed(np.zeros(2, np.int32), self._exp_table, self._exp_shift, ONE_Q16, ONE_Q16, 0, 0, 0)
+            XorShiftRng(1).next_u32()
 
     def sample(self, logits: np.ndarray) -> int:
         c = self.config

@@ -282,7 +282,11 @@ class FloatEngine:
         self._buf = self._buffers(1)
         self._logits = np.zeros(c.vocab_size, dtype=np.float32)
         self._scratch = np.zeros(c.vocab_size, dtype=np.float32)
-        self.forward(0, 0)  # load (or compile) the jitted code now, so it is not timed as decoding
+        # Load (or compile) the jitted code now, so that it is not timed as decoding: the forward pass, and the
+        # decoding step with a throwaway generator (its types are every sampler's; the values do not matter).
+        self.forward(0, 0)
+        decode_step(0, 0, self._w, self.rope_cos, self.rope_sin, self.key_cache, self.value_cache, self._buf,
+                    self._logits, self._scratch, np.float32(0), np.float32(1), 0, 0.0, np.ones(1, np.uint64))
 
     def _buffers(self, positions: int) -> tuple:
         """x, xb, xb2, hb, qkv, att, out (the classifier's): a row per position, products' outputs whole blocks."""
