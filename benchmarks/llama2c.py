@@ -116,7 +116,7 @@ def measure(shape: str, binaries: dict[str, Path], models_dir: Path, checkout: P
     for engine in ("float", "fixed"):
         runs = [bench_model(str(float_path), engine, decode, prompt_tokens, threads=args.threads)
                 for _ in range(args.repeats)]
-        rows.append(Row(f"sectorllm {engine}", args.threads if engine == "float" else 1,
+        rows.append(Row(f"sectorllm {engine}", args.threads,
                         statistics.median(r.decode_tok_per_s for r in runs),
                         statistics.median(r.prefill_tok_per_s for r in runs)))
     return rows
@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=128, help="prompt tokens (default 128)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per program, the median is shown (default 3)")
     parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
-                        help="threads for OpenMP builds and our float engine (default: all cores)")
+                        help="threads for OpenMP builds and our engines (default: all cores)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sectorllm-bench-") as scratch:
         out = Path(scratch)

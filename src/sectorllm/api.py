@@ -65,7 +65,7 @@ def load(model: str | os.PathLike = "stories260K", tokenizer: str | os.PathLike 
     """Load a llama2.c checkpoint (a path or a name such as "stories15M") or a packed .sllm file.
 
     engine: "float" (the default for checkpoints) or "fixed" (the default, and the only choice, for packed files;
-    a checkpoint is quantized in memory with `scheme`). threads: the float engine's (0: all cores).
+    a checkpoint is quantized in memory with `scheme`). threads: the engine's (0: all cores).
     """
     if engine is not None and engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
@@ -74,7 +74,7 @@ def load(model: str | os.PathLike = "stories260K", tokenizer: str | os.PathLike 
         if engine == "float":
             raise UsageError(f"{path} is a packed integer model: run it with the fixed engine (drop --engine float)")
         packed = load_packed(path, tokenizer, scheme)
-        return Model(packed.config, packed.tokenizer, FixedEngine(packed), path, packed)
+        return Model(packed.config, packed.tokenizer, FixedEngine(packed, threads), path, packed)
     checkpoint = load_checkpoint(path)
     return Model(checkpoint.config, checkpoint_tokenizer(checkpoint, path, tokenizer, download),
                  FloatEngine(checkpoint, threads), path)

@@ -84,5 +84,5 @@ def bench_model(model: str, engine: str, decode_tokens: int = 256, prefill_token
         return bench_engine(FloatEngine(checkpoint, threads), Sampler(SamplerConfig(temperature=0)), model, engine,
                             decode_tokens, prefill_tokens)
     packed = quantize_model(checkpoint, checkpoint_tokenizer(checkpoint, model.removeprefix("random:")))
-    return bench_engine(FixedEngine(packed), FixedSampler(FixedSamplerConfig(0), packed), model, engine,
+    return bench_engine(FixedEngine(packed, threads), FixedSampler(FixedSamplerConfig(0), packed), model, engine,
                         decode_tokens, prefill_tokens)

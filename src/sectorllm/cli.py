@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "memory (the only engine for a packed .sllm file); boot: the fixed engine's boot image, "
                           "run in QEMU")
     run.add_argument("--threads", type=_number(int, 0), default=0,
-                     help="threads for the float engine (default 0: all cores)")
+                     help="threads for the float and fixed engines (default 0: all cores)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.add_argument("-v", "--verbose", action="store_true", help="report the seed taken from the clock")
     run.set_defaults(func=cmd_run)
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prefill", type=_number(int, 1), default=200,
                        help="prompt length for prefill, 1 or more, at most the model's context (default 200)")
     bench.add_argument("--threads", type=_number(int, 0), default=0,
-                       help="threads for the float engine (default 0: all cores)")
+                       help="threads for the float and fixed engines (default 0: all cores)")
     bench.add_argument("--json", action="store_true", help="print a JSON list of results")
     bench.add_argument("--boot", action="store_true",
                        help="instead: the boot engine's instructions per token (256 greedy from BOS on stories260K, "

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import numba
 import numpy as np
 from numba import prange
 
 from ..checkpoint import Checkpoint, Weights
 from ..config import ModelConfig
-from ..errors import UsageError
 from ..sampling import Sampler, sample_logits
+from . import PARALLEL_WORK, thread_count
 from .softmax import expf, softmax
 
 # Every function pins fastmath=False (numba would otherwise compile it with its first caller's flags): run.c's -O3
@@ -24,11 +22,6 @@ from .softmax import expf, softmax
 BLOCK = 64
 # Positions per tile of a batched matrix product: one tile reads each weight vector once from memory for all of them.
 TILE = 4
-# Below this many multiply-adds a matrix product runs on one thread: waking the others costs more than it saves.
-PARALLEL_WORK = 1 << 19
-# OpenMP threads that spin while they wait for the next parallel loop take the core from the thread still working
-# whenever cores are shared (a busy machine, or more threads than cores): they sleep instead, unless told otherwise.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def block_rows(w: np.ndarray) -> np.ndarray:
@@ -264,12 +257,9 @@ class FloatEngine:
 
     def __init__(self, checkpoint: Checkpoint, threads: int = 0) -> None:
         """threads: how many threads the matrix products and a prompt's attention use (0: all of numba's)."""
-        if not 0 <= threads <= numba.config.NUMBA_NUM_THREADS:
-            raise UsageError(f"threads {threads} is outside 0..{numba.config.NUMBA_NUM_THREADS}: use 0 for all "
-                             "cores, or fewer")
         c: ModelConfig = checkpoint.config
         self.config = c
-        self.threads = threads or numba.config.NUMBA_NUM_THREADS
+        self.threads = thread_count(threads)
         w: Weights = checkpoint.weights
         wqkv = np.concatenate([w.wq, w.wk, w.wv], axis=1)
         w13 = np.concatenate([w.w1, w.w3], axis=1)
