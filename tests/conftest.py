@@ -16,6 +16,10 @@ from sectorllm.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# No test downloads anything: a model name that is not found locally fails at once against an endpoint nobody
+# listens on, in this process and in every CLI child (test_hub.py points them at its own loopback server).
+DEAD_ENDPOINT = "http://127.0.0.1:9"
+os.environ.update(HF_ENDPOINT=DEAD_ENDPOINT, SECTORLLM_LLAMA2_C_URL=DEAD_ENDPOINT, HF_HUB_DISABLE_TELEMETRY="1")
 
 
 def _require(path: Path, what: str) -> Path:
@@ -29,12 +33,17 @@ def _require(path: Path, what: str) -> Path:
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
-    return Path(os.environ.get("SECTORLLM_MODELS", ROOT.parent / "shared" / "models"))
+    return _require(Path(os.environ.get("SECTORLLM_MODELS", ROOT.parent / "shared" / "models")), "the model folder")
 
 
 @pytest.fixture(scope="session")
 def stories260k(models_dir: Path) -> Path:
     return _require(models_dir / "stories260K.bin", "stories260K.bin")
+
+
+@pytest.fixture(scope="session")
+def stories260k_q80(models_dir: Path) -> Path:
+    return _require(models_dir / "stories260K_q80.bin", "stories260K_q80.bin")
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +56,20 @@ def llama_tokenizer(models_dir: Path) -> Path:
     return _require(models_dir / "tokenizer.bin", "tokenizer.bin")
 
 
+def _reference_dir() -> Path:
+    return Path(os.environ.get("SECTORLLM_REFERENCE", ROOT.parent / "shared" / "reference"))
+
+
 @pytest.fixture(scope="session")
 def reference() -> dict:
-    path = Path(os.environ.get("SECTORLLM_REFERENCE", ROOT.parent / "shared" / "reference"))
-    return json.loads(_require(path / "run_c_stories260K.json", "run.c reference outputs").read_text())
+    return json.loads(_require(_reference_dir() / "run_c_stories260K.json", "run.c reference outputs").read_text())
+
+
+@pytest.fixture(scope="session")
+def runq_reference() -> dict:
+    """llama2.c runq.c's outputs on stories260K_q80.bin."""
+    path = _reference_dir() / "runq_stories260K_q80.json"
+    return json.loads(_require(path, "runq.c reference outputs").read_text())
 
 
 def require(tool: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from sectorllm.checkpoint import load_checkpoint
 from sectorllm.engines.float32 import FloatEngine
-from sectorllm.evaluate import LOGIT_ONE, evaluate, first_difference, teacher_forced
+from sectorllm.evaluate import LOGIT_ONE, evaluate, first_difference, reference_text, teacher_forced
 from sectorllm.tokenizer import load_tokenizer
 
 from .conftest import run_cli
@@ -28,7 +28,7 @@ class _ScaledFloat:
 def test_metrics_of_an_engine_against_itself(stories260k):
     checkpoint = load_checkpoint(stories260k)
     tokens = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376]
-    stats = teacher_forced(FloatEngine(checkpoint), _ScaledFloat(FloatEngine(checkpoint)), tokens, start=2)
+    stats = teacher_forced(reference_text(FloatEngine(checkpoint), tokens, 2, False), _ScaledFloat(FloatEngine(checkpoint)))
     assert stats.agree.size == len(tokens) - 1 - 2 and stats.agree.all()
     np.testing.assert_allclose(stats.kl, 0, atol=1e-9)
     np.testing.assert_allclose(stats.nll_float, stats.nll_fixed, rtol=1e-9)
@@ -88,3 +88,16 @@ def test_packed_file_refuses_float_engine_and_tokenizer(tmp_path, stories260k, t
     assert run_cli("quantize", str(stories260k), "-z", str(tok512), "-o", str(out)).returncode == 0
     proc = run_cli("run", str(out), *flags)
     assert proc.returncode == 2 and b"Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_eval_cli_ablate(tmp_path, stories260k, tok512):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\nThe cat\n", encoding="utf-8")
+    proc = run_cli("eval", str(stories260k), "-z", str(tok512), "--prompts", str(prompts), "--positions", "8",
+                   "--ablate", "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    rows = {r["label"]: r for r in json.loads(proc.stdout)}
+    assert rows["all exact (float64 model)"]["top1_agreement"] == 1
+    assert rows["all exact (float64 model)"]["greedy_prefix_bos"] == 511
+    assert rows["exact wq"]["exact"] == ["wq"]

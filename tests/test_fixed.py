@@ -86,12 +86,27 @@ def test_random_models_of_other_shapes(tmp_path, config):
 
 
 def test_prefill_is_forward_at_each_position(stories):
+    """The batched pass gives the logits and the cache of forward() one position at a time, and decoding goes on."""
     _, packed = stories
-    tokens = [BOS, 403, 407, 261, 378]
+    tokens = [BOS] + np.random.default_rng(8).integers(3, 512, 59).tolist()
     one_by_one = FixedEngine(packed)
     for pos, token in enumerate(tokens):
         last = one_by_one.forward(token, pos).copy()
-    np.testing.assert_array_equal(FixedEngine(packed).prefill(tokens), last)
+    batched = FixedEngine(packed)
+    np.testing.assert_array_equal(batched.prefill(tokens), last)
+    for name in ("key_q", "key_d", "value_q", "value_d"):
+        np.testing.assert_array_equal(getattr(batched, name), getattr(one_by_one, name))
+    np.testing.assert_array_equal(batched.forward(7, len(tokens)), one_by_one.forward(7, len(tokens)))
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two cores")
+def test_threads_change_nothing(stories):
+    """A prompt long enough for the threaded matrix products: one and two threads give the same integers."""
+    _, packed = stories
+    tokens = [BOS] + np.random.default_rng(9).integers(3, 512, 149).tolist()
+    one, two = FixedEngine(packed, threads=1), FixedEngine(packed, threads=2)
+    np.testing.assert_array_equal(one.prefill(tokens), two.prefill(tokens))
+    np.testing.assert_array_equal(one.key_q, two.key_q)
 
 
 def _jitted() -> list:
@@ -131,7 +146,7 @@ def test_no_float_between_file_and_token(stories):
             floats = {name: t for name, t in typemap.items() if _is_float(t)}
             assert not floats, (dispatcher.__name__, floats)
             checked.add((dispatcher.__name__, signature))
-    assert {name for name, _ in checked} >= {"forward_token", "matvec", "rmsnorm", "isqrt62", "quantize_act", "rope",
+    assert {name for name, _ in checked} >= {"forward_tokens", "matmul", "rmsnorm", "isqrt62", "quantize_act", "rope",
                                              "store_kv", "attention", "exp_lookup", "silu_lookup", "sample_fixed"}
 
 

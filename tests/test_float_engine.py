@@ -7,12 +7,14 @@ import ctypes.util
 import json
 from dataclasses import replace
 
+import numba
 import numpy as np
 import pytest
 
 from sectorllm.checkpoint import Checkpoint, load_checkpoint, random_weights, write_checkpoint
 from sectorllm.config import STORIES_SHAPES, ModelConfig
-from sectorllm.engines.float32 import FloatEngine, attention, matmul, matvec
+from sectorllm.engines.float32 import FloatEngine, attention, block_rows, matmul, padded
+from sectorllm.engines.softmax import expf
 from sectorllm.generate import Generation
 from sectorllm.sampling import Sampler, SamplerConfig
 from sectorllm.tokenizer import load_tokenizer
@@ -48,6 +50,23 @@ def test_prefill_is_bit_identical_to_token_by_token(source, stories260k):
     assert np.array_equal(batched.key_cache, one_by_one.key_cache)
     assert np.array_equal(batched.value_cache, one_by_one.value_cache)
     assert np.array_equal(batched.forward(7, len(tokens)), one_by_one.forward(7, len(tokens)))
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two cores")
+def test_threads_change_nothing(stories260k):
+    """A prompt long enough for the threaded products and attention gives one and two threads the same bits."""
+    checkpoint = load_checkpoint(stories260k)
+    tokens = [1] + np.random.default_rng(4).integers(3, 512, 149).tolist()
+    one, two = FloatEngine(checkpoint, threads=1), FloatEngine(checkpoint, threads=2)
+    assert np.array_equal(one.prefill(tokens), two.prefill(tokens))
+    assert np.array_equal(one.value_cache, two.value_cache)
+    assert np.array_equal(_sequential_logits(FloatEngine(checkpoint, threads=2), tokens), one.prefill(tokens))
+
+
+def test_threads_beyond_the_cores_are_refused(stories260k, tok512):
+    proc = run_cli("run", str(stories260k), "-z", str(tok512), "--threads", "999", "-n", "5")
+    assert proc.returncode == 2
+    assert proc.stderr.decode().count("\n") == 1 and b"threads 999" in proc.stderr and b"Traceback" not in proc.stderr
 
 
 def _libm_expf():
@@ -94,18 +113,42 @@ def _run_c_attention(q: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray, pos:
     return xb
 
 
-@pytest.mark.parametrize("rows, width", [(21, 97), (8, 64), (5, 33)])
-def test_matvec_and_matmul_are_run_c_to_the_bit(rows, width):
+@pytest.mark.parametrize("rows, width", [(21, 97), (8, 64), (5, 33), (130, 19)])
+def test_matmul_is_run_c_to_the_bit(rows, width):
+    """One position (decoding) and several (a prompt, in tiles of positions) against run.c's matmul."""
     rng = np.random.default_rng(rows)
     w = rng.standard_normal((rows, width)).astype(np.float32)
-    x = rng.standard_normal((3, width)).astype(np.float32)
+    x = rng.standard_normal((7, width)).astype(np.float32)
     expected = np.array([_run_c_matmul(w, row) for row in x])
-    out = np.empty(rows, np.float32)
-    matvec(out, w, x[0])
-    assert np.array_equal(out, expected[0])
-    batched = np.empty((3, rows), np.float32)
-    matmul(batched, w, x)
-    assert np.array_equal(batched, expected)
+    for positions in (1, 7):
+        out = np.full((positions, padded(rows)), np.nan, np.float32)
+        matmul(out, block_rows(w), x[:positions])
+        assert np.array_equal(out[:, :rows], expected[:positions])
+
+
+def test_expf_is_glibc_expf_to_the_bit():
+    """Every 4099th float32 bit pattern (all signs, magnitudes, infinities, NaNs) and the edges, against libm."""
+    bits = np.concatenate([np.arange(0, 1 << 32, 4099, dtype=np.uint64),
+                           np.array([0x7F800000, 0xFF800000, 0x42B17217, 0x42B17218, 0xC2CFF1B4, 0xC2CFF1B5,
+                                     0x80000000, 0x00000001])]).astype(np.uint32)
+    xs = bits.view(np.float32)
+    libm_expf = _libm_expf()
+    every = np.arange(0, xs.size, 97)
+    with np.errstate(over="ignore"):
+        expected = np.exp(xs.astype(np.float64)).astype(np.float32)  # correctly rounded but for rare ties...
+    expected[every] = [libm_expf(float(x)) for x in xs[every]]  # ...so a sample is glibc's own
+    got = _expf_all(xs)
+    same = (got.view(np.uint32) == expected.view(np.uint32)) | (np.isnan(got) & np.isnan(expected))
+    assert same[every].all()
+    assert same.mean() > 0.999  # glibc's expf is not correctly rounded: it differs from the double's rounding
+
+
+@numba.njit(fastmath=False)
+def _expf_all(xs: np.ndarray) -> np.ndarray:
+    out = np.empty_like(xs)
+    for i in range(xs.shape[0]):
+        out[i] = expf(xs[i])
+    return out
 
 
 @pytest.mark.parametrize("n_kv_heads, pos", [(4, 0), (4, 30), (2, 17)])
@@ -116,10 +159,9 @@ def test_attention_is_run_c_to_the_bit(n_kv_heads, pos):
     k_rows = rng.standard_normal((seq_len, n_kv_heads * head_size)).astype(np.float32)
     v_rows = rng.standard_normal((seq_len, n_kv_heads * head_size)).astype(np.float32)
     key_cache = np.ascontiguousarray(k_rows.reshape(seq_len, n_kv_heads, head_size).transpose(1, 2, 0))
-    value_cache = np.ascontiguousarray(v_rows.reshape(seq_len, n_kv_heads, head_size).transpose(1, 0, 2))
-    out = np.empty_like(q)
-    attention(out, q, key_cache, value_cache, pos, np.empty(seq_len, np.float32))
-    assert np.array_equal(out, _run_c_attention(q, k_rows, v_rows, pos, n_heads, n_kv_heads))
+    out = np.empty((1, q.shape[0]), np.float32)
+    attention(out, q[None], key_cache, v_rows, pos, np.empty((1, n_heads, seq_len), np.float32))
+    assert np.array_equal(out[0], _run_c_attention(q, k_rows, v_rows, pos, n_heads, n_kv_heads))
 
 
 def test_legacy_and_v1_files_generate_the_same_tokens(tmp_path, tok512):

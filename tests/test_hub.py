@@ -13,8 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from sectorllm.checkpoint import random_weights, write_checkpoint
+from sectorllm.config import STORIES_SHAPES
 from sectorllm.errors import ModelNotFoundError
-from sectorllm.hub import MODEL_NAMES, REPO_ID, download, resolve_model, resolve_tokenizer
+from sectorllm.hub import LLAMA2_C_COMMIT, LLAMA2_C_ENV, MODEL_NAMES, REPO_ID, download, resolve_model, resolve_tokenizer
+
+from .conftest import run_cli
 
 
 def _free_port() -> int:
@@ -45,6 +49,7 @@ COMMIT = "0bd21da7698eaf29a0d7de3992de8a46ef624add"  # any 40 hex digits: huggin
 REAL_FILES = ("stories260K.bin", "tok512.bin", "tokenizer.bin")
 MODEL_REPO_PATH = "stories260K/stories260K.bin"
 TOKENIZER_REPO_PATH = "stories260K/tok512.bin"
+LLAMA2_C_PREFIX = f"/karpathy/llama2.c/{LLAMA2_C_COMMIT}"  # as on raw.githubusercontent.com
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +81,11 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "hf" / "hub"
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_free_port()}")
-    for name in ("SECTORLLM_MODELS", "HF_HUB_OFFLINE", "HF_TOKEN"):
+    dead = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    monkeypatch.setenv(LLAMA2_C_ENV, dead + LLAMA2_C_PREFIX)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for name in ("SECTORLLM_MODELS", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_ASSETS_CACHE"):
         monkeypatch.delenv(name, raising=False)
     return cache
 
@@ -85,8 +93,9 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 class FakeHub:
     """Answers huggingface_hub's HEAD and GET /{repo}/resolve/{revision}/{path} as the Hub does, and logs them."""
 
-    def __init__(self, files: dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, bytes], llama2_c: dict[str, bytes]) -> None:
         self.files = dict(files)  # repo path -> the bytes served
+        self.llama2_c = dict(llama2_c)  # file name -> the bytes served under LLAMA2_C_PREFIX
         self.short_bodies: set[str] = set()  # repo paths whose GET sends half the bytes HEAD announced
         self.requests: list[tuple[str, str]] = []
         hub = self
@@ -110,6 +119,9 @@ class FakeHub:
         path = handler.path.split("?")[0]
         revision_and_file = path[len(prefix):].split("/", 1) if path.startswith(prefix) else []
         data = self.files.get(revision_and_file[1]) if len(revision_and_file) == 2 else None
+        if path.startswith(LLAMA2_C_PREFIX + "/"):
+            data = self.llama2_c.get(path.removeprefix(LLAMA2_C_PREFIX + "/"))
+            revision_and_file = ["", ""]
         if data is None:
             handler.send_response(404)
             handler.send_header("X-Error-Code", "EntryNotFound")
@@ -140,11 +152,12 @@ def hub(real_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iterat
 
     if constants.HF_HUB_OFFLINE:
         pytest.skip("HF_HUB_OFFLINE was set when huggingface_hub was imported: it refuses every download after that")
-    fake = FakeHub({MODEL_REPO_PATH: real_files["stories260K.bin"],
-                    TOKENIZER_REPO_PATH: real_files["tok512.bin"]})
+    fake = FakeHub({MODEL_REPO_PATH: real_files["stories260K.bin"], TOKENIZER_REPO_PATH: real_files["tok512.bin"]},
+                   {"tokenizer.bin": real_files["tokenizer.bin"]})
     thread = threading.Thread(target=fake.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
+    monkeypatch.setenv(LLAMA2_C_ENV, fake.endpoint + LLAMA2_C_PREFIX)
     yield fake
     fake.server.shutdown()
     fake.server.server_close()
@@ -315,10 +328,77 @@ def test_tokenizer_beside_the_model_then_models_dir(real_files: dict[str, bytes]
     assert resolve_tokenizer(str(own / "tok512.bin"), "stories15M", 32000) == own / "tok512.bin"
 
 
-def test_tokenizer_errors(hub: FakeHub, tmp_path: Path) -> None:
+def test_llama2_tokenizer_comes_from_llama2_c_checked_and_cached(hub: FakeHub, real_files: dict[str, bytes],
+                                                                 isolated: Path) -> None:
+    path = resolve_tokenizer(None, "stories15M", 32000)
+    assert path.read_bytes() == real_files["tokenizer.bin"]
+    assert path.is_relative_to(isolated.parent)  # huggingface_hub's assets cache under HF_HOME
+    assert hub.requests == [("GET", f"{LLAMA2_C_PREFIX}/tokenizer.bin")]
+    assert resolve_tokenizer(None, "stories110M", 32000, download=False) == path
+    assert len(hub.requests) == 1
+
+
+def test_llama2_tokenizer_with_wrong_bytes_is_not_kept(hub: FakeHub, real_files: dict[str, bytes],
+                                                       tmp_path: Path) -> None:
+    hub.llama2_c["tokenizer.bin"] = real_files["tokenizer.bin"][:-1] + b"\0"
     message = _one_line_error(resolve_tokenizer, None, "stories15M", 32000)
-    assert "github.com/karpathy/llama2.c" in message
+    assert "corrupt" in message and "sha256" in message
+    assert not any(p.name.endswith("tokenizer.bin") for p in tmp_path.rglob("*"))
+
+
+def test_llama2_tokenizer_offline_says_what_to_fetch(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = _one_line_error(resolve_tokenizer, None, "stories15M", 32000)
+    assert f"{LLAMA2_C_PREFIX}/tokenizer.bin" in message and "sectorllm download stories15M" in message
     assert "put tokenizer.bin in $SECTORLLM_MODELS or pass a path" in message
-    assert hub.requests == []  # karpathy/tinyllamas has no tokenizer.bin to ask for
+    assert hub.requests == []
+
+
+def test_tokenizer_errors(tmp_path: Path) -> None:
+    message = _one_line_error(resolve_tokenizer, None, "stories15M", 32000)  # nobody listens at the endpoints
+    assert "cannot download tokenizer.bin" in message
+    assert "put tokenizer.bin in $SECTORLLM_MODELS or pass a path" in message
     assert "4096" in _one_line_error(resolve_tokenizer, None, tmp_path / "custom.bin", 4096)
     assert "no tokenizer file" in _one_line_error(resolve_tokenizer, str(tmp_path / "tok.bin"), "stories15M", 32000)
+
+
+@pytest.fixture
+def hub15m(hub: FakeHub) -> FakeHub:
+    """The hub serving a stories15M.bin: random weights in the published shape (the real one is not offline here)."""
+    config = STORIES_SHAPES["stories15M"]
+    path = Path(os.environ["HF_HOME"]).parent / "stories15M.bin"
+    write_checkpoint(path, config, random_weights(config, seed=4), version=0)
+    hub.files["stories15M.bin"] = path.read_bytes()
+    path.unlink()
+    return hub
+
+
+def _cli_env() -> dict[str, str]:
+    """The child sees the test's environment: huggingface_hub reads HF_ENDPOINT, HF_HOME... when it starts."""
+    return {name: os.environ[name] for name in ("HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", LLAMA2_C_ENV)}
+
+
+def test_download_and_run_stories15m_end_to_end(hub15m: FakeHub, real_files: dict[str, bytes]) -> None:
+    proc = run_cli("download", "stories15M", env=_cli_env())
+    assert proc.returncode == 0, proc.stderr.decode()
+    model, tokenizer = (Path(line) for line in proc.stdout.decode().splitlines())
+    assert model.read_bytes() == hub15m.files["stories15M.bin"] and tokenizer.read_bytes() == real_files["tokenizer.bin"]
+    proc = run_cli("run", "stories15M", "-t", "0", "-n", "8", "-i", "Once upon a time", env=_cli_env())
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.startswith(b"Once upon a time")
+    assert len([r for r in hub15m.requests if r[0] == "GET"]) == 2  # the run found both in the caches
+
+
+def test_run_stories15m_fetches_what_is_missing(hub15m: FakeHub) -> None:
+    proc = run_cli("run", "stories15M", "-t", "0", "-n", "4", env=_cli_env())
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert {path for method, path in hub15m.requests if method == "GET"} == {
+        f"/{REPO_ID}/resolve/main/stories15M.bin", f"{LLAMA2_C_PREFIX}/tokenizer.bin"}
+
+
+def test_run_stories15m_offline_is_one_line(hub: FakeHub) -> None:
+    proc = run_cli("run", "stories15M", env={**_cli_env(), "HF_HUB_OFFLINE": "1"})
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "stories15M.bin" in err and "sectorllm download stories15M" in err
+    assert hub.requests == []

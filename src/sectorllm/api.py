@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .chat import chat
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import ModelConfig
 from .engines import Engine
@@ -38,21 +40,32 @@ class Model:
 
         Defaults are run.c's: temperature 1, top-p 0.9, 256 steps (prompt included), seed from the clock.
         """
-        config = SamplerConfig(temperature, topp, topk, minp, seed)
-        sampler: TokenSampler
-        if self.packed is None:
-            sampler = Sampler(config)
-        else:
-            sampler = FixedSampler(FixedSamplerConfig.from_sampler_config(config), self.packed)
+        sampler = self._sampler(SamplerConfig(temperature, topp, topk, minp, seed))
         return Generation(self.engine, self.tokenizer, prompt, steps, sampler)
+
+    def chat(self, read_line: Callable[[], str | None], prompt: str | None = None, system_prompt: str | None = None,
+             *, steps: int = 256, temperature: float = 1.0, topp: float = 0.9, topk: int = 0, minp: float = 0.0,
+             seed: int = 0) -> Iterator[bytes]:
+        """run.c's chat mode (chat.chat): the bytes to print, asking read_line() for each turn not given."""
+        sampler = self._sampler(SamplerConfig(temperature, topp, topk, minp, seed))
+        return chat(self.engine, self.tokenizer, sampler, steps, read_line, prompt, system_prompt)
+
+    def _sampler(self, config: SamplerConfig) -> TokenSampler:
+        if self.packed is None:
+            return Sampler(config)
+        return FixedSampler(FixedSamplerConfig.from_sampler_config(config), self.packed)
+
+    def __repr__(self) -> str:
+        engine = "float" if self.packed is None else "fixed"
+        return f"Model({self.path}, {engine} engine, {self.config})"
 
 
 def load(model: str | os.PathLike = "stories260K", tokenizer: str | os.PathLike | None = None,
-         engine: str | None = None, scheme: str = "row", download: bool = True) -> Model:
+         engine: str | None = None, scheme: str = "row", download: bool = True, threads: int = 0) -> Model:
     """Load a llama2.c checkpoint (a path or a name such as "stories15M") or a packed .sllm file.
 
     engine: "float" (the default for checkpoints) or "fixed" (the default, and the only choice, for packed files;
-    a checkpoint is quantized in memory with `scheme`).
+    a checkpoint is quantized in memory with `scheme`). threads: the engine's (0: all cores).
     """
     if engine is not None and engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
@@ -61,10 +74,10 @@ def load(model: str | os.PathLike = "stories260K", tokenizer: str | os.PathLike 
         if engine == "float":
             raise UsageError(f"{path} is a packed integer model: run it with the fixed engine (drop --engine float)")
         packed = load_packed(path, tokenizer, scheme)
-        return Model(packed.config, packed.tokenizer, FixedEngine(packed), path, packed)
+        return Model(packed.config, packed.tokenizer, FixedEngine(packed, threads), path, packed)
     checkpoint = load_checkpoint(path)
-    return Model(checkpoint.config, checkpoint_tokenizer(checkpoint, path, tokenizer, download), FloatEngine(checkpoint),
-                 path)
+    return Model(checkpoint.config, checkpoint_tokenizer(checkpoint, path, tokenizer, download),
+                 FloatEngine(checkpoint, threads), path)
 
 
 def load_packed(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, scheme: str = "row",

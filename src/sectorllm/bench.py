@@ -1,4 +1,4 @@
-"""Speed measurement: decode and prefill tokens per second of an engine, best of a few warm runs."""
+"""Speed measurement: decode and prefill tokens per second of an engine, the median of a few warm runs."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from .api import checkpoint_tokenizer
 from .checkpoint import Checkpoint, load_checkpoint, random_weights
 from .config import STORIES_SHAPES
 from .engines import Engine
-from .engines.fixed import FixedEngine
+from .engines.fixed import FixedEngine, FixedSampler, FixedSamplerConfig
 from .engines.float32 import FloatEngine
 from .errors import UsageError
+from .generate import TokenSampler
 from .hub import resolve_model
 from .quantize import quantize_model
+from .sampling import Sampler, SamplerConfig
 from .tokenizer import BOS
 
 
@@ -32,33 +34,33 @@ class BenchResult:
         return asdict(self)
 
 
-def _best_seconds(run, repeats: int) -> float:
-    best = float("inf")
+def _median_seconds(run, repeats: int) -> float:
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
-def greedy_decode(engine: Engine, n_tokens: int) -> list[int]:
+def greedy_decode(engine: Engine, n_tokens: int, sampler: TokenSampler) -> list[int]:
     """n_tokens greedy steps from BOS, never stopping early: the decode workload."""
     tokens = [BOS]
     for pos in range(n_tokens):
-        tokens.append(int(np.argmax(engine.forward(tokens[-1], pos))))
+        tokens.append(engine.step(tokens[-1], pos, sampler))
     return tokens
 
 
-def bench_engine(engine: Engine, model: str, engine_name: str, decode_tokens: int = 256,
-                 prefill_tokens: int = 200, repeats: int = 3) -> BenchResult:
+def bench_engine(engine: Engine, sampler: TokenSampler, model: str, engine_name: str, decode_tokens: int = 256,
+                 prefill_tokens: int = 200, repeats: int = 5) -> BenchResult:
     seq_len = engine.config.seq_len
     decode_tokens = min(decode_tokens, seq_len)
     prefill_tokens = min(prefill_tokens, seq_len)
-    tokens = greedy_decode(engine, decode_tokens)  # a warm-up outside the timed runs, and the prefill prompt
-    decode_s = _best_seconds(lambda: greedy_decode(engine, decode_tokens), repeats)
+    tokens = greedy_decode(engine, decode_tokens, sampler)  # a warm-up outside the timed runs, and the prompt
+    decode_s = _median_seconds(lambda: greedy_decode(engine, decode_tokens, sampler), repeats)
     prompt = (tokens * (prefill_tokens // decode_tokens + 1))[:prefill_tokens]
     engine.prefill(prompt)
-    prefill_s = _best_seconds(lambda: engine.prefill(prompt), repeats)
+    prefill_s = _median_seconds(lambda: engine.prefill(prompt), repeats)
     return BenchResult(model, engine_name, decode_tokens, decode_tokens / decode_s,
                        prefill_tokens, prefill_tokens / prefill_s)
 
@@ -74,10 +76,13 @@ def load_bench_model(model: str) -> Checkpoint:
     return load_checkpoint(resolve_model(model))
 
 
-def bench_model(model: str, engine: str, decode_tokens: int = 256, prefill_tokens: int = 200) -> BenchResult:
+def bench_model(model: str, engine: str, decode_tokens: int = 256, prefill_tokens: int = 200,
+                threads: int = 0) -> BenchResult:
     """Bench one engine on a model; the fixed engine runs the model quantized in memory (default scheme)."""
     checkpoint = load_bench_model(model)
     if engine == "float":
-        return bench_engine(FloatEngine(checkpoint), model, engine, decode_tokens, prefill_tokens)
+        return bench_engine(FloatEngine(checkpoint, threads), Sampler(SamplerConfig(temperature=0)), model, engine,
+                            decode_tokens, prefill_tokens)
     packed = quantize_model(checkpoint, checkpoint_tokenizer(checkpoint, model.removeprefix("random:")))
-    return bench_engine(FixedEngine(packed), model, engine, decode_tokens, prefill_tokens)
+    return bench_engine(FixedEngine(packed, threads), FixedSampler(FixedSamplerConfig(0), packed), model, engine,
+                        decode_tokens, prefill_tokens)

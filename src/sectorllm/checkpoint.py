@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -81,7 +82,7 @@ def _tensor_order(version: int, config: ModelConfig) -> tuple[str, ...]:
 
 
 def _numel(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(shape)  # Python integers: a header's product of sizes can pass 2**63, and must not wrap
 
 
 def _legacy_rope_shape(c: ModelConfig) -> tuple[int, ...]:
@@ -163,7 +164,18 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         weights = _read_q8_0(data, config, group_size)
     else:
         weights = _read_float(data, config, version)
+    _check_finite(weights, path)
     return Checkpoint(config, weights, version, path, file_bytes)
+
+
+def _check_finite(weights: Weights, path: Path) -> None:
+    """Refuse NaN or infinite weights, which no engine can run: they would print <unk> (or garbage) and exit 0."""
+    for f in fields(Weights):
+        # A float64 sum of float32 values cannot overflow, so it is finite exactly when every value is, and it
+        # needs no boolean copy of the tensor.
+        if not np.isfinite(np.sum(getattr(weights, f.name), dtype=np.float64)):
+            raise CheckpointError(f"{path}: {f.name} holds NaN or infinite values: the checkpoint is damaged, "
+                                  f"download or export it again")
 
 
 def _read_float(data: mmap.mmap, config: ModelConfig, version: int) -> Weights:
@@ -175,23 +187,35 @@ def _read_float(data: mmap.mmap, config: ModelConfig, version: int) -> Weights:
     return Weights(**arrays)
 
 
+def _q8_0_tensors(config: ModelConfig) -> Iterator[tuple[str, int | None, tuple[int, ...]]]:
+    """v2's int8 tensors in export.py's order, each stored as its int8 values then its scales: (name, layer or
+    None, shape). The per-layer weights are one tensor per layer, all layers of wq before those of wk, and so on."""
+    shapes = _shapes(config)
+    for name in _tensor_order(2, config):
+        if name in ("token_embedding_table", "wcls"):
+            yield name, None, shapes[name]
+        else:
+            for layer in range(config.n_layers):
+                yield name, layer, shapes[name][1:]
+
+
 def _read_q8_0(data: mmap.mmap, config: ModelConfig, group_size: int) -> Weights:
     """Q8_0 tensors are dequantized to float32 (q * scale, as runq.c does for the embedding)."""
     shapes = _shapes(config)
     arrays: dict[str, np.ndarray] = {}
     offset = _read_f32(data, _V2_FLOAT_ORDER, shapes, HEADER_BYTES, arrays)
-    names = _tensor_order(2, config)
-    quantized = {}
-    for name in names:
-        count = _numel(shapes[name])
-        quantized[name] = np.frombuffer(data, dtype=np.int8, count=count, offset=offset)
+    for name, layer, shape in _q8_0_tensors(config):
+        count = _numel(shape)
+        q = np.frombuffer(data, dtype=np.int8, count=count, offset=offset).reshape(-1, group_size)
         offset += count
-    for name in names:
-        count = _numel(shapes[name]) // group_size
-        scales = np.frombuffer(data, dtype="<f4", count=count, offset=offset)
-        offset += 4 * count
-        groups = quantized[name].reshape(-1, group_size).astype(np.float32) * scales[:, None]
-        arrays[name] = groups.reshape(shapes[name])
+        scales = np.frombuffer(data, dtype="<f4", count=count // group_size, offset=offset)
+        offset += 4 * (count // group_size)
+        with np.errstate(invalid="ignore"):  # 0 x inf in a damaged file: _check_finite refuses it in one line
+            tensor = (q.astype(np.float32) * scales[:, None]).reshape(shape)
+        if layer is None:
+            arrays[name] = tensor
+        else:
+            arrays.setdefault(name, np.empty(shapes[name], dtype=np.float32))[layer] = tensor
     arrays.setdefault("wcls", arrays["token_embedding_table"])
     return Weights(**arrays)
 
@@ -237,14 +261,11 @@ def _checkpoint_parts(config: ModelConfig, weights: Weights, version: int, group
         return
     for name in _V2_FLOAT_ORDER:
         yield tensors[name].tobytes()
-    scales = []
-    for name in _tensor_order(2, config):
-        groups = tensors[name].reshape(-1, group_size)
-        scale = (np.abs(groups).max(axis=1) / np.float32(127.0)).astype(np.float32)
+    for name, layer, _ in _q8_0_tensors(config):
+        groups = (tensors[name] if layer is None else tensors[name][layer]).reshape(-1, group_size)
+        scale = np.abs(groups).max(axis=1) / np.float32(127.0)  # float32 throughout, as export.py's torch code
         safe = np.where(scale == 0, np.float32(1), scale)
         yield np.round(groups / safe[:, None]).astype(np.int8).tobytes()
-        scales.append(scale)
-    for scale in scales:
         yield scale.astype("<f4").tobytes()
 
 

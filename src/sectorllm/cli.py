@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
 from .errors import SectorLLMError, UsageError
-from .packed import SCHEMES
 
 DEFAULT_MODEL = "stories260K"
+# Measured on a fresh install of the float engine on 2 cores shared with other work (load 5): 40 s to the first
+# token; under a second or two once compiled.
+COMPILE_NOTE = "loading; the first run after installing compiles the engines (numba, once), which can take a minute"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,77 +34,141 @@ def _note(message: str) -> None:
 
 
 @contextmanager
-def _notice_if_slow(message: str, after_seconds: float = 1.5) -> Iterator[None]:
-    """Say what is happening when loading takes long: the first run compiles the engines (numba), ~10 s."""
-    timer = threading.Timer(after_seconds, _note, [message])
-    timer.start()
+def _progress_if_slow(message: str, after_seconds: float = 1.5) -> Iterator[None]:
+    """Say what is happening when a step takes long (the first run compiles the engines): on a terminal, a line
+    with the elapsed time that is cleared when the step ends, so what follows starts on a clean line; else one note."""
+    done = threading.Event()
+
+    def show() -> None:
+        if done.wait(after_seconds):
+            return
+        if not sys.stderr.isatty():
+            _note(message)
+            return
+        from tqdm import tqdm
+
+        with tqdm(desc=message, bar_format="{desc}: {elapsed}", file=sys.stderr, leave=False) as bar:
+            while not done.wait(0.5):
+                bar.refresh()
+
+    thread = threading.Thread(target=show, daemon=True)
+    thread.start()
     try:
         yield
     finally:
-        timer.cancel()
+        done.set()
+        thread.join()
 
 
 def _run_c_seed(text: str) -> int:
     from .sampling import run_c_seed
 
-    return run_c_seed(int(text))
+    try:
+        return run_c_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _number(convert: type, low: int | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite `convert` of the text, at least `low`; argparse turns the ArgumentTypeError into one
+    usage line naming the flag. Sampling settings get their ranges from SamplerConfig.validate, before any work."""
+
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if convert is int else 'a number'}")
+        if convert is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {low} or more")
+        return value
+
+    return parse
+
+
+def _run_c_overrides(args: argparse.Namespace) -> None:
+    """run.c's own corrections of out-of-range -t, -p and -n, each with a note saying what it changed."""
+    if args.temperature < 0:
+        _note(f"-t {args.temperature:g} is negative: using 0 (greedy), as run.c does")
+        args.temperature = 0.0
+    if not 0 <= args.topp <= 1:
+        _note(f"-p {args.topp:g} is outside [0, 1]: using 0.9, as run.c does")
+        args.topp = 0.9
+    if args.steps < 0:
+        _note(f"-n {args.steps} is negative: using 0 (the whole context), as run.c does")
+        args.steps = 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .api import load
-    from .generate import check_steps
     from .sampling import SamplerConfig
 
+    _run_c_overrides(args)
     SamplerConfig(args.temperature, args.topp, args.topk, args.minp, args.seed).validate()  # before the slow load
-    check_steps(args.steps)
-    with _notice_if_slow("loading; the first run also compiles the engine, which takes a few seconds"):
+    chat = args.mode == "chat"
+    if chat and (args.json or args.engine == "boot"):
+        raise UsageError(f"-m chat reads turns from stdin: it runs on the float or fixed engine, without --json")
+    if args.system_prompt is not None and not chat:
+        raise UsageError("-y is the chat mode's system prompt: add -m chat")
+    with _progress_if_slow(COMPILE_NOTE):
         if args.engine == "boot":
             from .boot.session import load_boot
 
             model = load_boot(args.checkpoint, args.tokenizer, scheme=args.scheme, timeout=args.timeout,
                               machine=_machine(args))
         else:
-            model = load(args.checkpoint, args.tokenizer, engine=args.engine, scheme=args.scheme)
+            model = load(args.checkpoint, args.tokenizer, engine=args.engine, scheme=args.scheme,
+                         threads=args.threads)
     seq_len = model.config.seq_len
     if args.steps > seq_len:
         _note(f"-n {args.steps} is beyond the model's {seq_len}-token context: generating up to {seq_len}")
-    generation = model.generate(args.prompt, steps=args.steps, temperature=args.temperature, topp=args.topp,
-                                topk=args.topk, minp=args.minp, seed=args.seed)
+    settings = dict(steps=args.steps, temperature=args.temperature, topp=args.topp, topk=args.topk,
+                    minp=args.minp, seed=args.seed)
     out = sys.stdout.buffer
+    if chat:
+        for text in model.chat(_read_stdin_line, None if args.prompt is None else args.prompt,
+                               args.system_prompt, **settings):
+            out.write(text)
+            out.flush()
+        return 0
+    generation = model.generate(args.prompt or "", **settings)
     for token in generation:
         if not args.json:
             out.write(token.piece)
             out.flush()
     result = generation.result
+    if args.json:
+        payload = {**result.as_dict(), "text": result.text + "\n"}  # what the plain run prints on stdout, as run.c
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        out.write(b"\n")  # before any note: a note on a terminal starts on a line of its own
+        out.flush()
     if args.verbose and not args.seed and args.temperature > 0:
         print(f"seed: {result.seed} (taken from the clock; pass -s {result.seed} to repeat this run)",
               file=sys.stderr)
     if result.stop_reason == "context":
         _note(f"stopped at the end of the model's {seq_len}-token context")
-    if args.json:
-        payload = {**result.as_dict(), "text": result.text + "\n"}  # what the plain run prints on stdout, as run.c
-        print(json.dumps(payload, ensure_ascii=False))
-    else:
-        out.write(b"\n")
-        out.flush()
+    if not args.json:
         print(f"achieved tok/s: {result.tok_per_s:.1f}", file=sys.stderr)
     return 0
 
 
+def _read_stdin_line() -> str | None:
+    """One line of the chat's input without its newline, as run.c's fgets; None once stdin ends."""
+    sys.stdout.flush()
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return None
+    return line.removesuffix(b"\n").decode("utf-8", errors="replace")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
+    from .describe import describe
     from .hub import resolve_model
 
-    checkpoint = load_checkpoint(resolve_model(args.checkpoint))
-    c = checkpoint.config
-    rows = [
-        ("file", str(checkpoint.path)),
-        ("format", {0: "llama2.c legacy (v0)", 1: "llama2.c v1 float32", 2: "llama2.c v2 Q8_0"}[checkpoint.version]),
-        ("dim", c.dim), ("hidden_dim", c.hidden_dim), ("n_layers", c.n_layers), ("n_heads", c.n_heads),
-        ("n_kv_heads", c.n_kv_heads), ("vocab_size", c.vocab_size), ("seq_len", c.seq_len),
-        ("head_size", c.head_size), ("classifier", "shared with the embedding" if c.shared_classifier else "separate"),
-        ("parameters", f"{c.n_params():,}"), ("size", f"{checkpoint.file_bytes:,} bytes"),
-    ]
+    path = Path(args.file)
+    rows = describe(path if path.is_file() else resolve_model(args.file))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -112,15 +181,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.boot:
         return cmd_bench_boot(args)
 
+    from tqdm import tqdm
+
     results = []
-    for model in args.models:
-        for engine in args.engine or ["float"]:
-            result = bench_model(model, engine, decode_tokens=args.decode, prefill_tokens=args.prefill)
+    runs = [(model, engine) for model in args.models for engine in args.engine or ["float"]]
+    with tqdm(runs, desc="bench", unit="run", file=sys.stderr, disable=args.json or None, leave=False) as bar:
+        for model, engine in bar:
+            bar.set_postfix_str(f"{model} {engine}")
+            result = bench_model(model, engine, decode_tokens=args.decode, prefill_tokens=args.prefill,
+                                 threads=args.threads)
             results.append(result)
             if not args.json:
-                print(f"{result.model:<22} {result.engine:<6} decode {result.decode_tok_per_s:>10,.1f} tok/s"
-                      f" ({result.decode_tokens} tokens)   prefill {result.prefill_tok_per_s:>10,.1f} tok/s"
-                      f" ({result.prefill_tokens}-token prompt)", flush=True)
+                bar.write(f"{result.model:<22} {result.engine:<6} decode {result.decode_tok_per_s:>10,.1f} tok/s"
+                          f" ({result.decode_tokens} tokens)   prefill {result.prefill_tok_per_s:>10,.1f} tok/s"
+                          f" ({result.prefill_tokens}-token prompt)", file=sys.stdout)
     if args.json:
         print(json.dumps([r.as_dict() for r in results]))
     return 0
@@ -141,7 +215,8 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
 def cmd_image(args: argparse.Namespace) -> int:
     from .boot.session import make_image, read_image
 
-    info = make_image(args.checkpoint, args.tokenizer, args.output, prompt=args.prompt, steps=args.steps,
+    _run_c_overrides(args)
+    info = make_image(args.checkpoint, args.tokenizer, args.output, prompt=args.prompt or "", steps=args.steps,
                       temperature=args.temperature, topp=args.topp, topk=args.topk, minp=args.minp, seed=args.seed,
                       scheme=args.scheme, floppy=args.floppy, listing_dir=args.listing)
     medium = "1.44 MB floppy" if info.floppy else "disk"
@@ -180,12 +255,14 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import checkpoint_tokenizer
+    from .atomic import check_output
     from .checkpoint import load_checkpoint
     from .hub import resolve_model
     from .packed import write_packed
     from .quantize import quantize
 
     path = resolve_model(args.checkpoint)
+    check_output(args.output, [path, *([args.tokenizer] if args.tokenizer else [])])  # before the work
     checkpoint = load_checkpoint(path)
     packed, report = quantize(checkpoint, checkpoint_tokenizer(checkpoint, path, args.tokenizer), args.scheme)
     write_packed(args.output, packed)
@@ -198,21 +275,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .api import checkpoint_tokenizer
+    from .atomic import check_output
     from .checkpoint import load_checkpoint
-    from .evaluate import BUILTIN_PROMPTS, evaluate, plot_report
+    from .evaluate import BUILTIN_PROMPTS, ablate, ablations, evaluate, plot_reports, require_matplotlib
     from .hub import resolve_model
 
     prompts = BUILTIN_PROMPTS if args.prompts is None else _read_prompts(args.prompts)
     path = resolve_model(args.checkpoint)
+    if args.plot:  # before the minutes of work, not after them
+        require_matplotlib()
+        check_output(args.plot, [path, *(p for p in (args.tokenizer, args.prompts) if p)])
     checkpoint = load_checkpoint(path)
     tokenizer = checkpoint_tokenizer(checkpoint, path, args.tokenizer)
+    if args.ablate:
+        scheme = (args.scheme or ["row"])[0]
+        with tqdm(total=len(ablations()), desc=f"ablate {scheme}", unit="row", disable=args.json or None,
+                  file=sys.stderr) as bar:
+            rows = ablate(checkpoint, tokenizer, scheme, prompts, args.positions, progress=bar.update)
+        if args.json:
+            print(json.dumps([r.as_dict() for r in rows]))
+            return 0
+        print(f"{'steps':<34}{'top-1 agree':>12}{'mean KL':>10}{'greedy BOS':>12}{'greedy mean':>13}")
+        for r in rows:
+            print(f"{r.label:<34}{r.top1_agreement:>12.2%}{r.mean_kl:>10.5f}{r.greedy_prefix_bos:>12}"
+                  f"{r.greedy_prefix_mean:>13.1f}")
+        return 0
     reports = []
     for scheme in args.scheme or ["row"]:
         with tqdm(total=len(prompts), desc=f"eval {scheme}", unit="prompt", disable=args.json or None,
                   file=sys.stderr) as bar:
             reports.append(evaluate(checkpoint, tokenizer, scheme, prompts, args.positions, progress=bar.update))
     if args.plot:
-        plot_report(reports[0], args.plot)
+        plot_reports(reports, args.plot)
     if args.json:
         payloads = [r.as_dict() for r in reports]
         print(json.dumps(payloads[0] if len(payloads) == 1 else payloads))
@@ -247,21 +341,26 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+def _add_generation_flags(parser: argparse.ArgumentParser, schemes: tuple[str, ...]) -> None:
     """run.c's flags (-z -t -p -s -n -i), our -k and --minp, and the quantization scheme: for run and image."""
     parser.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
-    parser.add_argument("-t", "--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    parser.add_argument("-p", "--topp", type=float, default=0.9,
-                        help="top-p (nucleus) in (0, 1]; 1 = off (default 0.9)")
-    parser.add_argument("-k", "--topk", type=int, default=0, help="keep only the k likeliest tokens (default 0 = off)")
-    parser.add_argument("--minp", type=float, default=0.0,
-                        help="drop tokens below minp x the top probability (0 = off)")
+    parser.add_argument("-t", "--temperature", type=_number(float), default=1.0,
+                        help="up to 65536; 0 = greedy, and so is anything below 1e-4; negative becomes 0, as in "
+                             "run.c (default 1.0)")
+    parser.add_argument("-p", "--topp", type=_number(float), default=0.9,
+                        help="top-p (nucleus) in [0, 1]; 0 or 1 = off; outside [0, 1] becomes 0.9, as in run.c "
+                             "(default 0.9)")
+    parser.add_argument("-k", "--topk", type=int, default=0,
+                        help="keep only the k likeliest tokens, 0 .. 2147483647 (default 0 = off)")
+    parser.add_argument("--minp", type=_number(float), default=0.0,
+                        help="drop tokens below minp x the top probability, in [0, 1) (0 = off)")
     parser.add_argument("-s", "--seed", type=_run_c_seed, default=0,
                         help="random seed, read as run.c reads it (a 32-bit int; default 0 = from the clock)")
     parser.add_argument("-n", "--steps", type=int, default=256,
-                        help="forward passes, prompt included; 0 = the whole context (default 256)")
-    parser.add_argument("-i", "--prompt", default="", help="prompt text (default: start from BOS)")
-    parser.add_argument("--scheme", default="row", choices=SCHEMES,
+                        help="forward passes, prompt included; 0 or more than the context = the whole context; "
+                             "negative becomes 0, as in run.c (default 256)")
+    parser.add_argument("-i", "--prompt", help="prompt text (default: start from BOS)")
+    parser.add_argument("--scheme", default="row", choices=schemes,
                         help="quantization scheme when a checkpoint is quantized (fixed and boot engines)")
 
 
@@ -278,7 +377,7 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("the emulated PC (QEMU)")
     group.add_argument("--machine", default="pc", choices=MACHINES, help="QEMU machine type (default pc)")
-    group.add_argument("--memory", type=int, metavar="MIB",
+    group.add_argument("--memory", type=_number(int, 1), metavar="MIB",
                        help="RAM in MiB, 1..3072 (default: what the image needs, at least 128)")
     group.add_argument("--drive", default="ide", choices=DRIVES,
                        help="how the image is attached: IDE disk, floppy (a --floppy image), virtio-blk, or a USB "
@@ -300,6 +399,8 @@ def _machine(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .packed import SCHEMES
+
     parser = _Parser(prog="sectorllm", description="Tiny Llama 2 inference: float engine, integer engine, boot image.")
     parser.add_argument("--version", action="version", version=f"sectorllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -310,29 +411,42 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("checkpoint", nargs="?", default=DEFAULT_MODEL,
                      help=f"checkpoint path or model name (stories260K, stories15M, stories42M, stories110M; "
                           f"default {DEFAULT_MODEL})")
-    _add_generation_flags(run)
+    _add_generation_flags(run, SCHEMES)
+    run.add_argument("-m", "--mode", choices=["generate", "chat"], default="generate",
+                     help="generate (default) or chat: run.c's chat mode, Llama 2 [INST] turns read from stdin; "
+                          "-i is the first user turn, -y the system prompt")
+    run.add_argument("-y", "--system-prompt", help="the system prompt of -m chat (default: asked on stdin)")
     run.add_argument("--engine", choices=["float", "fixed", "boot"],
                      help="float (default for checkpoints) or fixed: the integer engine, quantizing a checkpoint in "
                           "memory (the only engine for a packed .sllm file); boot: the fixed engine's boot image, "
                           "run in QEMU")
+    run.add_argument("--threads", type=_number(int, 0), default=0,
+                     help="threads for the float and fixed engines (default 0: all cores)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.add_argument("-v", "--verbose", action="store_true", help="report the seed taken from the clock")
     _add_machine_flags(run)
     run.set_defaults(func=cmd_run)
 
-    info = sub.add_parser("info", help="print a checkpoint's config, parameter count and size")
-    info.add_argument("checkpoint", help="checkpoint path or model name")
+    info = sub.add_parser("info", help="describe a checkpoint, tokenizer, packed model or boot image",
+                          description="What a file is: a llama2.c checkpoint (any version) or tokenizer, a packed "
+                                      ".sllm model (scheme, sections, CRC) or a boot image (parts, run settings, "
+                                      "model, RAM needed).")
+    info.add_argument("file", help="a file, or a model name (stories260K...)")
     info.set_defaults(func=cmd_info)
 
     bench = sub.add_parser("bench", help="measure decode and prefill speed",
-                           description="Decode: greedy steps from BOS; prefill: one batched prompt. Best of 3 runs. "
+                           description="Decode: greedy steps from BOS; prefill: one batched prompt. Median of 5 runs. "
                                        "'random:NAME' is a random-weight model of NAME's shape.")
     bench.add_argument("models", nargs="*", default=[DEFAULT_MODEL, "random:stories15M"],
                        help="model names, paths or random:NAME (default: stories260K random:stories15M)")
     bench.add_argument("--engine", action="append", choices=["float", "fixed"],
                        help="engine to measure (repeatable; default float)")
-    bench.add_argument("--decode", type=int, default=256, help="decode steps (default 256)")
-    bench.add_argument("--prefill", type=int, default=200, help="prompt length for prefill (default 200)")
+    bench.add_argument("--decode", type=_number(int, 1), default=256,
+                       help="decode steps, 1 or more, at most the model's context (default 256)")
+    bench.add_argument("--prefill", type=_number(int, 1), default=200,
+                       help="prompt length for prefill, 1 or more, at most the model's context (default 200)")
+    bench.add_argument("--threads", type=_number(int, 0), default=0,
+                       help="threads for the float and fixed engines (default 0: all cores)")
     bench.add_argument("--json", action="store_true", help="print a JSON list of results")
     bench.add_argument("--boot", action="store_true",
                        help="instead: the boot engine's instructions per token (256 greedy from BOS on stories260K, "
@@ -348,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--floppy", action="store_true",
                        help="a 1.44 MB floppy image (an empty FAT12 volume around the payload), for models that fit")
     image.add_argument("--listing", metavar="DIR", help="keep nasm's listings and map files in DIR")
-    _add_generation_flags(image)
+    _add_generation_flags(image, SCHEMES)
     image.set_defaults(func=cmd_image)
 
     boot = sub.add_parser("boot", help="boot an image in QEMU and stream the text it tells",
@@ -379,9 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
     ev.add_argument("--scheme", action="append", choices=SCHEMES, help="scheme(s) to compare (repeatable; default row)")
     ev.add_argument("--prompts", help="text file, one prompt per line (default: 50 built-in story openings)")
-    ev.add_argument("--positions", type=int, default=128, help="positions scored after each prompt (default 128)")
+    ev.add_argument("--positions", type=_number(int, 1), default=128,
+                    help="positions scored after each prompt, 1 or more (default 128)")
     ev.add_argument("--json", action="store_true", help="print JSON (one object, or a list for several schemes)")
     ev.add_argument("--plot", help="draw agreement and KL against position into this PNG")
+    ev.add_argument("--ablate", action="store_true",
+                    help="instead: the error budget, each integer step swapped in turn for its exact float counterpart")
     ev.set_defaults(func=cmd_eval)
 
     download = sub.add_parser("download", help="fetch a model and its tokenizer from the Hugging Face hub")
@@ -390,20 +507,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised as Ctrl-C raises KeyboardInterrupt, so that every finally block and temporary file cleanup runs."""
+
+
+class _Signals:
+    """A handler for SIGINT and SIGTERM that raises and remembers the signal: numba wraps an exception raised inside
+    its own code (in a SystemError, say), and the signal number still tells main() what happened."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received = signum
+        raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): Python gives us no stream to write to
+        print("sectorllm: error: stdout is closed: redirect it to a file or to /dev/null", file=sys.stderr)
+        return 2
+    signals = _Signals()
+    ours = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, signals) for s in ours}
     try:
-        return args.func(args)
+        args = build_parser().parse_args(argv)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except SectorLLMError as e:
         print(f"sectorllm: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        sys.stderr.close()  # the reader went away (e.g. `| head`): not an error worth a traceback
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error worth a traceback
+        _drop_stdout()
         return 0
-    except OSError as e:  # a path we were given cannot be read or written
-        where = f" ({e.filename})" if e.filename else ""
+    except OSError as e:
+        if signals.received:
+            _leave_on_signal(signals.received)
+        if e.filename is None:  # every file we open names itself; this is stdout (a full disk, a closed terminal)
+            _drop_stdout()
+            print(f"sectorllm: error: cannot write the output: {e.strerror or e}", file=sys.stderr)
+            return 2
+        where = f" ({e.filename})" if e.filename else ""  # a path we were given cannot be read or written
         print(f"sectorllm: error: {e.strerror or e}{where}: check the path and its permissions", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    except BaseException:
+        if signals.received:
+            _leave_on_signal(signals.received)
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _leave_on_signal(signum: int) -> None:
+    """Exit 128 + the signal number, as a shell reports it. Every temporary file is gone by now (their cleanup ran
+    as the exception passed); the interpreter's shutdown is skipped, where numba's and ctypes' finalizers,
+    interrupted mid-way, print tracebacks."""
+    _drop_stdout()
+    print(file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit cannot fail again on a closed pipe or a full disk."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

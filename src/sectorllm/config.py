@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .errors import CheckpointError
@@ -38,8 +39,14 @@ class ModelConfig:
         classifier = 0 if self.shared_classifier else self.vocab_size * d
         return self.vocab_size * d + l * per_layer + d + classifier
 
+    def context_bytes(self) -> int:
+        """What an engine allocates for a whole context besides the weights, in float32: the KV cache, attention
+        scores and a prompt batch of seq_len positions (activations of the widest layer, logits)."""
+        per_position = 2 * self.n_layers * self.kv_dim + self.n_heads + 4 * self.dim + 2 * self.hidden_dim
+        return 4 * (self.seq_len * per_position + self.vocab_size)
+
     def validate(self) -> None:
-        """Refuse shapes no engine can run; raises CheckpointError naming the field."""
+        """Refuse shapes no engine can run, or that this machine cannot hold; raises CheckpointError naming the field."""
         for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
             value = getattr(self, name)
             if value <= 0:
@@ -52,6 +59,21 @@ class ModelConfig:
             )
         if self.head_size % 2:
             raise CheckpointError(f"impossible model config: head size {self.head_size} is odd (RoPE rotates pairs)")
+        memory = physical_memory()
+        if memory and self.context_bytes() > memory:
+            raise CheckpointError(
+                f"a {self.seq_len}-token context of this model (dim {self.dim}, {self.n_layers} layers, vocab "
+                f"{self.vocab_size}) needs {self.context_bytes() / 2**30:,.1f} GiB of buffers, more than this "
+                f"machine's {memory / 2**30:,.1f} GiB of memory: a corrupt header, or a model too large for this machine"
+            )
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 # The published tinyllamas shapes (karpathy/tinyllamas), for random-weight stand-ins of models we cannot download.

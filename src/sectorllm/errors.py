@@ -31,3 +31,7 @@ class UsageError(SectorLLMError):
 
 class BootError(SectorLLMError):
     """The boot image cannot be built or run (missing nasm/QEMU, model too large, timeout)."""
+
+
+class OutputError(SectorLLMError):
+    """A file we were asked to write that must not be written (a device, a folder, an input) or has no folder."""

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .atomic import write_atomically
 from .checkpoint import Checkpoint
 from .engines import Engine
 from .engines.fixed import FixedEngine
 from .engines.float32 import FloatEngine
+from .engines.simulate import STEPS, SimulatedEngine
 from .errors import UsageError
 from .packed import packed_bytes
 from .quantize import quantize_model
@@ -63,24 +67,39 @@ class EvalReport:
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max()
-    return z - np.log(np.exp(z).sum())
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def teacher_forced(float_engine: Engine, fixed_engine: Engine, tokens: Sequence[int], start: int) -> PositionStats:
-    """Both engines read `tokens`; positions start..len-2 are scored on predicting the token that follows."""
-    agree, kl, nll_float, nll_fixed = [], [], [], []
-    for pos, token in enumerate(tokens[:-1]):
-        ref = float_engine.forward(token, pos).astype(np.float64)
-        fixed = fixed_engine.forward(token, pos).astype(np.float64) / LOGIT_ONE
-        if pos < start:
-            continue
-        log_p, log_q = _log_softmax(ref), _log_softmax(fixed)
-        agree.append(int(np.argmax(ref)) == int(np.argmax(fixed)))
-        kl.append(float(np.sum(np.exp(log_p) * (log_p - log_q))))
-        nll_float.append(-log_p[tokens[pos + 1]])
-        nll_fixed.append(-log_q[tokens[pos + 1]])
-    return PositionStats(np.array(agree), np.array(kl), np.array(nll_float), np.array(nll_fixed))
+@dataclass(frozen=True)
+class Text:
+    """A token sequence the float engine chose, with the float engine's logits after each of its tokens."""
+
+    tokens: list[int]
+    start: int  # positions start..len-2 are scored (the last prompt token onwards)
+    greedy: bool  # the float engine's greedy continuation (its scored prefix is a greedy prefix)
+    reference: np.ndarray  # (len - 1, vocab_size) float64 logits
+
+
+def _logits(engine: Engine, tokens: list[int]) -> np.ndarray:
+    """(len - 1, vocab_size) float64: the engine's logits after each token but the last (copied: engines reuse
+    their logits buffer)."""
+    return np.array([np.array(engine.forward(t, pos), dtype=np.float64) for pos, t in enumerate(tokens[:-1])])
+
+
+def reference_text(engine: Engine, tokens: list[int], start: int, greedy: bool) -> Text:
+    return Text(tokens, start, greedy, _logits(engine, tokens))
+
+
+def teacher_forced(text: Text, engine: Engine) -> PositionStats:
+    """The engine reads the text; positions start..len-2 are scored on predicting the token that follows."""
+    log_p = _log_softmax(text.reference[text.start:])
+    log_q = _log_softmax(_logits(engine, text.tokens)[text.start:] / LOGIT_ONE)
+    following = np.array(text.tokens[text.start + 1:])
+    rows = np.arange(following.size)
+    return PositionStats(np.argmax(log_p, axis=1) == np.argmax(log_q, axis=1),
+                         np.sum(np.exp(log_p) * (log_p - log_q), axis=1),
+                         -log_p[rows, following], -log_q[rows, following])
 
 
 def float_continuation(engine: Engine, prompt: list[int], n: int, sampler: Sampler) -> list[int]:
@@ -99,41 +118,52 @@ def first_difference(agree: np.ndarray) -> int:
     return int(misses[0]) if misses.size else int(agree.size)
 
 
-def evaluate(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row",
-             prompts: Sequence[str] = BUILTIN_PROMPTS, positions: int = 128, greedy_bos: int = 256,
-             progress: Callable[[int], None] | None = None) -> EvalReport:
-    """Score the fixed engine on each prompt's float greedy continuation and on a sampled one (seeded per prompt).
-
-    The greedy prefix after a prompt is where the teacher-forced argmax first differs on the greedy text: up to
-    there both engines saw the same tokens, so it is also where the fixed engine's own greedy text departs.
-    """
+def eval_texts(checkpoint: Checkpoint, tokenizer: Tokenizer, prompts: Sequence[str], positions: int,
+               greedy_bos: int | None, progress: Callable[[int], None] | None = None) -> tuple[Text, list[Text]]:
+    """The float engine's greedy text from BOS, and each prompt's greedy and sampled (seed = prompt number)
+    continuations, with the float logits that score them."""
     seq_len = checkpoint.config.seq_len
     if not prompts:
         raise UsageError("no prompts to evaluate: give a file with one prompt per line")
     if positions < 1:
         raise UsageError(f"positions {positions} must be at least 1")
-    packed = quantize_model(checkpoint, tokenizer, scheme)
-    float_engine, fixed_engine = FloatEngine(checkpoint), FixedEngine(packed)
-    greedy_bos = min(greedy_bos, seq_len - 1)
-    bos_stats = teacher_forced(float_engine, fixed_engine, float_continuation(
-        float_engine, [1], greedy_bos, Sampler(SamplerConfig(temperature=0))), start=0)
-    runs: list[PositionStats] = []
-    prefixes = []
+    engine = FloatEngine(checkpoint)
+    greedy_bos = seq_len - 1 if greedy_bos is None else min(greedy_bos, seq_len - 1)  # default: the whole context
+    bos = reference_text(engine, float_continuation(engine, [1], greedy_bos, Sampler(SamplerConfig(temperature=0))),
+                         0, True)
+    texts = []
     for i, prompt in enumerate(prompts):
         prompt_tokens = tokenizer.encode(prompt)
         n = min(positions, seq_len - len(prompt_tokens))
         if n < 1:
             raise UsageError(f"prompt {i + 1} is {len(prompt_tokens)} tokens: it leaves no room in the "
                              f"{seq_len}-token context; shorten it")
-        start = len(prompt_tokens) - 1
         for config in (SamplerConfig(temperature=0), SamplerConfig(temperature=1.0, topp=0.9, seed=i + 1)):
-            tokens = float_continuation(float_engine, prompt_tokens, n, Sampler(config))
-            stats = teacher_forced(float_engine, fixed_engine, tokens, start)
-            runs.append(stats)
-            if config.temperature == 0:
-                prefixes.append(first_difference(stats.agree))
+            tokens = float_continuation(engine, prompt_tokens, n, Sampler(config))
+            texts.append(reference_text(engine, tokens, len(prompt_tokens) - 1, config.temperature == 0))
         if progress is not None:
             progress(1)
+    return bos, texts
+
+
+def score(engine: Engine, bos: Text, texts: Sequence[Text]) -> tuple[int, list[PositionStats], list[int]]:
+    """The greedy prefix from BOS, each text's statistics, and each greedy text's identical prefix.
+
+    The greedy prefix after a prompt is where the teacher-forced argmax first differs on the greedy text: up to
+    there both engines saw the same tokens, so it is also where the engine's own greedy text departs.
+    """
+    runs = [teacher_forced(text, engine) for text in texts]
+    prefixes = [first_difference(r.agree) for r, text in zip(runs, texts) if text.greedy]
+    return first_difference(teacher_forced(bos, engine).agree), runs, prefixes
+
+
+def evaluate(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row",
+             prompts: Sequence[str] = BUILTIN_PROMPTS, positions: int = 128, greedy_bos: int | None = None,
+             progress: Callable[[int], None] | None = None) -> EvalReport:
+    """Score the fixed engine on each prompt's float greedy continuation and on a sampled one (seeded per prompt)."""
+    bos, texts = eval_texts(checkpoint, tokenizer, prompts, positions, greedy_bos, progress)
+    packed = quantize_model(checkpoint, tokenizer, scheme)
+    prefix_bos, runs, prefixes = score(FixedEngine(packed), bos, texts)
     agree = np.concatenate([r.agree for r in runs])
     kl = np.concatenate([r.kl for r in runs])
     width = max(r.agree.size for r in runs)
@@ -141,7 +171,7 @@ def evaluate(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row",
     return EvalReport(
         scheme=scheme, prompts=len(prompts), positions=positions,
         top1_agreement=float(agree.mean()), mean_kl=float(kl.mean()),
-        greedy_prefix_bos=first_difference(bos_stats.agree), greedy_tokens_bos=greedy_bos,
+        greedy_prefix_bos=prefix_bos, greedy_tokens_bos=len(bos.tokens) - 1,
         greedy_prefix_mean=float(np.mean(prefixes)),
         ppl_float=float(np.exp(np.concatenate([r.nll_float for r in runs]).mean())),
         ppl_fixed=float(np.exp(np.concatenate([r.nll_fixed for r in runs]).mean())),
@@ -151,23 +181,82 @@ def evaluate(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row",
     )
 
 
-def plot_report(report: EvalReport, path: str) -> None:
-    """Agreement and KL against position after the prompt, one panel each (needs matplotlib)."""
+WEIGHTS = ("embedding", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "classifier")
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    label: str
+    exact: tuple[str, ...]  # the steps computed in float64 instead of the fixed engine's integers
+    top1_agreement: float
+    mean_kl: float
+    greedy_prefix_bos: int
+    greedy_prefix_mean: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def ablations() -> list[tuple[str, frozenset[str]]]:
+    """The error budget's rows: the fixed engine, each step alone made exact, each step alone left integer, the
+    weights as one group, and every step exact (the float model in float64)."""
+    steps = frozenset(STEPS)
+    rows = [("fixed engine (no step exact)", frozenset())]
+    rows += [(f"exact {step}", frozenset({step})) for step in STEPS]
+    rows += [("exact all weights", frozenset(WEIGHTS)), ("integer weights only", steps - frozenset(WEIGHTS))]
+    rows += [(f"integer {step} only", steps - {step}) for step in STEPS]
+    rows.append(("all exact (float64 model)", steps))
+    return rows
+
+
+def ablate(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row",
+           prompts: Sequence[str] = BUILTIN_PROMPTS, positions: int = 128, greedy_bos: int | None = None,
+           rows: Sequence[tuple[str, frozenset[str]]] | None = None,
+           progress: Callable[[int], None] | None = None) -> list[AblationRow]:
+    """The error budget: the fixed engine's texts scored with each row's steps swapped for exact float ones."""
+    bos, texts = eval_texts(checkpoint, tokenizer, prompts, positions, greedy_bos)
+    packed = quantize_model(checkpoint, tokenizer, scheme)
+    report = []
+    for label, exact in ablations() if rows is None else rows:
+        prefix_bos, runs, prefixes = score(SimulatedEngine(checkpoint, packed, exact), bos, texts)
+        report.append(AblationRow(label, tuple(s for s in STEPS if s in exact),
+                                  float(np.concatenate([r.agree for r in runs]).mean()),
+                                  float(np.concatenate([r.kl for r in runs]).mean()), prefix_bos, float(np.mean(prefixes))))
+        if progress is not None:
+            progress(1)
+    return report
+
+
+def require_matplotlib() -> None:
+    """Refuse a plot before any work when matplotlib is missing."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'sectorllm[plot]'") from None
+
+
+def plot_reports(reports: Sequence[EvalReport], path: str | os.PathLike) -> None:
+    """Agreement and KL against position after the prompt, one panel each, one line per scheme (needs matplotlib)."""
+    require_matplotlib()
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    top.plot(report.agreement_by_position, color="tab:blue")
+    for report in reports:
+        top.plot(report.agreement_by_position, label=f"scheme {report.scheme}")
+        bottom.plot(report.kl_by_position, label=f"scheme {report.scheme}")
+    lowest = min(min(r.agreement_by_position) for r in reports)
     top.set_ylabel("top-1 agreement")
-    top.set_ylim(min(0.9, min(report.agreement_by_position)) - 0.01, 1.005)
-    top.set_title(f"fixed vs float, scheme {report.scheme}: {report.prompts} prompts x 2 texts")
-    bottom.plot(report.kl_by_position, color="tab:red")
+    top.set_ylim(min(0.9, lowest) - 0.01, 1.005)
+    top.set_title(f"fixed vs float: {reports[0].prompts} prompts x 2 texts")
+    top.legend()
     bottom.set_ylabel("mean KL(float || fixed), nats")
     bottom.set_xlabel("position after the prompt")
+    bottom.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    write_atomically(path, (png.getvalue(),))

@@ -109,8 +109,8 @@ class Generation(StreamedGeneration):
             logits = self.engine.prefill(prompt)
             pos, token = len(prompt), prompt[-1]
             started = time.perf_counter()
+            next_token = self.sampler.sample(logits)
             while True:
-                next_token = self.sampler.sample(logits)
                 if next_token in (BOS, EOS):
                     stop_reason = "bos" if next_token == BOS else "eos"
                     break
@@ -123,8 +123,7 @@ class Generation(StreamedGeneration):
                 if pos >= steps:
                     stop_reason = self._limit_reason
                     break
-                logits = self.engine.forward(next_token, pos)
-                pos, token = pos + 1, next_token
+                pos, token, next_token = pos + 1, next_token, self.engine.step(next_token, pos, self.sampler)
             decode_seconds += time.perf_counter() - started
         tok_per_s = len(generated) / decode_seconds if generated and decode_seconds > 0 else 0.0
         self._result = GenerationResult(list(prompt), generated, printed.decode("utf-8", errors="replace"),

@@ -1,8 +1,9 @@
-"""Models by name: find the tinyllamas checkpoints and their tokenizers locally, in the Hugging Face cache or the Hub.
+"""Models by name: find the tinyllamas checkpoints and their tokenizers locally, in the Hugging Face cache or online.
 
 A name resolves in this order: an existing path as given, the flat directory $SECTORLLM_MODELS, the Hugging Face
-cache, then a download from karpathy/tinyllamas. huggingface_hub is imported only on the last two steps, so a run
-from a local file does not pay for it.
+cache, then a download: from karpathy/tinyllamas, or for the Llama 2 tokenizer (which tinyllamas does not hold) from
+llama2.c's repository at a pinned commit, kept in huggingface_hub's assets cache. huggingface_hub is imported only on
+the last two steps, so a run from a local file does not pay for it.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_atomically
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError, ModelNotFoundError
 
 REPO_ID = "karpathy/tinyllamas"
 MODELS_ENV = "SECTORLLM_MODELS"
 DEFAULT_ENDPOINT = "https://huggingface.co"
-# karpathy/tinyllamas holds no tokenizer.bin: the Llama 2 tokenizer in llama2.c's format ships with llama2.c.
-LLAMA2_TOKENIZER_URL = "https://github.com/karpathy/llama2.c/raw/master/tokenizer.bin"
+# karpathy/tinyllamas holds no tokenizer.bin: the Llama 2 tokenizer in llama2.c's format ships with llama2.c, here at
+# the commit whose run.c made the reference outputs (its sha256 below is checked after every download).
+LLAMA2_C_COMMIT = "350e04fe35433e6d2941dce5a1f53308f87058eb"
+LLAMA2_C_ENV = "SECTORLLM_LLAMA2_C_URL"  # a mirror of llama2.c's files at that commit, as HF_ENDPOINT is of the Hub
+DEFAULT_LLAMA2_C_URL = f"https://raw.githubusercontent.com/karpathy/llama2.c/{LLAMA2_C_COMMIT}"
 
 
 @dataclass(frozen=True)
@@ -27,10 +32,10 @@ class KnownFile:
     """A file sectorllm finds by name: its flat local name, its place in karpathy/tinyllamas, its content hash."""
 
     name: str
-    repo_path: str | None  # None: karpathy/tinyllamas does not hold it
+    repo_path: str | None  # None: karpathy/tinyllamas does not hold it; it comes from llama2.c's repository
     sha256: str | None  # None: not known; a checkpoint's header length check stands in
     checkpoint: bool
-    model: str | None  # the model whose `sectorllm download` fetches it; None: no download can
+    model: str  # the model whose `sectorllm download` fetches it (the first one, for a shared tokenizer)
 
 
 _KNOWN = (
@@ -42,7 +47,7 @@ _KNOWN = (
     KnownFile("stories42M.bin", "stories42M.bin", None, True, "stories42M"),
     KnownFile("stories110M.bin", "stories110M.bin", None, True, "stories110M"),
     KnownFile("tokenizer.bin", None,
-              "50a52ef822ee9e83de5ce9d0be0a025a773d019437f58b5ff9dcafb063ece361", False, None),
+              "50a52ef822ee9e83de5ce9d0be0a025a773d019437f58b5ff9dcafb063ece361", False, "stories15M"),
 )
 _FILES = {f.name: f for f in _KNOWN}
 _TOKENIZER_OF = {"stories260K": "tok512.bin", "stories15M": "tokenizer.bin",
@@ -129,19 +134,18 @@ def _find(known: KnownFile, beside: Path | None = None, download: bool = True) -
         if path.is_file():
             return path
     put = f"put {known.name} in ${MODELS_ENV} or pass a path"
-    if known.repo_path is None or known.model is None:
-        raise ModelNotFoundError(
-            f"{known.name} not found and {REPO_ID} does not hold it: get it from {LLAMA2_TOKENIZER_URL}, then {put}"
-        )
-    cached = _cached(known.repo_path)
+    cached = _cached(known)
     if cached is not None:
         return cached
     if not download or _offline():
         why = "HF_HUB_OFFLINE is set" if download else "downloads are off"
+        source = _llama2_c_url(known) if known.repo_path is None else f"{_endpoint()}/{REPO_ID}"
         raise ModelNotFoundError(
-            f"{known.name} is not in ${MODELS_ENV} or the Hugging Face cache and {why}: {put}, "
-            f"or run `sectorllm download {known.model}` while online"
+            f"{known.name} is not in ${MODELS_ENV} or the Hugging Face cache and {why}: fetch it from {source} and "
+            f"{put}, or run `sectorllm download {known.model}` while online"
         )
+    if known.repo_path is None:
+        return _download_url(known, _llama2_c_url(known), put)
     return _download(known, known.repo_path, put)
 
 
@@ -169,11 +173,52 @@ def _hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _cached(repo_path: str) -> Path | None:
+def _llama2_c_url(known: KnownFile) -> str:
+    return f"{(os.environ.get(LLAMA2_C_ENV) or DEFAULT_LLAMA2_C_URL).rstrip('/')}/{known.name}"
+
+
+def _cached(known: KnownFile) -> Path | None:
+    if known.repo_path is None:
+        path = _assets_folder() / known.name
+        return path if path.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
-    hit = try_to_load_from_cache(REPO_ID, repo_path, cache_dir=_hub_cache())
+    hit = try_to_load_from_cache(REPO_ID, known.repo_path, cache_dir=_hub_cache())
     return Path(hit) if isinstance(hit, str) else None  # the other answer is a "known missing" sentinel
+
+
+def _assets_folder() -> Path:
+    """Where files from outside the Hub are kept: huggingface_hub's assets cache, in a folder per llama2.c commit.
+    As for the hub cache, huggingface_hub fixes the location at import, so the environment is read now."""
+    from huggingface_hub import cached_assets_path
+
+    assets = os.environ.get("HF_ASSETS_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "assets") if os.environ.get("HF_HOME") else None)
+    return cached_assets_path("sectorllm", "llama2.c", LLAMA2_C_COMMIT,
+                              assets_dir=None if assets is None else os.path.expanduser(assets))
+
+
+def _download_url(known: KnownFile, url: str, put: str) -> Path:
+    """Fetch a small file from a pinned URL with huggingface_hub's HTTP session; it is kept only when its sha256 is
+    the one expected, and written whole or not at all."""
+    from huggingface_hub import get_session
+    from huggingface_hub.utils import hf_raise_for_status
+
+    try:
+        response = get_session().get(url)
+        hf_raise_for_status(response)
+        data = response.content
+    except _download_errors() as e:
+        raise ModelNotFoundError(
+            f"cannot download {known.name} from {url} ({_first_line(e)}): check the network, or {put}"
+        ) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != known.sha256:
+        raise ModelNotFoundError(f"the downloaded {known.name} is corrupt (sha256 {digest[:16]}... instead of "
+                                 f"{known.sha256[:16]}...) and was not kept: run again, or {put}")
+    path = _assets_folder() / known.name
+    write_atomically(path, (data,))
+    return path
 
 
 def _download(known: KnownFile, repo_path: str, put: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -83,6 +84,11 @@ class QuantizedMatrix:
     shift: int  # the same for every row of the matrix
 
 
+def dequantize(m: QuantizedMatrix) -> np.ndarray:
+    """The real matrix, float64."""
+    return m.q.astype(np.float64) * (m.s.astype(np.float64) / 2.0 ** m.shift)[..., None]
+
+
 @dataclass(frozen=True)
 class PackedModel:
     config: ModelConfig
@@ -101,6 +107,9 @@ class PackedModel:
     exp_table: np.ndarray  # int32 (n,): exp(-i * 2**exp_shift / 65536) in Q16, last entry 0
     silu_table: np.ndarray  # int32 (n,): silu at silu_lo + i * 2**silu_shift, Q16.16
     tokenizer: Tokenizer
+
+    def __repr__(self) -> str:
+        return f"PackedModel({self.config}, {self.quant}, {self.tokenizer})"
 
 
 @dataclass(frozen=True)
@@ -392,7 +401,7 @@ def read_packed(path: str | os.PathLike) -> PackedModel:
     arrays: dict[Section, np.ndarray] = {}
     for kind, (dtype, shape) in _fixed_sections(config).items():
         entry = entries[kind]  # read_sections saw an entry for every kind
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)  # Python integers: a damaged header must not wrap past 2**63
         if entry.length != count * dtype.itemsize:
             raise PackedFormatError(f"{path}: section {kind.name} is {entry.length} bytes, the config needs "
                                     f"{count * dtype.itemsize}: the file is damaged")

@@ -11,7 +11,7 @@ from .config import ModelConfig
 from .engines.fixed import KEY_SHIFT
 from .engines.float32 import rope_tables
 from .errors import QuantizeError
-from .packed import SCHEMES, PackedModel, QuantizedMatrix, QuantParams, check_shape, packed_bytes
+from .packed import SCHEMES, PackedModel, QuantizedMatrix, QuantParams, check_shape, dequantize, packed_bytes
 from .tokenizer import Tokenizer
 
 Q = 127  # int8 weights are symmetric: -127..127, never -128
@@ -73,10 +73,6 @@ def quantize_matrix(name: str, w: np.ndarray, scales: np.ndarray, min_shift: int
     safe = np.where(step == 0, 1.0, step)
     q = np.clip(np.round(w / safe[..., None]), -Q, Q)
     return QuantizedMatrix(q.astype(np.int8), s.astype(np.int32), shift)
-
-
-def dequantize(m: QuantizedMatrix) -> np.ndarray:
-    return m.q.astype(np.float64) * (m.s.astype(np.float64) / 2.0 ** m.shift)[..., None]
 
 
 def _row_scales(w: np.ndarray, scheme: str) -> np.ndarray:

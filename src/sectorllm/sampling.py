@@ -8,27 +8,42 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .engines.float32 import softmax
+from .engines.softmax import softmax
 from .errors import UsageError
 
 _U64 = (1 << 64) - 1
+# Below this temperature every engine picks the argmax. Dividing logits by a tiny temperature overflows float32
+# (inf - inf = NaN in the softmax, so run.c prints garbage) and the fixed-point sampler holds 65536/temperature in
+# 31 bits; above it the distribution is already one-hot for any logits these models give.
+GREEDY_BELOW = 1e-4
+MAX_TEMPERATURE = 65536.0  # the fixed-point sampler's round(65536 / temperature) must stay >= 1
+MAX_TOPK = (1 << 31) - 1  # the boot image's u32 field and the engines' int32 arithmetic
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    temperature: float = 1.0  # 0 means greedy argmax
-    topp: float = 0.9  # nucleus threshold; 1 (or 0) samples from the whole distribution
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW) means greedy argmax
+    topp: float = 0.9  # nucleus threshold; 1 or 0 samples from the whole distribution, as run.c
     topk: int = 0  # our extension: keep only the k likeliest tokens (0 = off)
     minp: float = 0.0  # our extension: drop tokens below minp * the top probability (0 = off)
     seed: int = 0  # 0 takes the seed from the clock, as run.c does
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def topp_on(self) -> bool:
+        return 0 < self.topp < 1
+
     def validate(self) -> None:
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise UsageError(f"temperature {self.temperature} is invalid: use 0 (greedy) or a positive number")
-        if not 0 < self.topp <= 1:
-            raise UsageError(f"top-p {self.topp} is outside (0, 1]: use e.g. 0.9, or 1 to turn it off")
-        if self.topk < 0:
-            raise UsageError(f"top-k {self.topk} is negative: use 0 (off) or a positive count")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # NaN fails this too
+            raise UsageError(f"temperature {self.temperature} is outside 0 .. {MAX_TEMPERATURE:g}: use 0 (greedy) "
+                             f"or e.g. 0.8")
+        if not 0 <= self.topp <= 1:
+            raise UsageError(f"top-p {self.topp} is outside [0, 1]: use e.g. 0.9, or 0 or 1 to turn it off")
+        if not 0 <= self.topk <= MAX_TOPK:
+            raise UsageError(f"top-k {self.topk} is outside 0 .. {MAX_TOPK}: use 0 (off) or a count of tokens")
         if not 0 <= self.minp < 1:
             raise UsageError(f"min-p {self.minp} is outside [0, 1): use e.g. 0.05, or 0 to turn it off")
         if not 0 <= self.seed < 1 << 64:
@@ -46,19 +61,25 @@ def clock_seed() -> int:
     return int(time.time()) & 0xFFFFFFFF
 
 
+@numba.njit(cache=True)
+def next_u32(state: np.ndarray) -> int:
+    """Advance the generator held in state[0] (uint64) and return its next 32-bit output."""
+    s = state[0]
+    s ^= s >> np.uint64(12)
+    s ^= s << np.uint64(25)
+    s ^= s >> np.uint64(27)
+    state[0] = s
+    return (s * np.uint64(0x2545F4914F6CDD1D)) >> np.uint64(32)
+
+
 class XorShiftRng:
     """run.c's xorshift64* generator: the same seed gives the same stream of coins."""
 
     def __init__(self, seed: int) -> None:
-        self.state = seed & _U64
+        self.state = np.array([seed & _U64], dtype=np.uint64)  # an array, so that compiled code advances it too
 
     def next_u32(self) -> int:
-        s = self.state
-        s ^= s >> 12
-        s ^= (s << 25) & _U64
-        s ^= s >> 27
-        self.state = s
-        return ((s * 0x2545F4914F6CDD1D) & _U64) >> 32
+        return int(next_u32(self.state))
 
     def next_f32(self) -> np.float32:
         """A coin in [0, 1): the top 24 bits of a u32 over 2**24, as run.c's random_f32."""
@@ -132,6 +153,17 @@ def sample_probabilities(logits: np.ndarray, temperature: np.float32, topp: np.f
     return _sample_topp(logits, topp, coin)
 
 
+@numba.njit(cache=True)
+def sample_logits(logits: np.ndarray, scratch: np.ndarray, temperature: np.float32, topp: np.float32, topk: int,
+                  minp: float, rng_state: np.ndarray) -> int:
+    """run.c's sample(): the first largest logit when greedy, else one coin from the generator and a draw."""
+    if temperature == 0:
+        return np.argmax(logits)
+    coin = np.float32(next_u32(rng_state) >> np.uint64(8)) / np.float32(16777216.0)
+    scratch[:] = logits
+    return sample_probabilities(scratch, temperature, topp, topk, minp, coin)
+
+
 class Sampler:
     """Turns logits into token ids; holds the generator state, so one Sampler per generation."""
 
@@ -140,13 +172,14 @@ class Sampler:
         self.config = config
         self.seed = config.seed or clock_seed()
         self.rng = XorShiftRng(self.seed)
-        if config.temperature > 0:  # load (or compile) the jitted sampler now, so it is not timed as decoding
-            sample_probabilities(np.zeros(2, np.float32), np.float32(1), np.float32(0.5), 0, 0.0, np.float32(0))
+        # load (or compile) the jitted sampler now, with a throwaway generator, so it is not timed as decoding
+        sample_logits(np.zeros(2, np.float32), np.zeros(2, np.float32), *self.settings, np.ones(1, np.uint64))
+
+    @property
+    def settings(self) -> tuple:
+        """temperature (0 when greedy), top-p, top-k and min-p as the compiled sampler takes them."""
+        c = self.config
+        return np.float32(0 if c.greedy else c.temperature), np.float32(c.topp), c.topk, c.minp
 
     def sample(self, logits: np.ndarray) -> int:
-        c = self.config
-        if c.temperature == 0:
-            return int(np.argmax(logits))
-        scratch = np.array(logits, dtype=np.float32)
-        return int(sample_probabilities(scratch, np.float32(c.temperature), np.float32(c.topp),
-                                        c.topk, c.minp, self.rng.next_f32()))
+        return int(sample_logits(logits, np.empty_like(logits, dtype=np.float32), *self.settings, self.rng.state))

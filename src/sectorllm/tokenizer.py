@@ -36,6 +36,9 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.pieces)
 
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, max_token_length={self.max_token_length})"
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """run.c's encode(): dummy-prefix space, code points as pieces, byte fallback, best-score merges."""
         data = text.encode("utf-8", errors="surrogateescape")

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from numba import prange
 
 from ..config import ModelConfig
 from ..errors import UsageError
 from ..packed import PackedModel
 from ..sampling import SamplerConfig, XorShiftRng, clock_seed
+from . import PARALLEL_WORK, thread_count
 
 # A cached value c stands for c * D / 2**shift in Q16.16, D being its (position, kv head) divisor. Keys are int16:
 # int8 keys cost 4x the KL of every other integer step together (scores are large, softmax amplifies their error).
@@ -52,16 +54,49 @@ def quantize_act(out: np.ndarray, v: np.ndarray, bits: int) -> int:
     return k
 
 
+# Rows per task when a matrix product is spread over threads.
+ROWS_PER_TASK = 16
+
+
+@numba.njit(cache=True)
+def _rows(out: np.ndarray, w_q: np.ndarray, w_s: np.ndarray, shift: int, act: np.ndarray, ks: np.ndarray,
+          add: bool, first: int, end: int) -> None:
+    """matmul's rows first..end-1."""
+    n = w_q.shape[1]
+    for i in range(first, end):
+        row, s = w_q[i], np.int64(w_s[i])
+        for t in range(act.shape[0]):
+            a = act[t]
+            acc = 0
+            for j in range(n):
+                acc += row[j] * a[j]
+            r = wrap32((wrap32(acc) * s) >> (shift - ks[t]))
+            out[t, i] = wrap32(np.int64(out[t, i]) + r) if add else r
+
+
+@numba.njit(cache=True, parallel=True)
+def matmul(out: np.ndarray, w_q: np.ndarray, w_s: np.ndarray, shift: int, act: np.ndarray, ks: np.ndarray,
+           add: bool) -> None:
+    """matvec of each position: out[t] (+)= W act[t, :n] with act[t]'s own k = ks[t]; out (T, d), W (d, n).
+
+    Rows outer, positions inner: each int8 row is read from memory once for all T positions. act is int16
+    (|act| <= 2**15 - 1, see quantize_act): int8 x int16 products summed in 32-bit lanes, many at a time, which
+    needs act's rows contiguous: it is the whole buffer, of which the first n columns are read. Rows are
+    independent: large products spread them over the threads.
+    """
+    d = w_q.shape[0]
+    if d * w_q.shape[1] * act.shape[0] < PARALLEL_WORK:
+        _rows(out, w_q, w_s, shift, act, ks, add, 0, d)
+    else:
+        for task in prange(-(-d // ROWS_PER_TASK)):
+            first = task * ROWS_PER_TASK
+            _rows(out, w_q, w_s, shift, act, ks, add, first, min(first + ROWS_PER_TASK, d))
+
+
 @numba.njit(cache=True)
 def matvec(out: np.ndarray, w_q: np.ndarray, w_s: np.ndarray, shift: int, a: np.ndarray, k: int, add: bool) -> None:
     """out[i] (+)= (sum_j w_q[i, j] * a[j]) * w_s[i] >> (shift - k): int8 x int16-range, 32-bit sum, Q16.16 out."""
-    sh = shift - k
-    for i in range(w_q.shape[0]):
-        acc = 0
-        for j in range(w_q.shape[1]):
-            acc += w_q[i, j] * a[j]
-        r = wrap32((wrap32(acc) * np.int64(w_s[i])) >> sh)
-        out[i] = wrap32(np.int64(out[i]) + r) if add else r
+    matmul(out.reshape(1, -1), w_q, w_s, shift, a.reshape(1, -1), np.full(1, k), add)
 
 
 @numba.njit(cache=True)
@@ -174,66 +209,82 @@ def attention(out: np.ndarray, q: np.ndarray, key_q: np.ndarray, key_d: np.ndarr
     for t in range(pos + 1):
         p = (att[t] * recip) >> 32  # the softmax weight in Q16: EDX after mul
         att[t] = (p * np.int64(value_d[t])) >> 16
+    out[:] = 0
+    for t in range(pos + 1):  # positions outer, the head's values as a vector: the 32-bit sums allow any order
+        a = att[t]
+        for i in range(head_size):
+            out[i] = wrap32(out[i] + a * value_q[t, i])
     for i in range(head_size):
-        acc = 0
-        for t in range(pos + 1):
-            acc += att[t] * value_q[t, i]
-        out[i] = wrap32(acc) >> VALUE_SHIFT
+        out[i] >>= VALUE_SHIFT
 
 
 @numba.njit(cache=True)
-def forward_token(token: int, pos: int, w: tuple, params: tuple, key_q: np.ndarray, key_d: np.ndarray,
-                  value_q: np.ndarray, value_d: np.ndarray, buf: tuple) -> np.ndarray:
-    """One position of the transformer in integers (docs/arithmetic.md, "forward"): returns Q16.16 logits."""
+def forward_tokens(tokens: np.ndarray, pos: int, w: tuple, params: tuple, key_q: np.ndarray, key_d: np.ndarray,
+                   value_q: np.ndarray, value_d: np.ndarray, buf: tuple) -> np.ndarray:
+    """docs/arithmetic.md's forward for tokens at positions pos, pos+1, ...: returns the last one's Q16.16 logits.
+
+    Row t of each buffer is position pos + t. Every step runs for each position as the spec says; the matrix
+    products take all positions at once (matmul) and each position's attention comes after every position's
+    keys and values are cached, which it never reads past its own: the same integers as one position at a time.
+    """
     (emb_q, emb_s, rms_att, wqkv_q, wqkv_s, wo_q, wo_s, rms_ffn, w13_q, w13_s, w2_q, w2_s, rms_final,
      wcls_q, wcls_s, wres_q, wres_s, rope_table, exp_table, silu_table) = w
     (emb_shift, wqkv_shift, wo_shift, w13_shift, w2_shift, wcls_shift, wres_shift, bits_dim, bits_hidden, bits_head,
      norm_shift, rope_shift, eps, exp_shift, silu_shift, silu_lo) = params
-    x, xb, act, qkv, hb, qa, att, logits = buf
+    x, xb, act, ks, qkv, hb, qa, att, logits = buf
     n_layers, n_kv_heads, head_size = key_q.shape[0], key_q.shape[1], key_q.shape[3]
-    dim, hidden_dim = x.shape[0], hb.shape[0] // 2
+    T, dim, hidden_dim = tokens.shape[0], x.shape[1], hb.shape[1] // 2
     kv_dim = n_kv_heads * head_size
     kv_mul = dim // kv_dim
-    for j in range(dim):
-        x[j] = wrap32((np.int64(emb_q[token, j]) * np.int64(emb_s[token])) >> (emb_shift - 16))
+    for t in range(T):
+        for j in range(dim):
+            x[t, j] = wrap32((np.int64(emb_q[tokens[t], j]) * np.int64(emb_s[tokens[t]])) >> (emb_shift - 16))
     for l in range(n_layers):
-        rmsnorm(xb, x, rms_att[l], eps, norm_shift)
-        k = quantize_act(act[:dim], xb, bits_dim)
-        matvec(qkv, wqkv_q[l], wqkv_s[l], wqkv_shift, act[:dim], k, False)
-        rope(qkv[:dim + kv_dim], rope_table[pos], head_size, rope_shift)  # q and k, never v
-        for h in range(n_kv_heads):
-            lo = dim + h * head_size
-            key_d[l, h, pos] = store_kv(key_q[l, h, pos], qkv[lo:lo + head_size], KEY_SHIFT)
-            value_d[l, h, pos] = store_kv(value_q[l, h, pos], qkv[lo + kv_dim:lo + kv_dim + head_size],
-                                         VALUE_SHIFT)
-        for h in range(dim // head_size):
-            kvh = h // kv_mul
-            attention(xb[h * head_size:(h + 1) * head_size], qkv[h * head_size:(h + 1) * head_size],
-                      key_q[l, kvh], key_d[l, kvh], value_q[l, kvh], value_d[l, kvh], pos, bits_head,
-                      exp_table, exp_shift, qa, att)
-        k = quantize_act(act[:dim], xb, bits_dim)
-        matvec(x, wo_q[l], wo_s[l], wo_shift, act[:dim], k, True)  # the residual connection
-        rmsnorm(xb, x, rms_ffn[l], eps, norm_shift)
-        k = quantize_act(act[:dim], xb, bits_dim)
-        matvec(hb, w13_q[l], w13_s[l], w13_shift, act[:dim], k, False)
-        for i in range(hidden_dim):
-            gate = silu_lookup(np.int64(hb[i]), silu_table, silu_shift, silu_lo)
-            hb[i] = wrap32((gate * np.int64(hb[hidden_dim + i])) >> 16)
-        k = quantize_act(act[:hidden_dim], hb[:hidden_dim], bits_hidden)
-        matvec(x, w2_q[l], w2_s[l], w2_shift, act[:hidden_dim], k, True)
-    rmsnorm(xb, x, rms_final, eps, norm_shift)
-    k = quantize_act(act[:dim], xb, bits_dim)
-    matvec(logits, wcls_q, wcls_s, wcls_shift, act[:dim], k, False)
-    matvec(logits, wres_q, wres_s, wres_shift, act[:dim], k, True)
+        for t in range(T):
+            rmsnorm(xb[t], x[t], rms_att[l], eps, norm_shift)
+            ks[t] = quantize_act(act[t, :dim], xb[t], bits_dim)
+        matmul(qkv, wqkv_q[l], wqkv_s[l], wqkv_shift, act, ks, False)
+        for t in range(T):
+            rope(qkv[t, :dim + kv_dim], rope_table[pos + t], head_size, rope_shift)  # q and k, never v
+            for h in range(n_kv_heads):
+                lo = dim + h * head_size
+                key_d[l, h, pos + t] = store_kv(key_q[l, h, pos + t], qkv[t, lo:lo + head_size], KEY_SHIFT)
+                value_d[l, h, pos + t] = store_kv(value_q[l, h, pos + t],
+                                                  qkv[t, lo + kv_dim:lo + kv_dim + head_size], VALUE_SHIFT)
+        for t in range(T):
+            for h in range(dim // head_size):
+                kvh, lo = h // kv_mul, h * head_size
+                attention(xb[t, lo:lo + head_size], qkv[t, lo:lo + head_size], key_q[l, kvh], key_d[l, kvh],
+                          value_q[l, kvh], value_d[l, kvh], pos + t, bits_head, exp_table, exp_shift, qa, att)
+            ks[t] = quantize_act(act[t, :dim], xb[t], bits_dim)
+        matmul(x, wo_q[l], wo_s[l], wo_shift, act, ks, True)  # the residual connection
+        for t in range(T):
+            rmsnorm(xb[t], x[t], rms_ffn[l], eps, norm_shift)
+            ks[t] = quantize_act(act[t, :dim], xb[t], bits_dim)
+        matmul(hb, w13_q[l], w13_s[l], w13_shift, act, ks, False)
+        for t in range(T):
+            for i in range(hidden_dim):
+                gate = silu_lookup(np.int64(hb[t, i]), silu_table, silu_shift, silu_lo)
+                hb[t, i] = wrap32((gate * np.int64(hb[t, hidden_dim + i])) >> 16)
+            ks[t] = quantize_act(act[t, :hidden_dim], hb[t, :hidden_dim], bits_hidden)
+        matmul(x, w2_q[l], w2_s[l], w2_shift, act, ks, True)
+    last = T - 1
+    rmsnorm(xb[last], x[last], rms_final, eps, norm_shift)
+    ks[last] = quantize_act(act[last, :dim], xb[last], bits_dim)
+    out, act_last = logits.reshape(1, -1), np.ascontiguousarray(act[last:])
+    matmul(out, wcls_q, wcls_s, wcls_shift, act_last, ks[last:], False)
+    matmul(out, wres_q, wres_s, wres_shift, act_last, ks[last:], True)
     return logits
 
 
 class FixedEngine:
     """The integer transformer: packed weights; int16 keys, int8 values, a divisor per (position, kv head)."""
 
-    def __init__(self, packed: PackedModel) -> None:
+    def __init__(self, packed: PackedModel, threads: int = 0) -> None:
+        """threads: how many threads the matrix products use (0: all of numba's)."""
         c: ModelConfig = packed.config
         self.config = c
+        self.threads = thread_count(threads)
         p, q = packed, packed.quant
         self._w = (p.token_embedding.q, p.token_embedding.s, p.rms_att_weight, p.wqkv.q, p.wqkv.s, p.wo.q, p.wo.s,
                    p.rms_ffn_weight, p.w13.q, p.w13.s, p.w2.q, p.w2.s, p.rms_final_weight, p.wcls.q, p.wcls.s,
@@ -246,24 +297,36 @@ class FixedEngine:
         self.value_q = np.zeros(cache_shape, dtype=np.int8)
         self.key_d = np.zeros(cache_shape[:-1], dtype=np.int32)
         self.value_d = np.zeros(cache_shape[:-1], dtype=np.int32)
-        i32 = lambda n: np.zeros(n, dtype=np.int32)  # noqa: E731
-        # x, xb, act (matmul input), qkv, hb (gate then up), qa (one query head), att, logits
-        self._buf = (i32(c.dim), i32(c.dim), i32(max(c.dim, c.hidden_dim)),
-                     i32(c.dim + 2 * c.kv_dim), i32(2 * c.hidden_dim), i32(c.head_size), i32(c.seq_len),
-                     i32(c.vocab_size))
+        self._token = np.zeros(1, dtype=np.int64)
+        self._buf = self._buffers(1)
         self.forward(0, 0)  # load (or compile) the jitted code now, so it is not timed as decoding
+
+    def _buffers(self, positions: int) -> tuple:
+        """x, xb, act (matmul input, int16), ks (act's shifts), qkv, hb (gate then up), qa (one query head), att,
+        logits: a row per position where the step runs for each position."""
+        c = self.config
+        rows = lambda n, dtype=np.int32: np.zeros((positions, n), dtype=dtype)  # noqa: E731
+        return (rows(c.dim), rows(c.dim), rows(max(c.dim, c.hidden_dim), np.int16), np.zeros(positions, np.int64),
+                rows(c.dim + 2 * c.kv_dim), rows(2 * c.hidden_dim), np.zeros(c.head_size, np.int16),
+                np.zeros(c.seq_len, np.int32), np.zeros(c.vocab_size, np.int32))
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Logits (vocab_size,) int32 in Q16.16: compare or argmax them, never treat them as floats."""
-        return forward_token(token, pos, self._w, self._params, self.key_q, self.key_d,
-                             self.value_q, self.value_d, self._buf)
+        self._token[0] = token
+        numba.set_num_threads(self.threads)  # for this thread's calls: engines with other counts may share it
+        return forward_tokens(self._token, pos, self._w, self._params, self.key_q, self.key_d,
+                              self.value_q, self.value_d, self._buf)
+
+    def step(self, token: int, pos: int, sampler: FixedSampler) -> int:
+        return sampler.sample(self.forward(token, pos))
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
-        """The prompt one position at a time: the boot engine has no batched path, so neither has its model."""
-        logits = self._buf[-1]
-        for pos, token in enumerate(tokens):
-            logits = self.forward(token, pos)
-        return logits
+        """All prompt positions in one pass, with batched matrix products: the logits of forward() one by one."""
+        if not 0 < len(tokens) <= self.config.seq_len:
+            raise ValueError(f"prefill takes 1 to {self.config.seq_len} tokens, not {len(tokens)}")
+        numba.set_num_threads(self.threads)
+        return forward_tokens(np.asarray(tokens, dtype=np.int64), 0, self._w, self._params, self.key_q, self.key_d,
+                              self.value_q, self.value_d, self._buffers(len(tokens)))
 
 
 @dataclass(frozen=True)
@@ -280,13 +343,14 @@ class FixedSamplerConfig:
     def from_sampler_config(cls, config: SamplerConfig) -> FixedSamplerConfig:
         """Round the float settings once, outside the engine: temperature and top-p become Q16 integers."""
         config.validate()
-        if config.temperature == 0:
+        if config.greedy:
             return cls(0, ONE_Q16, config.topk, config.seed)
         inv_t = round(ONE_Q16 / config.temperature)
         if not 1 <= inv_t < 1 << 31:
             raise UsageError(f"temperature {config.temperature} is outside what the fixed-point sampler holds "
                              "(1/65536 .. 65536): use a value in that range")
-        return cls(inv_t, max(1, round(ONE_Q16 * config.topp)), config.topk, config.seed, round(ONE_Q16 * config.minp))
+        topp = max(1, round(ONE_Q16 * config.topp)) if config.topp_on else ONE_Q16
+        return cls(inv_t, topp, config.topk, config.seed, round(ONE_Q16 * config.minp))
 
 
 @numba.njit(cache=True)
@@ -340,6 +404,9 @@ class FixedSampler:
         self.seed = config.seed or clock_seed()
         self.rng = XorShiftRng(self.seed)
         self._exp_table, self._exp_shift = packed.exp_table, packed.quant.exp_shift
+        if config.inv_temperature_q16:  # load (or compile) the jitted sampler now, so it is not timed as decoding
+            sample_fixed(np.zeros(2, np.int32), self._exp_table, self._exp_shift, ONE_Q16, ONE_Q16, 0, 0, 0)
+            XorShiftRng(1).next_u32()
 
     def sample(self, logits: np.ndarray) -> int:
         c = self.config

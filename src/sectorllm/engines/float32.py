@@ -4,97 +4,92 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import prange
 
 from ..checkpoint import Checkpoint, Weights
 from ..config import ModelConfig
+from ..sampling import Sampler, sample_logits
+from . import PARALLEL_WORK, thread_count
+from .softmax import expf, softmax
 
 # Every function pins fastmath=False (numba would otherwise compile it with its first caller's flags): run.c's -O3
 # build on baseline x86-64 rounds every float32 multiply and add on its own, in source order, and only the same
-# operations in the same order give the same bits. numba calls glibc's expf/powf/cosf/sinf, as run.c does.
+# operations in the same order give the same bits. Speed comes from doing many such sums side by side, never from
+# reordering one.
+
+# Rows per block of the weight layout: a block stores its rows' j-th elements next to each other, so the sums of
+# BLOCK rows advance together, one vector operation per step of j, each row still summed over j in order.
+BLOCK = 64
+# Positions per tile of a batched matrix product: one tile reads each weight vector once from memory for all of them.
+TILE = 4
+
+
+def block_rows(w: np.ndarray) -> np.ndarray:
+    """(..., d, n) row-major to (..., ceil(d/BLOCK), n, BLOCK): element [b, j, r] is w[b*BLOCK + r, j]; zero rows pad."""
+    d, n = w.shape[-2:]
+    nb = -(-d // BLOCK)
+    padded = np.zeros(w.shape[:-2] + (nb * BLOCK, n), dtype=np.float32)
+    padded[..., :d, :] = w
+    blocked = padded.reshape(w.shape[:-2] + (nb, BLOCK, n)).swapaxes(-1, -2)
+    return np.ascontiguousarray(blocked)
+
+
+def padded(n: int) -> int:
+    """Room for n outputs of a blocked matrix: whole blocks, since a block writes all its rows."""
+    return -(-n // BLOCK) * BLOCK
 
 
 @numba.njit(cache=True, fastmath=False)
-def matvec(out: np.ndarray, w: np.ndarray, x: np.ndarray) -> None:
-    """out = w @ x for w (d, n), x (n,), each row summed over j in order as run.c's matmul does.
+def _tile(out: np.ndarray, wb: np.ndarray, x: np.ndarray, b: int, t0: int, t1: int) -> None:
+    """out[t, rows of block b] = x[t] @ those rows, for t0 <= t < t1: every row's sum in order over j.
 
-    Eight rows at a time, a d/8 apart: eight independent sums the CPU overlaps (one sum would wait on each
-    addition), each reading its own long run of memory, which the hardware prefetches.
+    Eight steps of j per pass load and store each partial sum once; the BLOCK rows run as vectors.
     """
-    d, n = w.shape
-    m = d // 8
-    for i in range(m):
-        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
-        for j in range(n):
-            xj = x[j]
-            s0 += w[i, j] * xj
-            s1 += w[i + m, j] * xj
-            s2 += w[i + 2 * m, j] * xj
-            s3 += w[i + 3 * m, j] * xj
-            s4 += w[i + 4 * m, j] * xj
-            s5 += w[i + 5 * m, j] * xj
-            s6 += w[i + 6 * m, j] * xj
-            s7 += w[i + 7 * m, j] * xj
-        out[i], out[i + m], out[i + 2 * m], out[i + 3 * m] = s0, s1, s2, s3
-        out[i + 4 * m], out[i + 5 * m], out[i + 6 * m], out[i + 7 * m] = s4, s5, s6, s7
-    for i in range(8 * m, d):
-        s = np.float32(0.0)
-        for j in range(n):
-            s += w[i, j] * x[j]
-        out[i] = s
+    blk = wb[b]
+    n = blk.shape[0]
+    lo = b * BLOCK
+    for t in range(t0, t1):
+        out[t, lo:lo + BLOCK] = 0
+    j = 0
+    while j + 8 <= n:
+        w0, w1, w2, w3, w4, w5, w6, w7 = blk[j], blk[j + 1], blk[j + 2], blk[j + 3], blk[j + 4], blk[j + 5], \
+            blk[j + 6], blk[j + 7]
+        for t in range(t0, t1):
+            xt = x[t]
+            x0, x1, x2, x3, x4, x5, x6, x7 = xt[j], xt[j + 1], xt[j + 2], xt[j + 3], xt[j + 4], xt[j + 5], \
+                xt[j + 6], xt[j + 7]
+            a = out[t, lo:lo + BLOCK]
+            for r in range(BLOCK):
+                a[r] = (((((((a[r] + w0[r] * x0) + w1[r] * x1) + w2[r] * x2) + w3[r] * x3) + w4[r] * x4)
+                         + w5[r] * x5) + w6[r] * x6) + w7[r] * x7
+        j += 8
+    while j < n:
+        w0 = blk[j]
+        for t in range(t0, t1):
+            x0 = x[t, j]
+            a = out[t, lo:lo + BLOCK]
+            for r in range(BLOCK):
+                a[r] += w0[r] * x0
+        j += 1
 
 
-@numba.njit(cache=True, fastmath=False)
-def matmul(out: np.ndarray, w: np.ndarray, x: np.ndarray) -> None:
-    """out = x @ w.T for x (T, n), w (d, n): matvec of each of the T positions, the same sums in the same order.
+@numba.njit(cache=True, fastmath=False, parallel=True)
+def matmul(out: np.ndarray, wb: np.ndarray, x: np.ndarray) -> None:
+    """out (T, padded(d)) = x (T, n) @ w.T for w blocked by block_rows: run.c's matmul for each of the T rows.
 
-    For several positions x is transposed, so that out[:, i] += w[i, j] * x[:, j], for j in order, runs vectorized
-    over the positions; four weight rows and two steps of j per pass share the loads of x and of the partial sums.
+    The (row block, position tile) pieces are independent: large products spread them over the threads.
     """
     T, n = x.shape
-    if T == 1:
-        matvec(out[0], w, x[0])
-        return
-    d = w.shape[0]
-    xt = np.ascontiguousarray(x.T)
-    acc = np.empty((4, T), dtype=np.float32)
-    a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
-    for i in range(0, d - d % 4, 4):
-        acc[:] = 0
-        for j in range(0, n - n % 2, 2):
-            u, v = xt[j], xt[j + 1]
-            w0u, w1u, w2u, w3u = w[i, j], w[i + 1, j], w[i + 2, j], w[i + 3, j]
-            w0v, w1v, w2v, w3v = w[i, j + 1], w[i + 1, j + 1], w[i + 2, j + 1], w[i + 3, j + 1]
-            for t in range(T):
-                a0[t] = (a0[t] + w0u * u[t]) + w0v * v[t]
-                a1[t] = (a1[t] + w1u * u[t]) + w1v * v[t]
-                a2[t] = (a2[t] + w2u * u[t]) + w2v * v[t]
-                a3[t] = (a3[t] + w3u * u[t]) + w3v * v[t]
-        for j in range(n - n % 2, n):
-            for r in range(4):
-                for t in range(T):
-                    acc[r, t] += w[i + r, j] * xt[j, t]
-        out[:, i:i + 4] = acc.T
-    for i in range(d - d % 4, d):
-        a0[:] = 0
-        for j in range(n):
-            for t in range(T):
-                a0[t] += w[i, j] * xt[j, t]
-        out[:, i] = a0
-
-
-@numba.njit(cache=True, fastmath=False)
-def softmax(x: np.ndarray) -> None:
-    """In place, float32, in run.c's order: subtract the max, expf, sequential sum, divide."""
-    max_val = x[0]
-    for i in range(1, x.shape[0]):
-        if x[i] > max_val:
-            max_val = x[i]
-    total = np.float32(0.0)
-    for i in range(x.shape[0]):
-        x[i] = np.exp(x[i] - max_val)
-        total += x[i]
-    for i in range(x.shape[0]):
-        x[i] /= total
+    nb = wb.shape[0]
+    tiles = -(-T // TILE)
+    if nb * BLOCK * n * T < PARALLEL_WORK:
+        for p in range(nb * tiles):
+            b, t0 = p // tiles, p % tiles * TILE
+            _tile(out, wb, x, b, t0, min(t0 + TILE, T))
+    else:
+        for p in prange(nb * tiles):
+            b, t0 = p // tiles, p % tiles * TILE
+            _tile(out, wb, x, b, t0, min(t0 + TILE, T))
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -136,123 +131,177 @@ def rope(vec: np.ndarray, cos: np.ndarray, sin: np.ndarray, head_size: int) -> N
 
 
 @numba.njit(cache=True, fastmath=False)
-def attention(out: np.ndarray, q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, pos: int,
-              att: np.ndarray) -> None:
-    """Each query head of q (dim,) attends over positions 0..pos of one layer's cache, as run.c's head loop.
+def attend(out: np.ndarray, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int,
+           att: np.ndarray) -> None:
+    """Every query head of one position q (dim,) over cache positions 0..pos: run.c's head loop, heads side by side.
 
-    Keys are stored (kv head, i, t) and values (kv head, t, i): run.c sums each score over i and the weighted
-    values over t, and these layouts keep those orders while the inner loops run over contiguous memory.
+    Keys are cached (kv head, i, t) and values (t, kv head, i). run.c sums each score over i, each softmax total
+    over t and each output over t; the loops keep those orders, run the vectors over t or over (head, i), and
+    interleave the heads so that their sums, each one a chain of dependent additions, overlap.
+    att (n_heads, seq_len) is scratch.
     """
-    n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[1]
+    n_kv_heads, head_size = keys.shape[0], keys.shape[1]
     n_heads = q.shape[0] // head_size
     kv_mul = n_heads // n_kv_heads
     scale = np.sqrt(np.float32(head_size))
-    scores = att[:pos + 1]
+    n = pos + 1
     for h in range(n_heads):
-        keys, values = key_cache[h // kv_mul], value_cache[h // kv_mul]
+        scores, k = att[h, :n], keys[h // kv_mul]
         scores[:] = 0
         for i in range(head_size):
             qi = q[h * head_size + i]
-            for t in range(pos + 1):
-                scores[t] += qi * keys[i, t]
-        for t in range(pos + 1):
+            for t in range(n):
+                scores[t] += qi * k[i, t]
+        top = scores[0] / scale
+        for t in range(n):
             scores[t] /= scale
-        softmax(scores)
-        head = out[h * head_size:(h + 1) * head_size]
-        head[:] = 0
-        # four positions per pass over the head, added one after the other: run.c's order, a quarter of the passes
-        last = pos + 1 - (pos + 1) % 4
-        for t in range(0, last, 4):
-            a0, a1, a2, a3 = scores[t], scores[t + 1], scores[t + 2], scores[t + 3]
-            v0, v1, v2, v3 = values[t], values[t + 1], values[t + 2], values[t + 3]
+            top = max(top, scores[t])
+        for t in range(n):
+            scores[t] = expf(scores[t] - top)
+    total = np.zeros(n_heads, dtype=np.float32)
+    for t in range(n):
+        for h in range(n_heads):
+            total[h] += att[h, t]
+    for h in range(n_heads):
+        for t in range(n):
+            att[h, t] /= total[h]
+    out[:] = 0
+    for t in range(n):
+        v = values[t]
+        for h in range(n_heads):
+            a, lo, kv_lo = att[h, t], h * head_size, (h // kv_mul) * head_size
             for i in range(head_size):
-                head[i] = (((head[i] + a0 * v0[i]) + a1 * v1[i]) + a2 * v2[i]) + a3 * v3[i]
-        for t in range(last, pos + 1):
-            a = scores[t]
-            for i in range(head_size):
-                head[i] += a * values[t, i]
+                out[lo + i] += a * v[kv_lo + i]
+
+
+@numba.njit(cache=True, fastmath=False, parallel=True)
+def attention(out: np.ndarray, q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, pos: int,
+              att: np.ndarray) -> None:
+    """Rows t of q (T, dim) at positions pos + t attend over one layer's cache, each as attend().
+
+    att (T, n_heads, seq_len) is scratch. Many rows (a prompt) spread over the threads; one row (decoding) stays
+    on this one.
+    """
+    T = q.shape[0]
+    if T == 1:
+        attend(out[0], q[0], key_cache, value_cache, pos, att[0])
+    else:
+        for t in prange(T):
+            attend(out[t], q[t], key_cache, value_cache, pos + t, att[t])
 
 
 @numba.njit(cache=True, fastmath=False)
 def forward_tokens(tokens: np.ndarray, pos: int, w: tuple, rope_cos: np.ndarray, rope_sin: np.ndarray,
-                   key_cache: np.ndarray, value_cache: np.ndarray, buf: tuple, att: np.ndarray,
-                   logits: np.ndarray) -> np.ndarray:
+                   key_cache: np.ndarray, value_cache: np.ndarray, buf: tuple, logits: np.ndarray) -> np.ndarray:
     """run.c's forward() for tokens at positions pos, pos+1, ...: fills the cache, returns the last logits.
 
     Row t of each activation buffer is position pos + t: the steps of one position run row by row, the matrix
     products for all rows at once (matmul), with the same float32 operations in the same order either way.
     """
-    emb, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, wcls = w
-    x, xb, xb2, hb, hb2, q, k, v = buf
+    emb, rms_att, wqkv, wo, rms_ffn, w13, w2, rms_final, wcls = w
+    x, xb, xb2, hb, qkv, att, out = buf
     n_layers, n_kv_heads, head_size = key_cache.shape[0], key_cache.shape[1], key_cache.shape[2]
-    T = tokens.shape[0]
+    T, dim = tokens.shape[0], emb.shape[1]
+    kv_dim = n_kv_heads * head_size
+    hidden_dim = w2.shape[2]
     for t in range(T):
         x[t] = emb[tokens[t]]
     for l in range(n_layers):
-        # attention: q, k, v of each position; k and v go into the cache
+        # attention: q, k, v of each position (one product, three row ranges); k and v go into the cache
         for t in range(T):
-            rmsnorm(xb[t], x[t], rms_att[l])
-        matmul(q, wq[l], xb)
-        matmul(k, wk[l], xb)
-        matmul(v, wv[l], xb)
+            rmsnorm(xb[t, :dim], x[t], rms_att[l])
+        matmul(qkv, wqkv[l], xb[:, :dim])
         for t in range(T):
-            rope(q[t], rope_cos[pos + t], rope_sin[pos + t], head_size)
-            rope(k[t], rope_cos[pos + t], rope_sin[pos + t], head_size)
-            key_cache[l, :, :, pos + t] = k[t].reshape(n_kv_heads, head_size)
-            value_cache[l, :, pos + t, :] = v[t].reshape(n_kv_heads, head_size)
+            q, k, v = qkv[t, :dim], qkv[t, dim:dim + kv_dim], qkv[t, dim + kv_dim:dim + 2 * kv_dim]
+            rope(q, rope_cos[pos + t], rope_sin[pos + t], head_size)
+            rope(k, rope_cos[pos + t], rope_sin[pos + t], head_size)
+            key_cache[l, :, :, pos + t] = k.reshape(n_kv_heads, head_size)
+            value_cache[l, pos + t] = v
+        attention(xb, qkv[:, :dim], key_cache[l], value_cache[l], pos, att)
+        matmul(xb2, wo[l], xb[:, :dim])
         for t in range(T):
-            attention(xb[t], q[t], key_cache[l], value_cache[l], pos + t, att)
-        matmul(xb2, wo[l], xb)
-        x += xb2
-        # feed-forward: w2(silu(w1 x) * w3 x)
+            for i in range(dim):
+                x[t, i] += xb2[t, i]
+        # feed-forward: w2(silu(w1 x) * w3 x), w1 and w3 as one product (gate rows, then up rows)
         for t in range(T):
-            rmsnorm(xb[t], x[t], rms_ffn[l])
-        matmul(hb, w1[l], xb)
-        matmul(hb2, w3[l], xb)
+            rmsnorm(xb[t, :dim], x[t], rms_ffn[l])
+        matmul(hb, w13[l], xb[:, :dim])
         for t in range(T):
-            for i in range(hb.shape[1]):
+            for i in range(hidden_dim):
                 val = hb[t, i]
-                val *= np.float32(1.0) / (np.float32(1.0) + np.exp(-val))
-                hb[t, i] = val * hb2[t, i]
-        matmul(xb2, w2[l], hb)
-        x += xb2
+                val *= np.float32(1.0) / (np.float32(1.0) + expf(-val))
+                hb[t, i] = val * hb[t, hidden_dim + i]
+        matmul(xb2, w2[l], hb[:, :hidden_dim])
+        for t in range(T):
+            for i in range(dim):
+                x[t, i] += xb2[t, i]
     rmsnorm(x[T - 1], x[T - 1], rms_final)
-    matvec(logits, wcls, x[T - 1])
+    matmul(out, wcls, x[T - 1:])
+    logits[:] = out[0, :logits.shape[0]]
     return logits
 
 
-class FloatEngine:
-    """run.c's Transformer: weights, RoPE tables, a KV cache and preallocated activation buffers."""
+@numba.njit(cache=True, fastmath=False)
+def decode_step(token: int, pos: int, w: tuple, rope_cos: np.ndarray, rope_sin: np.ndarray,
+                key_cache: np.ndarray, value_cache: np.ndarray, buf: tuple, logits: np.ndarray, scratch: np.ndarray,
+                temperature: np.float32, topp: np.float32, topk: int, minp: float, rng_state: np.ndarray) -> int:
+    """One decoding step in compiled code: the forward pass at pos, then the sampler's pick of the next token."""
+    tokens = np.empty(1, dtype=np.int64)
+    tokens[0] = token
+    forward_tokens(tokens, pos, w, rope_cos, rope_sin, key_cache, value_cache, buf, logits)
+    return sample_logits(logits, scratch, temperature, topp, topk, minp, rng_state)
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
+
+class FloatEngine:
+    """run.c's Transformer: weights in the blocked layout, RoPE tables, a KV cache and activation buffers."""
+
+    def __init__(self, checkpoint: Checkpoint, threads: int = 0) -> None:
+        """threads: how many threads the matrix products and a prompt's attention use (0: all of numba's)."""
         c: ModelConfig = checkpoint.config
         self.config = c
+        self.threads = thread_count(threads)
         w: Weights = checkpoint.weights
-        self._w = (w.token_embedding_table, w.rms_att_weight, w.wq, w.wk, w.wv, w.wo,
-                   w.rms_ffn_weight, w.w1, w.w2, w.w3, w.rms_final_weight, w.wcls)
+        wqkv = np.concatenate([w.wq, w.wk, w.wv], axis=1)
+        w13 = np.concatenate([w.w1, w.w3], axis=1)
+        self._w = (w.token_embedding_table, w.rms_att_weight, block_rows(wqkv), block_rows(w.wo), w.rms_ffn_weight,
+                   block_rows(w13), block_rows(w.w2), w.rms_final_weight, block_rows(w.wcls))
         self.rope_cos, self.rope_sin = rope_tables(c.seq_len, c.head_size)
         self.key_cache = np.zeros((c.n_layers, c.n_kv_heads, c.head_size, c.seq_len), dtype=np.float32)
-        self.value_cache = np.zeros((c.n_layers, c.n_kv_heads, c.seq_len, c.head_size), dtype=np.float32)
+        self.value_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), dtype=np.float32)
         self._token = np.zeros(1, dtype=np.int64)
         self._buf = self._buffers(1)
-        self._att = np.zeros(c.seq_len, dtype=np.float32)
         self._logits = np.zeros(c.vocab_size, dtype=np.float32)
-        self.forward(0, 0)  # load (or compile) the jitted code now, so it is not timed as decoding
+        self._scratch = np.zeros(c.vocab_size, dtype=np.float32)
+        # Load (or compile) the jitted code now, so that it is not timed as decoding: the forward pass, and the
+        # decoding step with a throwaway generator (its types are every sampler's; the values do not matter).
+        self.forward(0, 0)
+        decode_step(0, 0, self._w, self.rope_cos, self.rope_sin, self.key_cache, self.value_cache, self._buf,
+                    self._logits, self._scratch, np.float32(0), np.float32(1), 0, 0.0, np.ones(1, np.uint64))
 
     def _buffers(self, positions: int) -> tuple:
-        """x, xb, xb2, hb, hb2, q, k, v: one row per position."""
+        """x, xb, xb2, hb, qkv, att, out (the classifier's): a row per position, products' outputs whole blocks."""
         c = self.config
-        return tuple(np.zeros((positions, n), dtype=np.float32)
-                     for n in (c.dim, c.dim, c.dim, c.hidden_dim, c.hidden_dim, c.dim, c.kv_dim, c.kv_dim))
+        widths = (c.dim, c.dim, padded(c.dim), padded(2 * c.hidden_dim), padded(c.dim + 2 * c.kv_dim))
+        rows = tuple(np.zeros((positions, n), dtype=np.float32) for n in widths)
+        return rows + (np.zeros((positions, c.n_heads, c.seq_len), dtype=np.float32),
+                       np.zeros((1, padded(c.vocab_size)), dtype=np.float32))
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         self._token[0] = token
+        numba.set_num_threads(self.threads)  # for this thread's calls: engines with other counts may share it
         return forward_tokens(self._token, pos, self._w, self.rope_cos, self.rope_sin,
-                              self.key_cache, self.value_cache, self._buf, self._att, self._logits)
+                              self.key_cache, self.value_cache, self._buf, self._logits)
+
+    def step(self, token: int, pos: int, sampler: Sampler) -> int:
+        """forward(token, pos), then sampler's choice of the next token, in one compiled call."""
+        numba.set_num_threads(self.threads)
+        return decode_step(token, pos, self._w, self.rope_cos, self.rope_sin, self.key_cache, self.value_cache,
+                           self._buf, self._logits, self._scratch, *sampler.settings, sampler.rng.state)
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """All prompt positions in one pass, with batched matrix products: the logits of forward() one by one."""
         if not 0 < len(tokens) <= self.config.seq_len:
             raise ValueError(f"prefill takes 1 to {self.config.seq_len} tokens, not {len(tokens)}")
+        numba.set_num_threads(self.threads)
         return forward_tokens(np.asarray(tokens, dtype=np.int64), 0, self._w, self.rope_cos, self.rope_sin,
-                              self.key_cache, self.value_cache, self._buffers(len(tokens)), self._att, self._logits)
+                              self.key_cache, self.value_cache, self._buffers(len(tokens)), self._logits)
