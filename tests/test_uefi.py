@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from sectorllm.boot import uefi
-from sectorllm.boot.image import MODEL_BASE, DiskLayout, RunBlock, Status, assemble, pack_run_block, sectors
+from sectorllm.boot.image import (MODEL_BASE, DiskLayout, MemoryLayout, RunBlock, Status, assemble, pack_run_block,
+                                  sectors)
 from sectorllm.errors import BootError
 
 from .conftest import IN_CI, require
@@ -75,19 +76,23 @@ def boot_ovmf(image: Path, drive: str = "virtio", memory_mib: int = 256, answer:
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory):
     require_uefi()
-    build = tmp_path_factory.mktemp("stub")
-    engine = assemble(STUB_SOURCE, build / "stub.bin")
-    return engine, uefi.assemble_loader(engine, build / "bootx64.efi")
+    engine = assemble(STUB_SOURCE)
+    return engine, uefi.assemble_loader(engine)
+
+
+def stub_run_block(engine_sectors: int, model_bytes: int, memory_end: int) -> bytes:
+    """A run block for the stub engine: its size, the model's, and the memory the loader must map."""
+    memory = MemoryLayout((0,) * 9, 0, 0, 0, 0, 0, 0, 1, memory_end)
+    return pack_run_block(RunBlock(), DiskLayout(0, engine_sectors, 0, model_bytes), memory)
 
 
 def stub_disk(stub, path: Path, model: bytes, memory_end: int, *, run_block: bytes | None = None,
               with_payload: bool = True) -> Path:
     engine, loader = stub
-    layout = DiskLayout(sectors(engine.size), 0, len(model), memory_end)
-    block = run_block if run_block is not None else pack_run_block(RunBlock(), layout)
-    files = {uefi.LOADER_PATH: loader.binary.read_bytes()}
+    block = run_block if run_block is not None else stub_run_block(sectors(engine.size), len(model), memory_end)
+    files = {uefi.LOADER_PATH: loader.code}
     if with_payload:
-        files[uefi.PAYLOAD_NAME] = uefi.payload(block, engine.binary.read_bytes(), model)
+        files[uefi.PAYLOAD_NAME] = uefi.payload(block, engine.code, model)
     path.write_bytes(uefi.uefi_disk_image(files))
     return path
 
@@ -110,8 +115,8 @@ def test_loader_runs_the_engine_in_compatibility_mode(stub, tmp_path, drive, ans
 
 def test_cpu_exception_in_the_engine_is_reported(tmp_path):
     require_uefi()
-    engine = assemble(STUB_SOURCE, tmp_path / "fault.bin", {"FAULT": None})
-    loader = uefi.assemble_loader(engine, tmp_path / "bootx64.efi")
+    engine = assemble(STUB_SOURCE, {"FAULT": None})
+    loader = uefi.assemble_loader(engine)
     disk = stub_disk((engine, loader), tmp_path / "disk.img", pattern_blob(4096), MODEL_BASE + MIB)
     code, com1, com2 = boot_ovmf(disk)
     line = f"sectorllm: CPU exception 6 at 0x{engine.symbols['fault']:X}\r\n".encode()
@@ -122,7 +127,7 @@ def test_cpu_exception_in_the_engine_is_reported(tmp_path):
 
 def test_bad_run_block_is_refused_on_com1_and_conout(stub, tmp_path):
     model = pattern_blob(4096)
-    block = bytearray(pack_run_block(RunBlock(), DiskLayout(1, 0, len(model), MODEL_BASE + MIB)))
+    block = bytearray(stub_run_block(1, len(model), MODEL_BASE + MIB))
     block[:4] = b"XXXX"
     code, com1, com2 = boot_ovmf(stub_disk(stub, tmp_path / "disk.img", model, 0, run_block=bytes(block)))
     assert com1.endswith(b"sectorllm: bad image\r\n")
@@ -141,7 +146,7 @@ def test_out_of_memory_names_what_the_run_needs(stub, tmp_path):
     code, com1, _ = boot_ovmf(stub_disk(stub, tmp_path / "disk.img", pattern_blob(4096), memory_end))
     needed_kib = (memory_end + 2 * MIB + 7 * 4096) // 1024  # the window, 2 MiB alignment, page tables and resident
     assert com1.endswith(f"sectorllm: out of memory: the run needs {needed_kib} KiB of RAM below 4 GiB\r\n".encode())
-    assert code == exit_code(Status.MODEL_TOO_LARGE)
+    assert code == exit_code(Status.OUT_OF_MEMORY)
 
 
 def test_esp_is_a_valid_fat_holding_the_files(tmp_path):
@@ -185,4 +190,4 @@ def test_loader_needs_the_engines_uefi_entry(tmp_path):
     source = tmp_path / "old.asm"
     source.write_text("bits 32\norg 0x8000\nstart: hlt\n")
     with pytest.raises(BootError, match="main32 or screen_hook"):
-        uefi.assemble_loader(assemble(source, tmp_path / "old.bin"), tmp_path / "bootx64.efi")
+        uefi.assemble_loader(assemble(source))

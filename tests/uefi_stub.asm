@@ -14,7 +14,7 @@
 RUN_BLOCK           equ 0x7E00
 MODEL_BASE          equ 0x100000
 RB_MODEL_BYTES      equ 12
-RB_MEMORY_END       equ 46
+RB_MEMORY_END       equ 16
 COM1                equ 0x3F8
 
 engine_start:                           ; the BIOS entry point: unused here

@@ -14,21 +14,24 @@ from .tokenizer import load_tokenizer
 
 Rows = list[tuple[str, object]]
 _SECTOR = 512
-_RUN_MAGIC_AT = _SECTOR  # a boot image's run block is its second sector and starts with its magic
 _MODELS_OF_VOCAB = {512: "stories260K", 32000: "stories15M, stories42M, stories110M"}
 
 
 def describe(path: str | os.PathLike) -> Rows:
     """(name, value) rows describing the file; SectorLLMError (one line) when it is none of the four kinds."""
     path = Path(path)
+    from .boot.image import RUN_MAGIC, payload_lba
+
     try:
         with open(path, "rb") as f:
-            start = f.read(_RUN_MAGIC_AT + 4)
+            start = f.read(_SECTOR)
+            f.seek(payload_lba(start) * _SECTOR)
+            run_magic = f.read(len(RUN_MAGIC))
     except OSError as e:
         raise SectorLLMError(f"cannot read {path}: {e.strerror}") from None
     if start[:len(PACKED_MAGIC)] == PACKED_MAGIC:
         return describe_packed(path)
-    if start[_RUN_MAGIC_AT:] == b"SLRB":
+    if run_magic == RUN_MAGIC:
         return describe_image(path)
     if int.from_bytes(start[:4], "little") == CHECKPOINT_MAGIC:
         return describe_checkpoint(path)

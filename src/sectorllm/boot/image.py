@@ -231,6 +231,14 @@ def unpack_run_block(sector: bytes, payload_lba: int) -> tuple[RunBlock, DiskLay
             MemoryLayout(tuple(fields[:n]), *fields[n:], kernel_macs, memory_end))
 
 
+def payload_lba(boot_sector: bytes) -> int:
+    """Where an image's run block is: the start of its partition of PARTITION_TYPE, else (a floppy) sector 1."""
+    entry = boot_sector[PARTITION_TABLE:PARTITION_TABLE + 16]
+    if len(entry) == 16 and entry[4] == PARTITION_TYPE:
+        return int.from_bytes(entry[8:12], "little")
+    return FLOPPY_PAYLOAD_LBA
+
+
 def sectors(n_bytes: int) -> int:
     """Sectors needed for n_bytes."""
     return -(-n_bytes // SECTOR)

@@ -22,9 +22,8 @@ from ..generate import (GenerationResult, StreamedGeneration, Token as TextToken
 from ..packed import HEADER, MAGIC, PackedModel, header_config, pack
 from ..sampling import SamplerConfig
 from ..tokenizer import BOS, EOS
-from .image import (ADDRESSABLE_TOP, FLOPPY_PAYLOAD_LBA, MAX_PROMPT_TOKENS, PARTITION_TABLE, PARTITION_TYPE, SECTOR,
-                    DiskLayout, ImageInfo, MemoryLayout, RunBlock, Status, Token, build_image, memory_layout,
-                    unpack_run_block)
+from .image import (ADDRESSABLE_TOP, FLOPPY_PAYLOAD_LBA, MAX_PROMPT_TOKENS, SECTOR, DiskLayout, ImageInfo,
+                    MemoryLayout, RunBlock, Status, Token, build_image, memory_layout, payload_lba, unpack_run_block)
 from .qemu import DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT, MachineConfig, boot
 
 MEBIBYTE = 1 << 20
@@ -115,12 +114,9 @@ def read_image(path: str | os.PathLike) -> BootImage:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            boot_sector = f.read(SECTOR)
-            partition = boot_sector[PARTITION_TABLE:PARTITION_TABLE + 16]
-            floppy = len(partition) < 16 or partition[4] != PARTITION_TYPE
-            payload_lba = FLOPPY_PAYLOAD_LBA if floppy else int.from_bytes(partition[8:12], "little")
-            f.seek(payload_lba * SECTOR)
-            run, disk, memory = unpack_run_block(f.read(SECTOR), payload_lba)
+            payload = payload_lba(f.read(SECTOR))
+            f.seek(payload * SECTOR)
+            run, disk, memory = unpack_run_block(f.read(SECTOR), payload)
             f.seek(disk.model_lba * SECTOR)
             header = f.read(HEADER.size)
     except OSError as e:
@@ -129,7 +125,8 @@ def read_image(path: str | os.PathLike) -> BootImage:
         raise BootError(f"{path} is too short to be a sectorllm boot image") from None
     if len(header) < HEADER.size or header[:len(MAGIC)] != MAGIC:
         raise BootError(f"{path} holds no packed model where its run block says: not a sectorllm boot image")
-    return BootImage(path, run, disk, memory, header_config(HEADER.unpack_from(header)), floppy)
+    return BootImage(path, run, disk, memory, header_config(HEADER.unpack_from(header)),
+                     payload == FLOPPY_PAYLOAD_LBA)
 
 
 def result_of(image: BootImage, tokens: list[Token], seconds: list[float]) -> GenerationResult:

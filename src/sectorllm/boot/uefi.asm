@@ -63,12 +63,12 @@ RUN_BLOCK           equ 0x7E00          ; under a BIOS
 ENGINE_BASE         equ 0x8000
 MODEL_BASE          equ 0x100000
 SECTOR              equ 512
-MAX_ENGINE_SECTORS  equ 64              ; the engine lives in 0x8000..0xFFFF
+MAX_ENGINE_SECTORS  equ 63              ; the engine lives in 0x8000..0xFDFF
 RB_MAGIC            equ 0               ; run block field offsets (image.py RUN_BLOCK_FORMAT)
 RB_VERSION          equ 4
 RB_ENGINE_SECTORS   equ 6
 RB_MODEL_BYTES      equ 12
-RB_MEMORY_END       equ 46
+RB_MEMORY_END       equ 16
 RUN_MAGIC           equ 'SLRB'
 
 COM1                equ 0x3F8

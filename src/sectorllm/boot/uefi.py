@@ -47,15 +47,14 @@ FAT_TOOLS_INSTALL = "apt-get install dosfstools mtools"
 SBIN = ("/usr/sbin", "/sbin")  # mkfs.fat lives here, often not on a user's PATH
 
 
-def assemble_loader(engine: AssembledCode, output: Path) -> AssembledCode:
+def assemble_loader(engine: AssembledCode, listing_dir: Path | None = None) -> AssembledCode:
     """Assemble uefi.asm for an engine: the addresses of its main32 and screen_hook come from the engine's map."""
     missing = [name for name in ENGINE_SYMBOLS if name not in engine.symbols]
     if missing:
-        raise BootError(f"the engine {engine.binary.name} has no {' or '.join(missing)}: it cannot run under the "
-                        "UEFI loader")
-    return assemble(LOADER_SOURCE, output, {"ENGINE_MAIN32": engine.symbols["main32"],
-                                            "ENGINE_SCREEN_HOOK": engine.symbols["screen_hook"],
-                                            "RUN_VERSION": RUN_VERSION})
+        raise BootError(f"the engine has no {' or '.join(missing)}: it cannot run under the UEFI loader")
+    return assemble(LOADER_SOURCE, {"ENGINE_MAIN32": engine.symbols["main32"],
+                                    "ENGINE_SCREEN_HOOK": engine.symbols["screen_hook"], "RUN_VERSION": RUN_VERSION},
+                    listing_dir)
 
 
 def loader_code_bytes(loader: AssembledCode) -> int:
