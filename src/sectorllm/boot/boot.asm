@@ -62,8 +62,7 @@ entry:  xor ax, ax
         pushf
         pop ax
         popf
-        and ah, 0xF0
-        cmp ah, 0x70
+        cmp ah, 0x70                    ; (bits 8..11, TF IF DF OF, were cleared with them)
         jne fail
         cpu 386
 

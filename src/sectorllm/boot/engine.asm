@@ -156,8 +156,6 @@ gdt:                                    ; lgdt's 6 bytes fill the unused null de
 .code16:            dw 0xFFFF, 0x0000   ; base 0, 64 KiB, execute/read, 16-bit: the way back to real mode
                     db 0x00, 0x9A, 0x00, 0x00
 gdt_end:
-idt_descriptor:     dw 8 * N_VECTORS - 1
-                    dd idt
 screen_hook:        dd teletype         ; another loader puts its own screen routine here
 serial_mode:        db 0                ; 0: plain text; 1: records
 
@@ -192,12 +190,12 @@ off_vt:             resd 1              ; the values in a block
 kv_stride:          resd 1              ; bytes of a key row: head_size int16 keys, Dk, Dv
 value_row:          resd 1              ; bytes of a transposed value row: cache_len int16
 layer_bytes:        resd 1              ; n_kv_heads blocks
+pos:                resd 1              ; the position: 0 at the start
 %if $ - VARS != RB_SETTINGS_END - RB_SETTINGS
 %error "VARS and the run block's settings differ"
 %endif
 layer_kv:           resd 1              ; this layer's first cache block
 token:              resd 1              ; the token at pos
-pos:                resd 1
 act_row:            resd 1              ; quantize_act's n (an int8 row's bytes), k and the end of act
 act_k:              resd 1
 act_end:            resd 1
@@ -228,4 +226,3 @@ sample_sorted:      resd 1
 sample_picks:       resd 1
 VARS_END:
 SEC:                resb 16 * N_KINDS   ; per section kind: SEC_ADDR, SEC_LEN, SEC_PARAM
-idt:                resq N_VECTORS

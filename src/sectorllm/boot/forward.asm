@@ -16,8 +16,7 @@ setup_model:
         rep movsd                       ; EDI = VARS
         mov esi, RUN_BLOCK + RB_SETTINGS
         mov cl, (RB_SETTINGS_END - RB_SETTINGS) / 4
-        rep movsd
-        and dword [var(pos)], 0         ; every other variable is set before it is read
+        rep movsd                       ; (pos too: every other variable is set before it is read)
         mov esi, SEC_START + 16 + SEC_ADDR
         mov cl, N_KINDS - 1
 .entry: add dword [esi], MODEL_BASE     ; the section table's offsets to addresses
@@ -28,9 +27,7 @@ setup_model:
         lea ebx, [var(kernel8_end)]
         mov ax, MOVSX_BYTE | 2 << 8     ; AL = movsx's opcode, AH = 2 - log2 of q's element bytes
 .kernel:
-        movzx edx, word [RUN_BLOCK + RB_KERNEL_MACS]
-        shl edx, 2
-        neg edx                         ; the first one's v displacement
+        mov edx, [RUN_BLOCK + RB_KERNEL_DISP]  ; the first one's v displacement
         mov cl, ah
 .mac:   mov esi, mac_template
         movsd

@@ -13,14 +13,16 @@ Disk image (512-byte sectors, LBA), as a hard disk (USB stick, any controller) o
 
 Run block (layout.asm RB_*), little-endian:
 
-     0  4s   magic "SLRB"            24  u32  inv_temperature_q16 (0 = greedy)    52  u32 x 9  buffer addresses
-     4  u16  version (5)             28  u32  topp_q16 (65536 = off)              88  u32  kv_base
-     6  u16  engine_sectors          32  u32  topk (0 = off)                      92  u32  kv_block
-     8  u32  model_lba               36  u32  minp_q16 (0 = off)                  96  u32  off_vt
-    12  u32  model_bytes             40  u64  seed (xorshift64* state)           100  u32  kv_stride
-    16  u32  memory_end              48  u16  forward passes to run              104  u32  value_row
-    20  u16  steps (0 = context)     50  u16  prompt token count (>= 1)          108  u32  layer_bytes
-    22  u16  kernel_macs                                                         112  u16[] prompt ids, BOS first
+     0  4s   magic "SLRB"            32  u32  inv_temperature_q16 (0 = greedy)    60  u32 x 9  buffer addresses
+     4  u16  version (5)             36  u32  topp_q16 (65536 = off)              96  u32  kv_base
+     6  u16  engine_sectors          40  u32  topk (0 = off)                     100  u32  kv_block
+     8  u32  model_lba               44  u32  minp_q16 (0 = off)                 104  u32  off_vt
+    12  u32  model_bytes             48  u64  seed (xorshift64* state)           108  u32  kv_stride
+    16  u32  memory_end              56  u16  forward passes to run              112  u32  value_row
+    20  u16  steps (0 = context)     58  u16  prompt token count (>= 1)          116  u32  layer_bytes
+    22  u16  IDT limit               128  IDT: N_VECTORS gates into the          120  u32  0 (the first position)
+    24  u32  IDT base (RUN_BLOCK+128)      engine's exception_sled              240  u16[] prompt ids, BOS first
+    28  i32  -4 x kernel_macs
 
 The sampling fields are FixedSamplerConfig's integers (engines/fixed.py); the buffers and the KV cache are placed
 by memory_layout() from the model's shape: in the low arena (0x10000..0x7FFFF) where they fit, else after the model.
@@ -70,8 +72,10 @@ MAX_KERNEL_MACS = 0xFFFF
 
 RUN_MAGIC = b"SLRB"
 RUN_VERSION = 5
-RUN_BLOCK_FORMAT = "<4sHHIIIHHIIIIQHH9I6I"
-RUN_BLOCK_HEADER = struct.calcsize(RUN_BLOCK_FORMAT)
+RUN_BLOCK_FORMAT = "<4sHHIIIHHIiIIIIQHH9I6II"
+RUN_BLOCK = 0x7E00  # where the boot sector loads it
+RUN_BLOCK_IDT = 128  # layout.asm RB_IDT
+RUN_BLOCK_HEADER = 240  # layout.asm RB_PROMPT_IDS: the prompt ids follow the IDT
 MAX_PROMPT_TOKENS = (SECTOR - RUN_BLOCK_HEADER) // 2
 MAX_STEPS = 0xFFFF
 
@@ -207,28 +211,40 @@ class DiskLayout:
     model_bytes: int
 
 
-def pack_run_block(run: RunBlock, disk: DiskLayout, memory: MemoryLayout) -> bytes:
-    """The run block sector for a run, a disk layout and a memory layout."""
+def interrupt_table(engine_symbols: Mapping[str, int]) -> bytes:
+    """The engine's IDT (exceptions.asm): for each of its N_VECTORS, a 32-bit interrupt gate in CODE32 to the
+    vector's push in exception_sled (two bytes each)."""
+    sled, selector = engine_symbols["exception_sled"], engine_symbols["CODE32"]
+    return b"".join(struct.pack("<HHHH", (sled + 2 * v) & 0xFFFF, selector, 0x8E00, (sled + 2 * v) >> 16)
+                    for v in range(engine_symbols["N_VECTORS"]))
+
+
+def pack_run_block(run: RunBlock, disk: DiskLayout, memory: MemoryLayout, idt: bytes = b"") -> bytes:
+    """The run block sector for a run, a disk layout, a memory layout and the engine's interrupt_table."""
     run.validate()
+    if len(idt) > RUN_BLOCK_HEADER - RUN_BLOCK_IDT:
+        raise BootError(f"the engine's IDT is {len(idt)} bytes, more than the run block's room for it")
     header = struct.pack(RUN_BLOCK_FORMAT, RUN_MAGIC, RUN_VERSION, disk.engine_sectors, disk.model_lba,
-                         disk.model_bytes, memory.memory_end, run.steps, memory.kernel_macs, run.inv_temperature_q16,
-                         run.topp_q16, run.topk, run.minp_q16, run.seed, run.passes, len(run.prompt_tokens),
-                         *memory.fields)
+                         disk.model_bytes, memory.memory_end, run.steps, max(len(idt), 1) - 1,
+                         RUN_BLOCK + RUN_BLOCK_IDT, -4 * memory.kernel_macs, run.inv_temperature_q16, run.topp_q16,
+                         run.topk, run.minp_q16, run.seed, run.passes, len(run.prompt_tokens), *memory.fields, 0)
     prompt = struct.pack(f"<{len(run.prompt_tokens)}H", *run.prompt_tokens)
-    return (header + prompt).ljust(SECTOR, b"\0")
+    return (header.ljust(RUN_BLOCK_IDT, b"\0") + idt).ljust(RUN_BLOCK_HEADER, b"\0") + prompt.ljust(
+        SECTOR - RUN_BLOCK_HEADER, b"\0")
 
 
 def unpack_run_block(sector: bytes, payload_lba: int) -> tuple[RunBlock, DiskLayout, MemoryLayout]:
     """Read back a run block sector; raises BootError if it is not one."""
-    (magic, version, engine_sectors, model_lba, model_bytes, memory_end, steps, kernel_macs, inv_temperature_q16,
-     topp_q16, topk, minp_q16, seed, passes, n_prompt, *fields) = struct.unpack_from(RUN_BLOCK_FORMAT, sector)
+    (magic, version, engine_sectors, model_lba, model_bytes, memory_end, steps, _, _, kernel_disp,
+     inv_temperature_q16, topp_q16, topk, minp_q16, seed, passes, n_prompt, *fields, _) = struct.unpack_from(
+        RUN_BLOCK_FORMAT, sector)
     if magic != RUN_MAGIC or version != RUN_VERSION or n_prompt > MAX_PROMPT_TOKENS:
         raise BootError(f"not a version {RUN_VERSION} sectorllm run block (magic {magic!r}, version {version})")
     prompt = struct.unpack_from(f"<{n_prompt}H", sector, RUN_BLOCK_HEADER)
     n = len(BUFFER_NAMES)
     return (RunBlock(prompt, steps, inv_temperature_q16, topp_q16, topk, minp_q16, seed, passes),
             DiskLayout(payload_lba, engine_sectors, model_lba, model_bytes),
-            MemoryLayout(tuple(fields[:n]), *fields[n:], kernel_macs, memory_end))
+            MemoryLayout(tuple(fields[:n]), *fields[n:], -kernel_disp // 4, memory_end))
 
 
 def payload_lba(boot_sector: bytes) -> int:
@@ -377,7 +393,8 @@ def build_image(model_blob: bytes, run: RunBlock, output: Path, *, floppy: bool 
     else:
         total = align(payload_end, DISK_HEADS * DISK_SECTORS_PER_TRACK)
         boot_sector[PARTITION_TABLE:PARTITION_TABLE + 16] = partition_entry(payload_lba, total - payload_lba)
-    parts = [bytes(boot_sector), bytes((payload_lba - 1) * SECTOR), pack_run_block(run, disk, memory),
+    parts = [bytes(boot_sector), bytes((payload_lba - 1) * SECTOR),
+             pack_run_block(run, disk, memory, interrupt_table(engine.symbols)),
              engine.code.ljust(engine_sectors * SECTOR, b"\0"), model_blob.ljust(sectors(len(model_blob)) * SECTOR,
                                                                            b"\0")]
     if floppy:

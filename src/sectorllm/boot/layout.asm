@@ -7,7 +7,7 @@
 ;   0x00504 - 0x0051B   E820_ENTRY: one INT 15h E820h answer
 ;   0x00600 - 0x07BFF   stack: ESP from STACK_TOP down (below 64 KiB, so real mode shares it)
 ;   0x07C00 - 0x07DFF   the boot sector: its read_sectors, print, fail and stop serve the engine's loader
-;   0x07E00 - 0x07FFF   RUN_BLOCK: the run block sector, fields at RB_* (image.py RunBlock)
+;   0x07E00 - 0x07FFF   RUN_BLOCK: the run block sector, fields at RB_* (image.py RunBlock), with the IDT
 ;   0x08000 - 0x0FFFF   ENGINE_BASE: engine.asm, then its variables, IDT and section entries (engine.asm)
 ;   0x10000 - 0x17FFF   DISK_BUFFER while the model loads: each piece is read here and copied above 1 MiB
 ;   0x10000 - 0x7FFFF   LOW_ARENA afterwards: image.py places the buffers and KV cache here when they fit
@@ -16,7 +16,8 @@
 ;                       the buffers and KV cache that did not fit the low arena, up to RB_MEMORY_END
 ;
 ; RUN BLOCK (little-endian; image.py RUN_BLOCK_FORMAT). RB_SETTINGS .. RB_SETTINGS_END is copied as it is to the
-; engine's VARS: the sampler's integers and the memory layout image.py resolved from the model's header.
+; engine's VARS: the sampler's integers and the memory layout image.py resolved from the model's header. The IDT
+; and its descriptor are resolved there too, from the engine's map.
 
 STACK_TOP           equ 0x7C00
 MEM_TOP             equ 0x0500
@@ -39,20 +40,24 @@ RB_MODEL_LBA        equ 8               ; u32, from the start of the disk
 RB_MODEL_BYTES      equ 12              ; u32
 RB_MEMORY_END       equ 16              ; u32: the end of everything the run uses (image.py memory_end)
 RB_STEPS            equ 20              ; u16, run.c's -n (0 = the whole context), for the runner
-RB_KERNEL_MACS      equ 22              ; u16, multiply-adds in each dot-product kernel: the longest dot product
-RB_SETTINGS         equ 24              ; from here to RB_SETTINGS_END: the engine's VARS, in their order
-RB_INV_TEMPERATURE  equ 24              ; u32, round(65536 / temperature); 0 = greedy
-RB_TOPP             equ 28              ; u32, round(65536 * top-p); 65536 = off
-RB_TOPK             equ 32              ; u32, 0 = off
-RB_MINP             equ 36              ; u32, round(65536 * min-p); 0 = off
-RB_SEED             equ 40              ; u64, the xorshift64* state
-RB_PASSES           equ 48              ; u16, forward passes to run, prompt included (image.py: run.c's rule)
-RB_PROMPT_COUNT     equ 50              ; u16
-RB_BUFFERS          equ 52              ; u32 x 9: x, xb, act, qkv, hb, att, logits, sample, kernel (engine.asm)
+RB_IDT_DESCRIPTOR   equ 22              ; u16 limit, u32 base: lidt's operand for the IDT at RB_IDT
+RB_KERNEL_DISP      equ 28              ; i32, -4 x the multiply-adds in each dot-product kernel (the longest dot
+                                        ; product): the first multiply-add's v displacement
+RB_SETTINGS         equ 32              ; from here to RB_SETTINGS_END: the engine's VARS, in their order
+RB_INV_TEMPERATURE  equ 32              ; u32, round(65536 / temperature); 0 = greedy
+RB_TOPP             equ 36              ; u32, round(65536 * top-p); 65536 = off
+RB_TOPK             equ 40              ; u32, 0 = off
+RB_MINP             equ 44              ; u32, round(65536 * min-p); 0 = off
+RB_SEED             equ 48              ; u64, the xorshift64* state
+RB_PASSES           equ 56              ; u16, forward passes to run, prompt included (image.py: run.c's rule)
+RB_PROMPT_COUNT     equ 58              ; u16
+RB_BUFFERS          equ 60              ; u32 x 9: x, xb, act, qkv, hb, att, logits, sample, kernel (engine.asm)
 XB_DISTANCE         equ 0x10000         ; xb is always x + XB_DISTANCE: rmsnorm writes it with no register to spare
-RB_KV_BASE          equ 88              ; u32 x 6: the KV cache and its geometry (engine.asm store_kv)
-RB_SETTINGS_END     equ 112
-RB_PROMPT_IDS       equ 112             ; u16[RB_PROMPT_COUNT >= 1], BOS first
+RB_KV_BASE          equ 96              ; u32 x 6: the KV cache and its geometry (engine.asm store_kv)
+RB_POS              equ 120             ; u32, 0: the first position
+RB_SETTINGS_END     equ 124
+RB_IDT              equ 128             ; 8 bytes x N_VECTORS (engine.asm): the IDT's gates into exception_sled
+RB_PROMPT_IDS       equ 240             ; u16[RB_PROMPT_COUNT >= 1], BOS first
 
 STATUS_OK               equ 0x00        ; the end record's status and the byte sent to isa-debug-exit (port 0xF4)
 STATUS_DISK_ERROR       equ 0x02

@@ -77,38 +77,21 @@ memory_size:
 .done:  ret
         bits 32
 
-; say_kib: EAX / 1024 in decimal, shown. Clobbers: EAX, ECX, EDX, EDI
-say_kib:
-        shr eax, 10
-        jmp say_decimal
-
 msg_a20_closed:     db STATUS_A20_CLOSED, "A20 closed", 13, 10, 0
 msg_out_of_memory:  db "out of memory: needs ", 0
 msg_found:          db " KiB, found ", 0
 msg_kib:            db " KiB", 10, 0
 
 ; ---------------------------------------------------------------------------------------------------------------
-; load_model (entered in protected mode, EAX = the memory's end): fill the IDT; refuse the run if the RAM ends before RB_MEMORY_END; load the model ([RUN_BLOCK +
-; RB_MODEL_BYTES] long from LBA [RUN_BLOCK + RB_MODEL_LBA]) to MODEL_BASE, each piece read to DISK_BUFFER in real
-; mode and copied up here; then on to main32.
+; load_model (entered in protected mode, EAX = the memory's end): refuse the run if the RAM ends before
+; RB_MEMORY_END; load the model ([RUN_BLOCK + RB_MODEL_BYTES] long from LBA [RUN_BLOCK + RB_MODEL_LBA]) to
+; MODEL_BASE, each piece read to DISK_BUFFER in real mode and copied up here; then on to main32.
 ; ---------------------------------------------------------------------------------------------------------------
 load_model:
-        xchg eax, ebp                   ; the memory's end, from memory_size through the pushad frame
-        mov edi, idt                    ; a gate for each vector: its entry in exception_sled
-        mov eax, (CODE32 << 16) + exception_sled
-        push byte N_VECTORS
-        pop ecx
-.gate:  stosd
-        mov dword [edi], 0x8E00         ; present, ring 0, 32-bit interrupt gate
-        scasd
-        inc eax
-        inc eax
-        loop .gate
-
-        call serial_handshake
         mov ebx, [RUN_BLOCK + RB_MEMORY_END]
-        cmp ebx, ebp
+        cmp ebx, eax
         jbe .fits
+        xchg eax, ebp
         mov esi, msg_prefix             ; "sectorllm: out of memory: needs N KiB, found M KiB"
         call say
         mov esi, msg_out_of_memory

@@ -127,24 +127,16 @@ sample:
 random_u32:
         mov ebx, [var(run_seed)]        ; s = EDX:EBX
         mov edx, [var(run_seed) + 4]
-        mov eax, ebx                    ; s ^= s >> 12
-        mov edi, edx
-        shrd eax, edi, 12
-        shr edi, 12
-        xor ebx, eax
-        xor edx, edi
+        mov cl, 12                      ; s ^= s >> 12
+        call .right
         mov eax, ebx                    ; s ^= s << 25
         mov edi, edx
         shld edi, eax, 25
         shl eax, 25
         xor ebx, eax
         xor edx, edi
-        mov eax, ebx                    ; s ^= s >> 27
-        mov edi, edx
-        shrd eax, edi, 27
-        shr edi, 27
-        xor ebx, eax
-        xor edx, edi
+        mov cl, 27                      ; s ^= s >> 27
+        call .right
         mov [var(run_seed)], ebx
         mov [var(run_seed) + 4], edx
         imul ecx, edx, 0x4F6CDD1D       ; hi * low half of the multiplier
@@ -154,5 +146,12 @@ random_u32:
         imul ecx, ebx, 0x2545F491       ; lo * its high half
         add edx, ecx
         xchg eax, edx
+        ret
+.right: mov eax, ebx                    ; s ^= s >> CL, s = EDX:EBX
+        mov edi, edx
+        shrd eax, edi, cl
+        shr edi, cl
+        xor ebx, eax
+        xor edx, edi
         ret
 

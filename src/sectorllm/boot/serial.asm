@@ -132,7 +132,7 @@ real_call:
         call si
 .protected:
         cli
-        lidt [idt_descriptor]
+        lidt [RUN_BLOCK + RB_IDT_DESCRIPTOR]
         mov ebp, cr0
         inc bp                          ; PE on
         mov cr0, ebp
@@ -161,10 +161,12 @@ say:    lodsb
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
-; say_decimal: EAX in decimal, shown (ECX = 10, EDI = show on return); print_number: the digits of EAX in base
-; ECX (2..16), most significant first, each given to the routine at EDI.
+; say_kib: EAX / 1024 in decimal; say_decimal: EAX in decimal; both shown (ECX = 10, EDI = show on return);
+; print_number: the digits of EAX in base ECX (2..16), most significant first, each given to the routine at EDI.
 ; Clobbers: EAX, EDX
 ; ---------------------------------------------------------------------------------------------------------------
+say_kib:
+        shr eax, 10
 say_decimal:
         push byte 10
         pop ecx
