@@ -114,7 +114,7 @@ def test_too_small_a_machine_says_what_it_needs(tmp_path, llama_tokenizer):
     assert result.status == Status.OUT_OF_MEMORY and not result.tokens
     needs = info.memory.memory_end // 1024
     found = result.log.split("found ")[1].split(" KiB")[0]
-    assert result.log == f"sectorllm: out of memory: needs {needs} KiB, found {found} KiB\n"
+    assert result.log == f"sectorllm: out of memory: needs {needs} KiB, found {found} KiB\r\n"
     assert 15 * 1024 < int(found) < 16 * 1024  # 16 MiB less what the BIOS keeps
 
 

@@ -242,7 +242,7 @@ def test_loader_refuses_a_machine_too_small_for_the_run(tmp_path, tok512):
     assert needs > 2 << 20  # 2 layers x 4 kv heads x 2048 positions x 72 bytes of cache
     result = emulator.emulate(image, memory_mib=2)
     assert result.status == Status.OUT_OF_MEMORY and not result.tokens
-    assert result.log == f"sectorllm: out of memory: needs {needs >> 10} KiB, found 2048 KiB\n"
+    assert result.log == f"sectorllm: out of memory: needs {needs >> 10} KiB, found 2048 KiB\r\n"
 
 
 def test_breakpoint_on_code_that_already_ran(stories, tmp_path):

@@ -269,12 +269,18 @@ def test_floppy_image_is_an_empty_fat12_floppy(tmp_path, blob):
 def test_assembly_constants_match_python(selftest_image):
     engine, boot_sector = selftest_image.engine.symbols, selftest_image.boot.symbols
     fields = ["MAGIC", "VERSION", "ENGINE_SECTORS", "MODEL_LBA", "MODEL_BYTES", "MEMORY_END", "STEPS",
-              "KERNEL_MACS", "INV_TEMPERATURE", "TOPP", "TOPK", "MINP", "SEED", "PASSES", "PROMPT_COUNT", "BUFFERS"]
+              "IDT_DESCRIPTOR", None, "KERNEL_DISP", "INV_TEMPERATURE", "TOPP", "TOPK", "MINP", "SEED", "PASSES",
+              "PROMPT_COUNT", "BUFFERS"]  # None: the IDT's base, the descriptor's second half
     codes = re.findall(r"\d*[A-Za-z]", img.RUN_BLOCK_FORMAT)
     for i, name in enumerate(fields):
-        assert engine[f"RB_{name}"] == struct.calcsize("<" + "".join(codes[:i])), name
+        if name is not None:
+            assert engine[f"RB_{name}"] == struct.calcsize("<" + "".join(codes[:i])), name
+    assert engine["RB_SETTINGS"] == engine["RB_INV_TEMPERATURE"]
     assert engine["RB_KV_BASE"] == engine["RB_BUFFERS"] + 4 * len(img.BUFFER_NAMES)
-    assert engine["RB_PROMPT_IDS"] == engine["RB_SETTINGS_END"] == img.RUN_BLOCK_HEADER
+    assert engine["RB_POS"] == engine["RB_KV_BASE"] + 24
+    assert engine["RB_SETTINGS_END"] == struct.calcsize(img.RUN_BLOCK_FORMAT)
+    assert engine["RB_IDT"] == img.RUN_BLOCK_IDT and engine["RUN_BLOCK"] == img.RUN_BLOCK
+    assert engine["RB_PROMPT_IDS"] == img.RUN_BLOCK_HEADER == img.RUN_BLOCK_IDT + 8 * engine["N_VECTORS"]
     assert boot_sector["RUN_MAGIC"].to_bytes(4, "little") == img.RUN_MAGIC
     for name in ("RUN_VERSION", "ENGINE_BASE", "MODEL_BASE", "SERIAL_RECORDS", "PARTITION_TABLE",
                  "XB_DISTANCE"):
@@ -406,8 +412,8 @@ def test_emulator_reports_a_model_too_large_for_memory(tmp_path):
     emulator = emulator_module()
     info = build_image(bytes(1536 * 1024), RunBlock(), tmp_path / "big.img", engine_defines=SELFTEST)
     result = emulator.emulate(info.path, memory_mib=2)
-    assert result.status == result.end_status == Status.OUT_OF_MEMORY  # the loader refused it, before loading
-    assert result.log == "sectorllm: out of memory: needs 2560 KiB, found 2048 KiB\n"
+    assert result.status == Status.OUT_OF_MEMORY and result.end_status is None  # refused before the handshake
+    assert result.log == "sectorllm: out of memory: needs 2560 KiB, found 2048 KiB\r\n"
 
 
 def test_emulator_reports_a_disk_error(selftest_image, tmp_path):
