@@ -208,7 +208,8 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict()))
     else:
         print(f"{result.model:<22} boot   {result.instructions_per_token:>12,.0f} instructions/token ({result.tokens} "
-              f"tokens greedy from BOS, unicorn)   engine {result.code_bytes:,} bytes")
+              f"tokens greedy from BOS, unicorn)   code: boot sector {result.boot_code_bytes} + engine "
+              f"{result.code_bytes:,} = {result.boot_code_bytes + result.code_bytes:,} bytes")
     return 0
 
 

@@ -251,6 +251,7 @@ class BootBench:
     tokens: int  # generated greedily from BOS
     instructions_per_token: float  # from the start of the first forward pass to the last token's record
     code_bytes: int  # the engine binary, from nasm's map file
+    boot_code_bytes: int  # the boot sector's code and messages (between its BPB area and its partition table)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -272,4 +273,5 @@ def bench_boot(model: str = BENCH_MODEL, tokens: int = BENCH_TOKENS) -> BootBenc
     if result.status != Status.OK or not result.token_instructions:
         raise BootError(f"the emulated engine failed (status {result.status}): {result.log.strip()[-300:]}")
     done = result.token_instructions[-1]
-    return BootBench(str(model), len(result.tokens), (done - start) / len(result.tokens), info.engine_bytes)
+    return BootBench(str(model), len(result.tokens), (done - start) / len(result.tokens), info.engine_bytes,
+                     info.boot_code_bytes)
