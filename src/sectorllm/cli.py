@@ -202,7 +202,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_bench_boot(args: argparse.Namespace) -> int:
     from .boot.session import bench_boot
 
-    result = bench_boot()
+    with _progress_if_slow("bench --boot: building the image and emulating its tokens under unicorn"):
+        result = bench_boot()
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
