@@ -213,9 +213,11 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
+    from .atomic import check_output
     from .boot.session import make_image, read_image
 
     _run_c_overrides(args)
+    check_output(args.output, [p for p in (args.checkpoint, args.tokenizer) if p])  # atomic.py's rules, first
     info = make_image(args.checkpoint, args.tokenizer, args.output, prompt=args.prompt or "", steps=args.steps,
                       temperature=args.temperature, topp=args.topp, topk=args.topk, minp=args.minp, seed=args.seed,
                       scheme=args.scheme)
@@ -227,6 +229,7 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
+    from .atomic import check_output
     from .boot.session import run_image
 
     out = sys.stdout.buffer
@@ -237,6 +240,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
             out.flush()
 
     screenshot = Path(args.screenshot) if args.screenshot else None
+    if screenshot is not None:
+        check_output(screenshot, [args.image])  # atomic.py's rules, before the boot
     run = run_image(args.image, timeout=args.timeout, cpu=args.cpu, screenshot=screenshot, on_token=show)
     result = run.result
     if args.json:
