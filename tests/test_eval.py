@@ -28,7 +28,8 @@ class _ScaledFloat:
 def test_metrics_of_an_engine_against_itself(stories260k):
     checkpoint = load_checkpoint(stories260k)
     tokens = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376]
-    stats = teacher_forced(reference_text(FloatEngine(checkpoint), tokens, 2, False), _ScaledFloat(FloatEngine(checkpoint)))
+    reference = reference_text(FloatEngine(checkpoint), tokens, 2, False)
+    stats = teacher_forced(reference, _ScaledFloat(FloatEngine(checkpoint)))
     assert stats.agree.size == len(tokens) - 1 - 2 and stats.agree.all()
     np.testing.assert_allclose(stats.kl, 0, atol=1e-9)
     np.testing.assert_allclose(stats.nll_float, stats.nll_fixed, rtol=1e-9)
