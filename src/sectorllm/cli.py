@@ -286,6 +286,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     prompts = BUILTIN_PROMPTS if args.prompts is None else _read_prompts(args.prompts)
     path = resolve_model(args.checkpoint)
+    if args.plot and args.ablate:
+        raise UsageError("--plot draws the evaluation of each scheme and --ablate prints a table instead: drop one")
     if args.plot:  # before the minutes of work, not after them
         require_matplotlib()
         check_output(args.plot, [path, *(p for p in (args.tokenizer, args.prompts) if p)])
