@@ -9,7 +9,9 @@ tok/s, medians of --repeats runs, and our engines' speed as a multiple of each l
 
 llama2.c's programs report "achieved tok/s" over all positions after the first. Decode: greedy from BOS for
 --decode steps. Prefill: a prompt of --prefill tokens and no generated token (-n prompt length): llama2.c has no
-batched prompt path, so this is its speed token by token; ours is one batched pass (sectorllm.bench).
+batched prompt path, so this is its speed token by token; ours is one batched pass (sectorllm.bench). Programs take
+turns, one run each per round, so that a busy machine's changing load falls on all of them alike; our engines run
+on one thread and on --threads.
 """
 
 from __future__ import annotations
@@ -28,9 +30,15 @@ from pathlib import Path
 
 import numba
 
-from sectorllm.bench import bench_model
+from sectorllm.api import checkpoint_tokenizer
+from sectorllm.bench import bench_engine
 from sectorllm.checkpoint import load_checkpoint, random_weights, write_checkpoint
 from sectorllm.config import STORIES_SHAPES, ModelConfig
+from sectorllm.engines.fixed import FixedEngine, FixedSampler, FixedSamplerConfig
+from sectorllm.engines.float32 import FloatEngine
+from sectorllm.quantize import quantize_model
+from sectorllm.sampling import Sampler, SamplerConfig
+from sectorllm.tokenizer import load_tokenizer
 
 BUILDS = {"-O3": ["-O3"], "-Ofast -march=native": ["-Ofast", "-march=native"],
           "-Ofast -march=native -fopenmp": ["-Ofast", "-march=native", "-fopenmp"]}
@@ -83,13 +91,14 @@ def achieved(binary: Path, model: Path, tokenizer: Path, steps: int, prompt: str
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run([str(binary), str(model), "-z", str(tokenizer), "-t", "0", "-n", str(steps), "-i", prompt],
                           capture_output=True, env=env, check=True)
-    return float(re.search(rb"achieved tok/s: ([0-9.]+)", proc.stderr).group(1))
+    found = re.search(rb"achieved tok/s: ([0-9.]+|inf)", proc.stderr)  # inf: under run.c's 1 ms clock tick
+    if found is None:
+        raise SystemExit(f"{binary.name} printed no 'achieved tok/s' (it reports none below 2 positions)")
+    return float(found.group(1))
 
 
 def prompt_of(tokenizer_path: Path, vocab_size: int, n_tokens: int) -> tuple[str, int]:
     """A prompt of about n_tokens tokens (BOS included) and its exact length."""
-    from sectorllm.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_path, vocab_size)
     text = PROMPT_WORD.strip()
     while len(tokenizer.encode(text + PROMPT_WORD)) <= n_tokens:
@@ -97,33 +106,46 @@ def prompt_of(tokenizer_path: Path, vocab_size: int, n_tokens: int) -> tuple[str
     return text, len(tokenizer.encode(text))
 
 
+def our_engines(float_path: Path, threads: int) -> dict[tuple[str, int], tuple]:
+    """(engine, threads) -> (engine, greedy sampler): float and fixed, on one thread and on `threads`."""
+    checkpoint = load_checkpoint(float_path)
+    packed = quantize_model(checkpoint, checkpoint_tokenizer(checkpoint, float_path))
+    engines = {}
+    for n in sorted({1, threads}):
+        engines["float", n] = FloatEngine(checkpoint, n), Sampler(SamplerConfig(temperature=0))
+        engines["fixed", n] = FixedEngine(packed, n), FixedSampler(FixedSamplerConfig(0), packed)
+    return engines
+
+
 def measure(shape: str, binaries: dict[str, Path], models_dir: Path, checkout: Path, out: Path,
             args: argparse.Namespace) -> list[Row]:
+    """Every program in turn, --repeats rounds: a machine whose load changes slows every program alike."""
     float_path, q8_path, tokenizer = write_models(shape, models_dir, checkout, out)
     config = load_checkpoint(float_path).config
     decode = min(args.decode, config.seq_len)
     prompt, prompt_tokens = prompt_of(tokenizer, config.vocab_size, min(args.prefill, config.seq_len - 1))
-    rows = []
-    for program, binary in binaries.items():
-        model = q8_path if program.startswith("runq") else float_path
-        for threads in ([args.threads] if "openmp" in program else [1]):
-            runs = [(achieved(binary, model, tokenizer, decode, "", threads),
-                     achieved(binary, model, tokenizer, prompt_tokens, prompt, threads))
-                    for _ in range(args.repeats)]
-            rows.append(Row(program, threads, statistics.median(d for d, _ in runs),
-                            statistics.median(p for _, p in runs)))
-            print(f"  {shape} {program} ({threads} thread{'s' * (threads > 1)}) done", file=sys.stderr, flush=True)
-    for engine in ("float", "fixed"):
-        runs = [bench_model(str(float_path), engine, decode, prompt_tokens, threads=args.threads)
-                for _ in range(args.repeats)]
-        rows.append(Row(f"sectorllm {engine}", args.threads,
-                        statistics.median(r.decode_tok_per_s for r in runs),
-                        statistics.median(r.prefill_tok_per_s for r in runs)))
-    return rows
+    programs = [(program, threads) for program in binaries for threads in
+                ([args.threads] if "openmp" in program else [1])]
+    ours = our_engines(float_path, args.threads)
+    runs: dict[tuple[str, int], list[tuple[float, float]]] = {key: [] for key in [*programs, *ours]}
+    for round_ in range(args.repeats):
+        for program, threads in programs:
+            model = q8_path if program.startswith("runq") else float_path
+            runs[program, threads].append((achieved(binaries[program], model, tokenizer, decode, "", threads),
+                                           achieved(binaries[program], model, tokenizer, prompt_tokens, prompt,
+                                                    threads)))
+        for (engine, threads), (instance, sampler) in ours.items():
+            result = bench_engine(instance, sampler, shape, engine, decode, prompt_tokens, repeats=1)
+            runs[engine, threads].append((result.decode_tok_per_s, result.prefill_tok_per_s))
+        print(f"  {shape}: round {round_ + 1} of {args.repeats} done", file=sys.stderr, flush=True)
+    return [Row(program if program in binaries else f"sectorllm {program}", threads,
+                statistics.median(d for d, _ in results), statistics.median(p for _, p in results))
+            for (program, threads), results in runs.items()]
 
 
-def table(shape: str, rows: list[Row]) -> str:
-    ours = {r.program: r for r in rows if r.program.startswith("sectorllm")}
+def table(shape: str, rows: list[Row], threads: int) -> str:
+    """Markdown; the x columns are our engines' decode speed (on `threads`) over each row's."""
+    ours = {r.program: r for r in rows if r.program.startswith("sectorllm") and r.threads == threads}
     lines = [f"### {shape}", "",
              "| program | threads | decode tok/s | prefill tok/s | float decode x | fixed decode x |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -140,8 +162,8 @@ def main() -> None:
                         choices=["stories260K", *STORIES_SHAPES])
     parser.add_argument("--models", type=Path, default=Path(os.environ.get("SECTORLLM_MODELS", "../shared/models")),
                         help="folder with stories260K.bin and tok512.bin (default $SECTORLLM_MODELS)")
-    parser.add_argument("--decode", type=int, default=128, help="decode steps (default 128)")
-    parser.add_argument("--prefill", type=int, default=128, help="prompt tokens (default 128)")
+    parser.add_argument("--decode", type=int, default=256, help="decode steps (default 256)")
+    parser.add_argument("--prefill", type=int, default=200, help="prompt tokens (default 200)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per program, the median is shown (default 3)")
     parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
                         help="threads for OpenMP builds and our engines (default: all cores)")
@@ -149,8 +171,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sectorllm-bench-") as scratch:
         out = Path(scratch)
         binaries = build(args.llama2c.resolve(), out)
-        tables = [table(shape, measure(shape, binaries, args.models, args.llama2c.resolve(), out, args))
-                  for shape in args.shapes]
+        tables = [table(shape, measure(shape, binaries, args.models, args.llama2c.resolve(), out, args),
+                        args.threads) for shape in args.shapes]
     print("\n\n".join(tables))
 
 

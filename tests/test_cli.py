@@ -103,3 +103,7 @@ def test_bench_sizes_below_one_are_one_line(stories260k, flags):
 
 def test_eval_positions_below_one_is_one_line(stories260k):
     _assert_one_line_error(run_cli("eval", str(stories260k), "--positions", "0"), "--positions")
+
+
+def test_eval_plot_with_ablate_is_one_line(stories260k, tmp_path):
+    _assert_one_line_error(run_cli("eval", str(stories260k), "--ablate", "--plot", str(tmp_path / "p.png")), "--ablate")

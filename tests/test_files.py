@@ -115,3 +115,15 @@ def test_plot_draws_every_scheme(tmp_path, stories260k, tok512):
                    "--scheme", "row", "--scheme", "tensor", "--plot", str(png))
     assert proc.returncode == 0, proc.stderr.decode()
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_image_follows_the_same_rules(tmp_path, stories260k, tok512):
+    """One rule for missing folders in every command: image refuses them too, and never writes over its input."""
+    _one_line(run_cli("image", str(stories260k), "-z", str(tok512), "-o", str(tmp_path / "no" / "boot.img")),
+              "does not exist")
+    assert not (tmp_path / "no").exists()
+    model = tmp_path / "model.bin"
+    model.write_bytes(stories260k.read_bytes())
+    _one_line(run_cli("image", str(model), "-z", str(tok512), "-o", str(model)), "one of this command's inputs")
+    assert model.read_bytes() == stories260k.read_bytes()
+    _one_line(run_cli("boot", str(model), "--screenshot", str(model)), "one of this command's inputs")

@@ -19,7 +19,8 @@ from sectorllm.tokenizer import BOS, Tokenizer, load_tokenizer
 
 from .conftest import make_checkpoint
 
-GREEDY_TOKENS = 200
+GREEDY_TOKENS = 300
+NEAR_TIE = 0.01  # a float top-two logit gap that int8 weights' logit errors (~0.01-0.05) may flip either way
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,17 @@ def _greedy(engine, n: int) -> list[int]:
     return tokens[1:]
 
 
-def test_greedy_from_bos_matches_the_float_engine(stories):
+def test_greedy_from_bos_matches_the_float_engine_up_to_its_first_near_tie(stories):
     checkpoint, packed = stories
-    assert _greedy(FixedEngine(packed), GREEDY_TOKENS) == _greedy(FloatEngine(checkpoint), GREEDY_TOKENS)
+    engine, want, gaps = FloatEngine(checkpoint), [BOS], []
+    for pos in range(GREEDY_TOKENS):
+        logits = engine.forward(want[-1], pos).astype(np.float64)
+        top2 = np.sort(logits)[-2:]
+        gaps.append(top2[1] - top2[0])
+        want.append(int(np.argmax(logits)))
+    safe = int(np.argmax(np.array(gaps) < NEAR_TIE))  # stories260K: token 185 (gap 0.004)
+    assert safe >= 150
+    assert _greedy(FixedEngine(packed), safe) == want[1:safe + 1]
 
 
 def test_teacher_forced_logits_track_the_float_engine(stories):

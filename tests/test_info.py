@@ -44,7 +44,7 @@ def test_packed_model(tmp_path, stories260k, tok512):
     assert run_cli("quantize", str(stories260k), "-z", str(tok512), "-o", str(packed)).returncode == 0
     rows = _rows(str(packed))
     data = packed.read_bytes()
-    assert rows["kind"].startswith("sectorllm packed integer model") and rows["scheme"].startswith("row")
+    assert rows["kind"].startswith("sectorllm packed integer model") and rows["scheme"].startswith("calibrated")
     assert rows["crc32"].startswith(f"{zlib.crc32(data[16:]):08x}")  # docs/format.md: the CRC covers bytes 16..
     assert rows["sections"].startswith("24: TOKEN_EMBEDDING_Q")
     damaged = bytearray(data)

@@ -47,7 +47,7 @@ def test_row_scheme_rounds_each_weight_to_half_a_step(tokenizer):
 
 def test_fused_matrices_hold_the_checkpoint_rows(tokenizer):
     ckpt = _checkpoint()
-    model, _ = quantize(ckpt, tokenizer)
+    model, _ = quantize(ckpt, tokenizer, "row")
     c, w = SMALL, ckpt.weights
     qkv, w13 = dequantize(model.wqkv), dequantize(model.w13)
     tol = 1.0 / 127  # relative to each row's absmax

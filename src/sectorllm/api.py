@@ -16,7 +16,7 @@ from .engines.float32 import FloatEngine
 from .errors import UsageError
 from .generate import Generation, TokenSampler
 from .hub import resolve_model, resolve_tokenizer
-from .packed import PackedModel, is_packed, read_packed
+from .packed import DEFAULT_SCHEME, PackedModel, is_packed, read_packed
 from .quantize import quantize_model
 from .sampling import Sampler, SamplerConfig
 from .tokenizer import Tokenizer, load_tokenizer
@@ -61,7 +61,7 @@ class Model:
 
 
 def load(model: str | os.PathLike = "stories260K", tokenizer: str | os.PathLike | None = None,
-         engine: str | None = None, scheme: str = "row", download: bool = True, threads: int = 0) -> Model:
+         engine: str | None = None, scheme: str = DEFAULT_SCHEME, download: bool = True, threads: int = 0) -> Model:
     """Load a llama2.c checkpoint (a path or a name such as "stories15M") or a packed .sllm file.
 
     engine: "float" (the default for checkpoints) or "fixed" (the default, and the only choice, for packed files;
@@ -80,7 +80,7 @@ def load(model: str | os.PathLike = "stories260K", tokenizer: str | os.PathLike 
                  FloatEngine(checkpoint, threads), path)
 
 
-def load_packed(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, scheme: str = "row",
+def load_packed(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, scheme: str = DEFAULT_SCHEME,
                 download: bool = True) -> PackedModel:
     """The integer model: a packed .sllm file as it is, or a checkpoint quantized in memory with `scheme`."""
     path = resolve_model(str(model), download=download)

@@ -203,7 +203,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_bench_boot(args: argparse.Namespace) -> int:
     from .boot.session import bench_boot
 
-    result = bench_boot()
+    with _progress_if_slow("bench --boot: building the image and emulating its tokens under unicorn"):
+        result = bench_boot()
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -214,9 +215,11 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
+    from .atomic import check_output
     from .boot.session import make_image, read_image
 
     _run_c_overrides(args)
+    check_output(args.output, [p for p in (args.checkpoint, args.tokenizer) if p])  # atomic.py's rules, first
     info = make_image(args.checkpoint, args.tokenizer, args.output, prompt=args.prompt or "", steps=args.steps,
                       temperature=args.temperature, topp=args.topp, topk=args.topk, minp=args.minp, seed=args.seed,
                       scheme=args.scheme, floppy=args.floppy, listing_dir=args.listing)
@@ -230,6 +233,7 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
+    from .atomic import check_output
     from .boot.session import run_image
 
     out = sys.stdout.buffer
@@ -240,6 +244,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
             out.flush()
 
     screenshot = Path(args.screenshot) if args.screenshot else None
+    if screenshot is not None:
+        check_output(screenshot, [args.image])  # atomic.py's rules, before the boot
     run = run_image(args.image, timeout=args.timeout, machine=_machine(args), screenshot=screenshot, on_token=show)
     result = run.result
     if args.json:
@@ -280,16 +286,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .evaluate import BUILTIN_PROMPTS, ablate, ablations, evaluate, plot_reports, require_matplotlib
     from .hub import resolve_model
+    from .packed import DEFAULT_SCHEME
 
     prompts = BUILTIN_PROMPTS if args.prompts is None else _read_prompts(args.prompts)
     path = resolve_model(args.checkpoint)
+    if args.plot and args.ablate:
+        raise UsageError("--plot draws the evaluation of each scheme and --ablate prints a table instead: drop one")
     if args.plot:  # before the minutes of work, not after them
         require_matplotlib()
         check_output(args.plot, [path, *(p for p in (args.tokenizer, args.prompts) if p)])
     checkpoint = load_checkpoint(path)
     tokenizer = checkpoint_tokenizer(checkpoint, path, args.tokenizer)
     if args.ablate:
-        scheme = (args.scheme or ["row"])[0]
+        scheme = (args.scheme or [DEFAULT_SCHEME])[0]
         with tqdm(total=len(ablations()), desc=f"ablate {scheme}", unit="row", disable=args.json or None,
                   file=sys.stderr) as bar:
             rows = ablate(checkpoint, tokenizer, scheme, prompts, args.positions, progress=bar.update)
@@ -302,7 +311,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   f"{r.greedy_prefix_mean:>13.1f}")
         return 0
     reports = []
-    for scheme in args.scheme or ["row"]:
+    for scheme in args.scheme or [DEFAULT_SCHEME]:
         with tqdm(total=len(prompts), desc=f"eval {scheme}", unit="prompt", disable=args.json or None,
                   file=sys.stderr) as bar:
             reports.append(evaluate(checkpoint, tokenizer, scheme, prompts, args.positions, progress=bar.update))
@@ -312,12 +321,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         payloads = [r.as_dict() for r in reports]
         print(json.dumps(payloads[0] if len(payloads) == 1 else payloads))
         return 0
-    print(f"{'scheme':<8}{'top-1 agree':>12}{'mean KL':>10}{'greedy BOS':>12}{'greedy mean':>13}"
-          f"{'ppl float':>11}{'ppl fixed':>11}{'packed bytes':>14}{'of float':>10}")
+    print(f"{'scheme':<11}{'top-1 agree':>12}{'mean KL':>10}{'greedy BOS':>12}{'greedy mean':>13}"
+          f"{'ppl float':>11}{'ppl fixed':>11}{'packed bytes':>14}{'of float':>10}{'calib top-1':>13}{'calib KL':>10}")
     for r in reports:
-        print(f"{r.scheme:<8}{r.top1_agreement:>12.2%}{r.mean_kl:>10.4f}{r.greedy_prefix_bos:>8}/{r.greedy_tokens_bos:<3}"
+        print(f"{r.scheme:<11}{r.top1_agreement:>12.2%}{r.mean_kl:>10.5f}"
+              f"{r.greedy_prefix_bos:>8}/{r.greedy_tokens_bos:<3}"
               f"{r.greedy_prefix_mean:>13.1f}{r.ppl_float:>11.3f}{r.ppl_fixed:>11.3f}{r.packed_bytes:>14,}"
-              f"{r.packed_bytes / r.float_bytes:>10.1%}")
+              f"{r.packed_bytes / r.float_bytes:>10.1%}{r.calibration_top1_agreement:>13.2%}"
+              f"{r.calibration_mean_kl:>10.5f}")
     if args.plot:
         print(f"plot: {args.plot}")
     return 0
@@ -342,7 +353,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generation_flags(parser: argparse.ArgumentParser, schemes: tuple[str, ...]) -> None:
+def _add_generation_flags(parser: argparse.ArgumentParser, schemes: tuple[str, ...], default_scheme: str) -> None:
     """run.c's flags (-z -t -p -s -n -i), our -k and --minp, and the quantization scheme: for run and image."""
     parser.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
     parser.add_argument("-t", "--temperature", type=_number(float), default=1.0,
@@ -361,7 +372,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser, schemes: tuple[str, .
                         help="forward passes, prompt included; 0 or more than the context = the whole context; "
                              "negative becomes 0, as in run.c (default 256)")
     parser.add_argument("-i", "--prompt", help="prompt text (default: start from BOS)")
-    parser.add_argument("--scheme", default="row", choices=schemes,
+    parser.add_argument("--scheme", default=default_scheme, choices=schemes,
                         help="quantization scheme when a checkpoint is quantized (fixed and boot engines)")
 
 
@@ -400,7 +411,7 @@ def _machine(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .packed import SCHEMES
+    from .packed import DEFAULT_SCHEME, SCHEMES
 
     parser = _Parser(prog="sectorllm", description="Tiny Llama 2 inference: float engine, integer engine, boot image.")
     parser.add_argument("--version", action="version", version=f"sectorllm {__version__}")
@@ -412,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("checkpoint", nargs="?", default=DEFAULT_MODEL,
                      help=f"checkpoint path or model name (stories260K, stories15M, stories42M, stories110M; "
                           f"default {DEFAULT_MODEL})")
-    _add_generation_flags(run, SCHEMES)
+    _add_generation_flags(run, SCHEMES, DEFAULT_SCHEME)
     run.add_argument("-m", "--mode", choices=["generate", "chat"], default="generate",
                      help="generate (default) or chat: run.c's chat mode, Llama 2 [INST] turns read from stdin; "
                           "-i is the first user turn, -y the system prompt")
@@ -460,10 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(USB stick, any disk) or a 1.44 MB floppy. Flags are run's.")
     image.add_argument("checkpoint", help="checkpoint path or model name, or a packed .sllm file")
     image.add_argument("-o", "--output", required=True, help="image file to write (e.g. boot.img)")
-    image.add_argument("--floppy", action="store_true",
-                       help="a 1.44 MB floppy image (an empty FAT12 volume around the payload), for models that fit")
-    image.add_argument("--listing", metavar="DIR", help="keep nasm's listings and map files in DIR")
-    _add_generation_flags(image, SCHEMES)
+    if screenshot is not None:
+        check_output(screenshot, [args.image])  # atomic.py's rules, before the boot
+    run = run_image(args.image, timeout=args.timeout, machine=_machine(args), screenshot=screenshot, on_token=show)
     image.set_defaults(func=cmd_image)
 
     boot = sub.add_parser("boot", help="boot an image in QEMU and stream the text it tells",
@@ -482,8 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("checkpoint", help="checkpoint path or model name")
     quant.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
     quant.add_argument("-o", "--output", required=True, help="packed file to write (e.g. stories260K.sllm)")
-    quant.add_argument("--scheme", default="row", choices=SCHEMES,
-                       help="row: one int8 scale per output row (default); tensor: one per tensor, as the original")
+    quant.add_argument("--scheme", default=DEFAULT_SCHEME, choices=SCHEMES,
+                       help="calibrated (default): one int8 scale per output row, values rounded for each row's output "
+                            "on the float model's own stories; row: the same scales rounded to nearest; tensor: one "
+                            "scale per tensor, as the original")
     quant.set_defaults(func=cmd_quantize)
 
     ev = sub.add_parser("eval", help="precision of the fixed-point engine against the float engine",
@@ -492,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "perplexity of both engines on the same texts.")
     ev.add_argument("checkpoint", nargs="?", default=DEFAULT_MODEL, help="checkpoint path or model name")
     ev.add_argument("-z", "--tokenizer", help="tokenizer .bin (default: the one that matches the model)")
-    ev.add_argument("--scheme", action="append", choices=SCHEMES, help="scheme(s) to compare (repeatable; default row)")
+    ev.add_argument("--scheme", action="append", choices=SCHEMES,
+                    help=f"scheme(s) to compare (repeatable; default {DEFAULT_SCHEME})")
     ev.add_argument("--prompts", help="text file, one prompt per line (default: 50 built-in story openings)")
     ev.add_argument("--positions", type=_number(int, 1), default=128,
                     help="positions scored after each prompt, 1 or more (default 128)")

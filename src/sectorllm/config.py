@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from .errors import CheckpointError
 
+RMS_EPS = 1e-5  # llama2.c's RMSNorm epsilon (run.c hard-codes it)
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -89,7 +89,8 @@ def _packed_rows(data: bytes, name: str) -> Rows:
 def describe_packed(path: Path) -> Rows:
     model = read_packed(path)
     data = path.read_bytes()
-    scales = "one scale per row" if model.quant.scheme == "row" else "one scale per tensor"
+    scales = {"tensor": "one scale per tensor", "row": "one scale per row, rounded to nearest",
+              "calibrated": "one scale per row, rounded for each row's output on calibration text"}[model.quant.scheme]
     rows: Rows = [("file", path), ("kind", f"sectorllm packed integer model (.sllm, version {PACKED_VERSION})"),
                   ("scheme", f"{model.quant.scheme} (int8 weights, {scales})")]
     rows += _shape(model.config)

@@ -10,13 +10,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .atomic import write_atomically
+from .calibrate import calibration_texts
 from .checkpoint import Checkpoint
 from .engines import Engine
 from .engines.fixed import FixedEngine
 from .engines.float32 import FloatEngine
 from .engines.simulate import STEPS, SimulatedEngine
 from .errors import UsageError
-from .packed import packed_bytes
+from .generate import continuation
+from .packed import DEFAULT_SCHEME, packed_bytes
 from .quantize import quantize_model
 from .sampling import Sampler, SamplerConfig
 from .tokenizer import Tokenizer
@@ -59,6 +61,8 @@ class EvalReport:
     ppl_fixed: float
     packed_bytes: int
     float_bytes: int
+    calibration_top1_agreement: float  # the same, teacher-forced on the quantizer's calibration stories (in-sample)
+    calibration_mean_kl: float
     agreement_by_position: list[float] = field(repr=False)  # index: position after the prompt
     kl_by_position: list[float] = field(repr=False)
 
@@ -102,17 +106,6 @@ def teacher_forced(text: Text, engine: Engine) -> PositionStats:
                          -log_p[rows, following], -log_q[rows, following])
 
 
-def float_continuation(engine: Engine, prompt: list[int], n: int, sampler: Sampler) -> list[int]:
-    """The prompt followed by n tokens the float engine chooses (never stopping at BOS/EOS)."""
-    tokens = list(prompt)
-    logits = engine.prefill(tokens)
-    for _ in range(n):
-        tokens.append(sampler.sample(logits))
-        if len(tokens) < n + len(prompt):
-            logits = engine.forward(tokens[-1], len(tokens) - 1)
-    return tokens
-
-
 def first_difference(agree: np.ndarray) -> int:
     misses = np.flatnonzero(~agree)
     return int(misses[0]) if misses.size else int(agree.size)
@@ -129,7 +122,7 @@ def eval_texts(checkpoint: Checkpoint, tokenizer: Tokenizer, prompts: Sequence[s
         raise UsageError(f"positions {positions} must be at least 1")
     engine = FloatEngine(checkpoint)
     greedy_bos = seq_len - 1 if greedy_bos is None else min(greedy_bos, seq_len - 1)  # default: the whole context
-    bos = reference_text(engine, float_continuation(engine, [1], greedy_bos, Sampler(SamplerConfig(temperature=0))),
+    bos = reference_text(engine, continuation(engine, [1], greedy_bos, Sampler(SamplerConfig(temperature=0))),
                          0, True)
     texts = []
     for i, prompt in enumerate(prompts):
@@ -139,7 +132,7 @@ def eval_texts(checkpoint: Checkpoint, tokenizer: Tokenizer, prompts: Sequence[s
             raise UsageError(f"prompt {i + 1} is {len(prompt_tokens)} tokens: it leaves no room in the "
                              f"{seq_len}-token context; shorten it")
         for config in (SamplerConfig(temperature=0), SamplerConfig(temperature=1.0, topp=0.9, seed=i + 1)):
-            tokens = float_continuation(engine, prompt_tokens, n, Sampler(config))
+            tokens = continuation(engine, prompt_tokens, n, Sampler(config))
             texts.append(reference_text(engine, tokens, len(prompt_tokens) - 1, config.temperature == 0))
         if progress is not None:
             progress(1)
@@ -157,13 +150,18 @@ def score(engine: Engine, bos: Text, texts: Sequence[Text]) -> tuple[int, list[P
     return first_difference(teacher_forced(bos, engine).agree), runs, prefixes
 
 
-def evaluate(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row",
+def evaluate(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = DEFAULT_SCHEME,
              prompts: Sequence[str] = BUILTIN_PROMPTS, positions: int = 128, greedy_bos: int | None = None,
              progress: Callable[[int], None] | None = None) -> EvalReport:
-    """Score the fixed engine on each prompt's float greedy continuation and on a sampled one (seeded per prompt)."""
+    """Score the fixed engine on each prompt's float greedy continuation and on a sampled one (seeded per prompt),
+    and on the calibration stories the quantizer tuned on (from BOS, other seeds: disjoint from the prompts' texts)."""
     bos, texts = eval_texts(checkpoint, tokenizer, prompts, positions, greedy_bos, progress)
     packed = quantize_model(checkpoint, tokenizer, scheme)
-    prefix_bos, runs, prefixes = score(FixedEngine(packed), bos, texts)
+    engine = FixedEngine(packed)
+    prefix_bos, runs, prefixes = score(engine, bos, texts)
+    float_engine = FloatEngine(checkpoint)
+    calibration = [teacher_forced(reference_text(float_engine, tokens, 0, False), engine)
+                   for tokens in calibration_texts(checkpoint)]
     agree = np.concatenate([r.agree for r in runs])
     kl = np.concatenate([r.kl for r in runs])
     width = max(r.agree.size for r in runs)
@@ -176,6 +174,8 @@ def evaluate(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row",
         ppl_float=float(np.exp(np.concatenate([r.nll_float for r in runs]).mean())),
         ppl_fixed=float(np.exp(np.concatenate([r.nll_fixed for r in runs]).mean())),
         packed_bytes=packed_bytes(packed), float_bytes=checkpoint.file_bytes,
+        calibration_top1_agreement=float(np.concatenate([r.agree for r in calibration]).mean()),
+        calibration_mean_kl=float(np.concatenate([r.kl for r in calibration]).mean()),
         agreement_by_position=[float(np.mean([r.agree[j] for r in rs])) for j, rs in enumerate(by_position)],
         kl_by_position=[float(np.mean([r.kl[j] for r in rs])) for j, rs in enumerate(by_position)],
     )
@@ -209,7 +209,7 @@ def ablations() -> list[tuple[str, frozenset[str]]]:
     return rows
 
 
-def ablate(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row",
+def ablate(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = DEFAULT_SCHEME,
            prompts: Sequence[str] = BUILTIN_PROMPTS, positions: int = 128, greedy_bos: int | None = None,
            rows: Sequence[tuple[str, frozenset[str]]] | None = None,
            progress: Callable[[int], None] | None = None) -> list[AblationRow]:
@@ -221,7 +221,8 @@ def ablate(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row",
         prefix_bos, runs, prefixes = score(SimulatedEngine(checkpoint, packed, exact), bos, texts)
         report.append(AblationRow(label, tuple(s for s in STEPS if s in exact),
                                   float(np.concatenate([r.agree for r in runs]).mean()),
-                                  float(np.concatenate([r.kl for r in runs]).mean()), prefix_bos, float(np.mean(prefixes))))
+                                  float(np.concatenate([r.kl for r in runs]).mean()), prefix_bos,
+                                  float(np.mean(prefixes))))
         if progress is not None:
             progress(1)
     return report

@@ -67,6 +67,17 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, seq_len: int) -> list[int]:
     return tokens
 
 
+def continuation(engine: Engine, prompt: list[int], n: int, sampler: TokenSampler) -> list[int]:
+    """The prompt followed by n tokens the engine chooses, never stopping at BOS/EOS (texts to measure on)."""
+    tokens = list(prompt)
+    logits = engine.prefill(tokens)
+    for _ in range(n):
+        tokens.append(sampler.sample(logits))
+        if len(tokens) < n + len(prompt):
+            logits = engine.forward(tokens[-1], len(tokens) - 1)
+    return tokens
+
+
 class StreamedGeneration:
     """A run that streams Tokens when iterated and sets `_result` at the end; `result` finishes it if need be."""
 

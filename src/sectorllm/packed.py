@@ -25,7 +25,8 @@ HEADER = struct.Struct("<4s3I 8I 9I i I 2I 3I 16x")  # 128 bytes, see docs/forma
 ENTRY = struct.Struct("<4I")  # kind, offset, length, param: one paragraph per section
 CRC_FIELD = 12  # the header's crc32
 CRC_START = 16  # the CRC covers everything after magic, version, file_bytes and the CRC itself
-SCHEMES = ("tensor", "row")  # stored as the index into this tuple
+SCHEMES = ("tensor", "row", "calibrated")  # stored as the index into this tuple
+DEFAULT_SCHEME = "calibrated"
 MAX_FILE_BYTES = 0xFFFFFFFF  # offsets are u32 from the start of the file
 MAX_VOCAB = 0xFFFF  # the sampler sums vocab_size Q16 exp values (each <= 2**16) in 32 bits
 
@@ -63,7 +64,7 @@ class Section(IntEnum):
 class QuantParams:
     """The integer formats the engine needs besides the model's shape (docs/arithmetic.md gives their use)."""
 
-    scheme: str  # "row" or "tensor": how the weight scales were chosen; the engine treats both alike
+    scheme: str  # one of SCHEMES: how the weights were rounded; the engine treats all alike
     act_bits_dim: int  # matmul inputs of width dim are shifted down to at most this many magnitude bits
     act_bits_hidden: int  # the same for the w2 input (width hidden_dim)
     act_bits_head: int  # the same for each query head before q.k

@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .calibrate import GRAM_INPUTS, calibration_texts, input_grams
 from .checkpoint import Checkpoint
-from .config import ModelConfig
+from .config import RMS_EPS, ModelConfig
 from .engines.fixed import KEY_SHIFT
 from .engines.float32 import rope_tables
 from .errors import QuantizeError
-from .packed import SCHEMES, PackedModel, QuantizedMatrix, QuantParams, check_shape, dequantize, packed_bytes
+from .packed import (DEFAULT_SCHEME, SCHEMES, PackedModel, QuantizedMatrix, QuantParams, check_shape, dequantize,
+                     packed_bytes)
 from .tokenizer import Tokenizer
 
 Q = 127  # int8 weights are symmetric: -127..127, never -128
@@ -20,7 +22,6 @@ ROPE_SHIFT = 14  # Q14 holds +1.0 exactly in an int16
 EXP_SHIFT = 10  # exp table step 2**10 / 65536 = 1/64, linearly interpolated
 SILU_SHIFT = 10  # SiLU table step 1/64, linearly interpolated
 SILU_RANGE = 12  # the SiLU table covers [-12, 12): outside, silu(x) is 0 or x within 1e-4
-RMS_EPS = 1e-5  # llama2.c's RMSNorm epsilon
 KEY_MAX = (1 << KEY_SHIFT) - 1  # cached keys are int16
 
 
@@ -59,6 +60,42 @@ def act_bits(n: int, other: int = Q) -> int:
     return bits
 
 
+def round_to_inputs(w: np.ndarray, step: np.ndarray, gram: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """int8 values q for the rows of w (rows, n) at steps step (rows,) that keep each row's output error
+    (q * step - w) . x small for inputs x of mean x x^T = gram, rather than each weight's own error.
+
+    GPTQ's order: columns by decreasing input power, each rounded to nearest and its error pushed onto the
+    columns not yet rounded through the Cholesky factor of the inverse Gram matrix (damped by `damp` times its
+    mean diagonal). Then coordinate descent: any single +-1 change that lowers a row's error is taken.
+    """
+    n = w.shape[1]
+    order = np.argsort(-np.diag(gram), kind="stable")
+    h = gram[np.ix_(order, order)]
+    h = h + damp * max(float(np.mean(np.diag(h))), 1e-30) * np.eye(n)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: inv(h) = u.T @ u
+    rest = w[:, order].astype(np.float64)
+    q = np.zeros_like(rest)
+    for j in range(n):
+        q[:, j] = np.clip(np.round(rest[:, j] / step), -Q, Q)
+        err = (rest[:, j] - q[:, j] * step) / u[j, j]
+        rest[:, j + 1:] -= np.outer(err, u[j, j + 1:])
+    q = q[:, np.argsort(order)]
+    gram_r = ((q * step[:, None] - w) @ gram)  # the gradient of each row's error / 2, kept up to date
+    for _ in range(8):
+        changed = False
+        for j in range(n):
+            for sign in (1.0, -1.0):
+                gain = step * step * gram[j, j] + 2 * sign * step * gram_r[:, j]  # the row's error change
+                better = (gain < 0) & (np.abs(q[:, j] + sign) <= Q)
+                if better.any():
+                    q[better, j] += sign
+                    gram_r += np.where(better, sign * step, 0.0)[:, None] * gram[j][None, :]
+                    changed = True
+        if not changed:
+            break
+    return q
+
+
 def quantize_matrix(name: str, w: np.ndarray, scales: np.ndarray, min_shift: int) -> QuantizedMatrix:
     """int8 values for rows w[..., i, :] with real scales[..., i]; the scale mantissas share one shift <= 31."""
     top = float(scales.max())
@@ -75,9 +112,20 @@ def quantize_matrix(name: str, w: np.ndarray, scales: np.ndarray, min_shift: int
     return QuantizedMatrix(q.astype(np.int8), s.astype(np.int32), shift)
 
 
+def calibrate_matrix(name: str, m: QuantizedMatrix, w: np.ndarray, gram: np.ndarray) -> QuantizedMatrix:
+    """m's rows (n_layers, rows, n) rounded again, at the same scales, by round_to_inputs on each layer's gram."""
+    if not np.all(np.isfinite(gram)):
+        raise QuantizeError(f"{name}: the float model's activations overflow on its own calibration stories: "
+                            "quantize with --scheme row")
+    step = m.s.astype(np.float64) / 2.0 ** m.shift
+    step = np.where(step == 0, 1.0, step)  # all-zero rows stay zero
+    q = np.stack([round_to_inputs(w[l], step[l], gram[l]) for l in range(w.shape[0])])
+    return QuantizedMatrix(q.astype(np.int8), m.s, m.shift)
+
+
 def _row_scales(w: np.ndarray, scheme: str) -> np.ndarray:
-    """absmax / 127 of each row ("row") or of the whole tensor, across layers ("tensor")."""
-    if scheme == "row":
+    """absmax / 127 of each row ("row", "calibrated") or of the whole tensor, across layers ("tensor")."""
+    if scheme != "tensor":
         return np.abs(w).max(axis=-1) / Q
     return np.full(w.shape[:-1], np.abs(w).max() / Q)
 
@@ -122,14 +170,18 @@ def _report(name: str, w: np.ndarray, deq: np.ndarray, nbytes: int | None = None
     return TensorReport(name, int(w.size), nbytes, float(np.abs(err).max()), rel)
 
 
-def quantize(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row") -> tuple[PackedModel, QuantReport]:
+def quantize(checkpoint: Checkpoint, tokenizer: Tokenizer,
+             scheme: str = DEFAULT_SCHEME) -> tuple[PackedModel, QuantReport]:
     """quantize_model, with the report of what it cost in precision and bytes (sectorllm quantize prints it)."""
     model = quantize_model(checkpoint, tokenizer, scheme)
     return model, QuantReport(scheme, _tensor_reports(checkpoint, model), checkpoint.file_bytes, packed_bytes(model))
 
 
-def quantize_model(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "row") -> PackedModel:
-    """Quantize a float checkpoint to the packed format; refuses (QuantizeError) what it cannot hold."""
+def quantize_model(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = DEFAULT_SCHEME) -> PackedModel:
+    """Quantize a float checkpoint to the packed format; refuses (QuantizeError) what it cannot hold.
+
+    Scheme "calibrated" rounds wqkv, wo, w13 and w2 for their outputs on the float model's own stories
+    (calibrate.py); the embedding and the classifier (its residual holds ~15 bits) are rounded to nearest."""
     if scheme not in SCHEMES:
         raise QuantizeError(f"unknown quantization scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
     c, w = checkpoint.config, checkpoint.weights
@@ -160,6 +212,10 @@ def quantize_model(checkpoint: Checkpoint, tokenizer: Tokenizer, scheme: str = "
     if not c.shared_classifier:
         fused["wcls"] = (tensors["wcls"], scales["wcls"], min_dim)
     matrices = {name: quantize_matrix(name, *args) for name, args in fused.items()}
+    if scheme == "calibrated":  # after every range check: the float model then runs on weights that fit
+        grams = input_grams(checkpoint, calibration_texts(checkpoint))
+        for name in GRAM_INPUTS:
+            matrices[name] = calibrate_matrix(name, matrices[name], fused[name][0], grams[name])
     matrices.setdefault("wcls", matrices["token_embedding"])
     # int8 logits flip near-ties (greedy from BOS parts from float at token 61 with any int8 classifier, at 235
     # with a float one): a second int8 matrix holding the rounding error gives the classifier ~15 bits

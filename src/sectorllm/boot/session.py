@@ -19,7 +19,7 @@ from ..engines.fixed import FixedSamplerConfig
 from ..errors import BootError, UsageError
 from ..generate import (GenerationResult, StreamedGeneration, Token as TextToken, check_steps, encode_prompt,
                         step_budget)
-from ..packed import HEADER, MAGIC, PackedModel, header_config, pack
+from ..packed import DEFAULT_SCHEME, HEADER, MAGIC, PackedModel, header_config, pack
 from ..sampling import SamplerConfig
 from ..tokenizer import BOS, EOS
 from .image import (ADDRESSABLE_TOP, FLOPPY_PAYLOAD_LBA, MAX_PROMPT_TOKENS, SECTOR, DiskLayout, ImageInfo,
@@ -38,7 +38,7 @@ def memory_mib(end: int) -> int:
 
 
 def packed_model(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                 scheme: str = "row") -> tuple[bytes, PackedModel]:
+                 scheme: str = DEFAULT_SCHEME) -> tuple[bytes, PackedModel]:
     """A packed .sllm file as it is, or a checkpoint (path or name) quantized with its tokenizer: bytes and model.
 
     Refuses (BootError) a model whose weights, buffers and KV cache would run past what the engine can address.
@@ -66,7 +66,7 @@ def run_block(packed: PackedModel, prompt: str, steps: int, sampler: SamplerConf
 
 def make_image(model: str | os.PathLike, tokenizer: str | os.PathLike | None, output: str | os.PathLike, *,
                prompt: str = "", steps: int = 256, temperature: float = 1.0, topp: float = 0.9, topk: int = 0,
-               minp: float = 0.0, seed: int = 0, scheme: str = "row", floppy: bool = False,
+               minp: float = 0.0, seed: int = 0, scheme: str = DEFAULT_SCHEME, floppy: bool = False,
                listing_dir: str | os.PathLike | None = None) -> ImageInfo:
     """Write a boot image that generates from `prompt` with these settings (run.c's meaning, seed 0 = the clock now):
     a partitioned disk image, or a 1.44 MB floppy image. The sizes are in the returned ImageInfo; nasm's listings
@@ -237,7 +237,7 @@ class BootModel:
                                self.machine)
 
 
-def load_boot(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, scheme: str = "row",
+def load_boot(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, scheme: str = DEFAULT_SCHEME,
               timeout: float = DEFAULT_TIMEOUT, machine: MachineConfig = MachineConfig()) -> BootModel:
     """Load a checkpoint or packed file for generation through a boot image in QEMU (packed_model's refusals)."""
     return BootModel(*packed_model(model, tokenizer, scheme), timeout, machine)

@@ -12,13 +12,13 @@ from collections.abc import Iterable
 import numba
 import numpy as np
 
+from ..calibrate import rmsnorm, rotate, silu
 from ..checkpoint import Checkpoint
 from ..packed import PackedModel, dequantize
 from . import fixed
 from .float32 import rope_tables
 
 ONE = 65536.0  # Q16.16
-RMS_EPS = 1e-5
 
 # Each step's integer form (docs/arithmetic.md) against its exact counterpart.
 STEPS: dict[str, str] = {
@@ -57,14 +57,9 @@ def _exp_lookups(out: np.ndarray, d: np.ndarray, table: np.ndarray, shift: int) 
 
 
 class SimulatedEngine:
-    """The fixed engine with the steps named in `exact` (keys of STEPS) computed in float64 instead.
+    """The fixed engine with the steps named in `exact` (keys of STEPS) computed in float64 instead."""
 
-    `record`: accumulate, per layer, the Gram matrix sum(x x^T) of the inputs of wqkv, wo, w13 and w2 (for
-    calibrating the quantizer on what the model actually computes).
-    """
-
-    def __init__(self, checkpoint: Checkpoint, packed: PackedModel, exact: Iterable[str] = (),
-                 record: bool = False) -> None:
+    def __init__(self, checkpoint: Checkpoint, packed: PackedModel, exact: Iterable[str] = ()) -> None:
         exact = frozenset(exact)
         unknown = exact - STEPS.keys()
         if unknown:
@@ -92,7 +87,8 @@ class SimulatedEngine:
         self._deq["wcls"] = dequantize(p.wcls) + dequantize(p.wcls_residual)
         self._emb = f64(w.token_embedding_table) if "embedding" in exact else \
             np.floor(dequantize(p.token_embedding) * ONE) / ONE  # (q * s) >> (S - 16): Q16.16, truncated
-        self._norms = {"att": (f64(w.rms_att_weight), p.rms_att_weight), "ffn": (f64(w.rms_ffn_weight), p.rms_ffn_weight),
+        self._norms = {"att": (f64(w.rms_att_weight), p.rms_att_weight),
+                       "ffn": (f64(w.rms_ffn_weight), p.rms_ffn_weight),
                        "final": (f64(w.rms_final_weight), p.rms_final_weight)}
         cos, sin = rope_tables(c.seq_len, c.head_size)
         self._rope = (f64(cos), f64(sin))
@@ -100,8 +96,6 @@ class SimulatedEngine:
         self.keys, self.values = np.zeros(shape), np.zeros(shape)  # real values, dequantized when integer
         self.key_q, self.value_q = np.zeros(shape, np.int16), np.zeros(shape, np.int8)
         self.key_d, self.value_d = np.zeros(shape[:-1], np.int32), np.zeros(shape[:-1], np.int32)
-        self.gram = {name: np.zeros((c.n_layers, n, n)) for name, n in (("wqkv", d), ("wo", d), ("w13", d), ("w2", h))} \
-            if record else None
         self._qa, self._att = np.zeros(c.head_size, np.int32), np.zeros(c.seq_len, np.int32)
 
     # -- steps -------------------------------------------------------------------------------------------------
@@ -111,7 +105,7 @@ class SimulatedEngine:
         if layer is not None:
             g, G = g[layer], G[layer]
         if "rmsnorm" in self.exact:
-            return x / np.sqrt(np.mean(x * x) + RMS_EPS) * g
+            return rmsnorm(x, g)
         out = np.zeros(x.shape[0], np.int32)
         q = self.packed.quant
         fixed.rmsnorm(out, to_q16(x), G, q.rms_eps, q.norm_shift)
@@ -119,8 +113,6 @@ class SimulatedEngine:
 
     def _matvec(self, name: str, x: np.ndarray, layer: int | None) -> np.ndarray:
         """One matrix times x: int8 rows through fixed.matvec, exact rows in float64, per the switches."""
-        if self.gram is not None and layer is not None:
-            self.gram[name][layer] += np.outer(x, x)
         q = self.packed.quant
         bits = q.act_bits_hidden if name == "w2" else q.act_bits_dim
         index = () if layer is None else (layer,)
@@ -143,10 +135,7 @@ class SimulatedEngine:
     def _rotate(self, v: np.ndarray, pos: int) -> np.ndarray:
         hs = self.config.head_size
         if "rope" in self.exact:
-            cos, sin = self._rope[0][pos], self._rope[1][pos]
-            pairs = v.reshape(-1, hs // 2, 2)
-            v0, v1 = pairs[..., 0], pairs[..., 1]
-            return np.stack([v0 * cos - v1 * sin, v0 * sin + v1 * cos], axis=-1).reshape(-1)
+            return rotate(v.reshape(1, -1, hs), self._rope[0][pos:pos + 1], self._rope[1][pos:pos + 1]).reshape(-1)
         vi = to_q16(v)
         fixed.rope(vi, self.packed.rope[pos], hs, self.packed.quant.rope_shift)
         return vi / ONE
@@ -188,7 +177,7 @@ class SimulatedEngine:
 
     def _swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         if "silu" in self.exact:
-            return gate / (1 + np.exp(-gate)) * up
+            return silu(gate) * up
         out = np.zeros(gate.shape[0], np.int32)
         q = self.packed.quant
         _silu_times_up(out, to_q16(gate), to_q16(up), self.packed.silu_table, q.silu_shift, q.silu_lo)
