@@ -471,9 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(USB stick, any disk) or a 1.44 MB floppy. Flags are run's.")
     image.add_argument("checkpoint", help="checkpoint path or model name, or a packed .sllm file")
     image.add_argument("-o", "--output", required=True, help="image file to write (e.g. boot.img)")
-    if screenshot is not None:
-        check_output(screenshot, [args.image])  # atomic.py's rules, before the boot
-    run = run_image(args.image, timeout=args.timeout, machine=_machine(args), screenshot=screenshot, on_token=show)
+    image.add_argument("--floppy", action="store_true",
+                       help="a 1.44 MB floppy image (an empty FAT12 volume around the payload), for models that fit")
+    image.add_argument("--listing", metavar="DIR", help="keep nasm's listings and map files in DIR")
+    _add_generation_flags(image, SCHEMES, DEFAULT_SCHEME)
     image.set_defaults(func=cmd_image)
 
     boot = sub.add_parser("boot", help="boot an image in QEMU and stream the text it tells",

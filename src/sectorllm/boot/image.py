@@ -292,7 +292,7 @@ def assemble(source: Path, defines: Mapping[str, str | int | None] | None = None
         listing = None
         if listing_dir is not None:
             listing = Path(listing_dir) / f"{source.stem}.lst"
-            listing.parent.mkdir(parents=True, exist_ok=True)
+            listing.parent.mkdir(exist_ok=True)  # the folder asked for, in a folder that exists
             for suffix in (".lst", ".map"):
                 shutil.copyfile(Path(scratch) / f"{source.stem}{suffix}", listing.with_suffix(suffix))
         code = (Path(scratch) / "out.bin").read_bytes()
@@ -402,7 +402,6 @@ def build_image(model_blob: bytes, run: RunBlock, output: Path, *, floppy: bool 
         parts += [fat, fat]
     used = sum(map(len, parts))
     parts.append(bytes(total * SECTOR - used))
-    output.parent.mkdir(parents=True, exist_ok=True)
     image_bytes = write_atomically(output, parts)
     return ImageInfo(output, disk, memory, floppy, boot.symbols["code_end"] - boot.symbols["entry"], engine.size,
                      image_bytes, boot, engine)

@@ -196,7 +196,6 @@ def take_screenshot(monitor: Path, scratch: Path, png: Path, deadline: float) ->
         raise BootError(f"cannot take the screenshot through QEMU's monitor: {error}") from None
     if not ppm.is_file() or not page.is_file():
         raise BootError(f"QEMU's screendump or pmemsave wrote no file ({ppm}, {page})")
-    png.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(png, (ppm_to_png(ppm.read_bytes()),))
     characters = page.read_bytes()[::2].decode("cp437")  # (character, attribute) pairs
     lines = (characters[i:i + TEXT_COLUMNS].rstrip() for i in range(0, len(characters), TEXT_COLUMNS))
