@@ -90,12 +90,17 @@ def test_bochs(floppy, case):
     assert run.text == want.text
 
 
-def test_stories15m_shape_in_32_mib(tmp_path, llama_tokenizer):
+@pytest.fixture(scope="module")
+def stories15m_shape(tmp_path_factory, llama_tokenizer) -> tuple[bytes, PackedModel]:
+    require("nasm")
+    path = make_checkpoint(tmp_path_factory.mktemp("15m"), STORIES15M_SHAPE, seed=7)
+    return session.packed_model(path, llama_tokenizer)
+
+
+def test_stories15m_shape_in_32_mib(tmp_path, stories15m_shape):
     """A 32000-token vocabulary, 6 layers of dim 288: loaded from the disk in pieces, run in 32 MiB."""
     require(QEMU)
-    require("nasm")
-    path = make_checkpoint(tmp_path, STORIES15M_SHAPE, seed=7)
-    blob, packed = session.packed_model(path, llama_tokenizer)
+    blob, packed = stories15m_shape
     image = tmp_path / "15m.img"
     info = build_image(blob, session.run_block(packed, "", TOKENS + 1, CASES["greedy"]), image)
     assert 16 << 20 < info.memory.memory_end <= 30 << 20
@@ -103,11 +108,9 @@ def test_stories15m_shape_in_32_mib(tmp_path, llama_tokenizer):
     assert_tokens(run.result, golden(packed, TOKENS + 1, CASES["greedy"]))
 
 
-def test_too_small_a_machine_says_what_it_needs(tmp_path, llama_tokenizer):
+def test_too_small_a_machine_says_what_it_needs(tmp_path, stories15m_shape):
     require(QEMU)
-    require("nasm")
-    path = make_checkpoint(tmp_path, STORIES15M_SHAPE, seed=7)
-    blob, packed = session.packed_model(path, llama_tokenizer)
+    blob, packed = stories15m_shape
     image = tmp_path / "15m.img"
     info = build_image(blob, session.run_block(packed, "", 8, CASES["greedy"]), image)
     result = boot(image, timeout=60, memory_mib=16)
