@@ -4,7 +4,10 @@ Also what a user sees when it cannot run: a CPU exception, too little memory, an
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from sectorllm.generate import Generation, GenerationResult
 from sectorllm.packed import PackedModel
 from sectorllm.sampling import SamplerConfig
 
-from .conftest import make_checkpoint, require
+from .conftest import make_checkpoint, require, run_cli
 
 TOKENS = 64
 CASES = {"greedy": SamplerConfig(temperature=0.0), "topp": SamplerConfig(temperature=1.0, topp=0.9, seed=42)}
@@ -146,3 +149,52 @@ def test_plain_qemu_serial_is_the_story_as_text(case, tmp_path):
     assert done.returncode == (Status.OK << 1) | 1
     assert b"\x02" not in done.stdout
     assert done.stdout.replace(b"\r\n", b"\n").decode() == want.text
+
+
+@pytest.mark.parametrize("damage", ["model byte", "prompt id", "layout", "model past the end"])
+def test_boot_refuses_a_damaged_image_before_booting(damage, stories, tmp_path):
+    """`sectorllm boot` checks the image first: one line, exit 2, and no QEMU started."""
+    require("nasm")
+    blob, packed = stories
+    image = tmp_path / "boot.img"
+    info = build_image(blob, session.run_block(packed, "Once", 20, CASES["greedy"]), image)
+    data = bytearray(image.read_bytes())
+    run_block = info.disk.payload_lba * 512
+    if damage == "model byte":
+        data[info.disk.model_lba * 512 + 5000] ^= 0x40
+    elif damage == "prompt id":
+        data[run_block + 242:run_block + 244] = (600).to_bytes(2, "little")  # the second prompt id, past 512
+    elif damage == "layout":
+        data[run_block + 100:run_block + 104] = (12345).to_bytes(4, "little")  # the KV cache's block bytes
+    else:
+        del data[(info.disk.model_lba + 10) * 512:]
+    image.write_bytes(bytes(data))
+    done = run_cli("boot", str(image))
+    assert done.returncode == 2 and done.stdout == b""
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sectorllm: error: {image}") and "damaged" in lines[0]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signals_end_boot_and_its_qemu(sig, code, stories, tmp_path):
+    """SIGTERM or Ctrl-C to `sectorllm boot` mid-story: exit 143 or 130, no traceback, no QEMU left running."""
+    require(QEMU)
+    blob, packed = stories
+    image = tmp_path / "long.img"
+    build_image(blob, session.run_block(packed, "", 0, CASES["greedy"]), image)  # the whole context: seconds
+    process = subprocess.Popen([sys.executable, "-m", "sectorllm", "boot", str(image)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout.read(20)  # the story has started: QEMU is running
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == code and b"Traceback" not in stderr
+    time.sleep(0.5)
+    running = [p for p in Path("/proc").glob("[0-9]*/cmdline") if str(image).encode() in _read(p)]
+    assert running == []
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""  # the process ended while we looked

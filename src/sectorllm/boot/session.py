@@ -16,17 +16,19 @@ from pathlib import Path
 from ..api import load_packed
 from ..config import ModelConfig
 from ..engines.fixed import FixedSamplerConfig
-from ..errors import BootError, UsageError
+from ..errors import BootError, PackedFormatError, UsageError
 from ..generate import (GenerationResult, StreamedGeneration, Token as TextToken, check_steps, encode_prompt,
                         step_budget)
-from ..packed import DEFAULT_SCHEME, HEADER, MAGIC, PackedModel, header_config, pack
+from ..packed import DEFAULT_SCHEME, HEADER, MAGIC, PackedModel, header_config, pack, read_sections
 from ..sampling import SamplerConfig
 from ..tokenizer import BOS, EOS
-from .image import (ADDRESSABLE_TOP, FLOPPY_PAYLOAD_LBA, MAX_PROMPT_TOKENS, SECTOR, DiskLayout, ImageInfo,
-                    MemoryLayout, RunBlock, Status, Token, build_image, memory_layout, payload_lba, unpack_run_block)
+from .image import (ADDRESSABLE_TOP, FLOPPY_PAYLOAD_LBA, MAX_ENGINE_BYTES, MAX_PROMPT_TOKENS, SECTOR, DiskLayout,
+                    ImageInfo, MemoryLayout, RunBlock, Status, Token, build_image, memory_layout, payload_lba,
+                    unpack_run_block)
 from .qemu import DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT, MachineConfig, boot
 
 MEBIBYTE = 1 << 20
+MAX_ENGINE_SECTORS = MAX_ENGINE_BYTES // SECTOR
 BIOS_HEADROOM_MIB = 4  # SeaBIOS keeps the top of RAM for its tables
 BENCH_MODEL = "stories260K"
 BENCH_TOKENS = 256
@@ -129,6 +131,35 @@ def read_image(path: str | os.PathLike) -> BootImage:
                      payload == FLOPPY_PAYLOAD_LBA)
 
 
+def verify_image(path: str | os.PathLike) -> BootImage:
+    """read_image, then what the engine would trip over, each refused in one line (BootError) before any boot: parts
+    past the file's end, a packed model whose CRC or section table is wrong, prompt ids outside the vocabulary, a
+    memory layout or step budget other than the one image.py gives this model."""
+    image = read_image(path)
+    disk, run, config = image.disk, image.run, image.config
+    size = image.path.stat().st_size
+    if not 1 <= disk.engine_sectors <= MAX_ENGINE_SECTORS or disk.model_lba < disk.payload_lba + 1 + \
+            disk.engine_sectors or (disk.model_lba + -(-disk.model_bytes // SECTOR)) * SECTOR > size:
+        raise BootError(f"{image.path}: its run block places the engine or the model outside the image: the image "
+                        "is damaged, build it again")
+    with open(image.path, "rb") as f:
+        f.seek(disk.model_lba * SECTOR)
+        blob = f.read(disk.model_bytes)
+    try:
+        read_sections(blob, "its packed model")
+    except PackedFormatError as e:
+        raise BootError(f"{image.path}: {e}; build the image again") from None
+    bad = [t for t in run.prompt_tokens if t >= config.vocab_size]
+    if not run.prompt_tokens or run.prompt_tokens[0] != BOS or bad:
+        raise BootError(f"{image.path}: its prompt is not BOS and token ids below {config.vocab_size}: the image is "
+                        "damaged, build it again")
+    if run.passes != step_budget(run.steps, config.seq_len)[0] or \
+            image.memory != memory_layout(disk.model_bytes, config, run.passes):
+        raise BootError(f"{image.path}: its run block's step budget or memory layout is not this model's: the image "
+                        "is damaged, build it again")
+    return image
+
+
 def result_of(image: BootImage, tokens: list[Token], seconds: list[float]) -> GenerationResult:
     """GenerationResult from an image's token records (prompt echo first, then generated, maybe a stop record) and
     the times they arrived."""
@@ -156,8 +187,9 @@ class BootRun:
 
 def run_image(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, machine: MachineConfig = MachineConfig(),
               screenshot: Path | None = None, on_token: Callable[[Token], None] | None = None) -> BootRun:
-    """Boot an image in QEMU, calling on_token for each token record as it arrives; BootError if the engine fails."""
-    image = read_image(path)
+    """Boot an image in QEMU (verify_image first), calling on_token for each token record as it arrives; BootError if
+    the engine fails."""
+    image = verify_image(path)
     if machine.drive == "floppy" and not image.floppy:
         raise UsageError(f"{image.path} is a disk image; --drive floppy takes a floppy image (sectorllm image "
                          "--floppy)")
