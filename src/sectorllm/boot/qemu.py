@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import os
-import re
 import select
 import shutil
-import socket
-import struct
 import subprocess
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +20,8 @@ QEMU = "qemu-system-i386"
 QEMU_INSTALL = "apt-get install qemu-system-x86"
 DEFAULT_MEMORY_MIB = 128
 DEFAULT_TIMEOUT = 60.0
-MONITOR_PROMPT = b"(qemu) "
 TEXT_PAGE = 0xB8000  # VGA text mode's first page: 80 x 25 (character, attribute) pairs
 TEXT_COLUMNS, TEXT_ROWS = 80, 25
-PPM_HEADER = re.compile(rb"P6\s+(\d+)\s+(\d+)\s+(\d+)\s")  # one whitespace byte, then pixels
 
 
 @dataclass(frozen=True)
@@ -85,9 +79,9 @@ def drive_arguments(image: Path, drive: str) -> list[str]:
 
 
 def qemu_command(binary: str, image: Path, machine: MachineConfig, memory_mib: int, monitor: Path) -> list[str]:
-    """The QEMU command line: headless, serial on stdio, a monitor socket, isa-debug-exit, the image attached."""
+    """The QEMU command line: headless, serial on stdio, a QMP socket, isa-debug-exit, the image attached."""
     command = [binary, "-machine", f"{machine.machine},accel={machine.accel}", "-m", str(memory_mib),
-               "-display", "none", "-serial", "stdio", "-monitor", f"unix:{monitor},server=on,wait=off",
+               "-display", "none", "-serial", "stdio", "-qmp", f"unix:{monitor},server=on,wait=off",
                "-no-reboot", "-nic", "none", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
                *drive_arguments(image, machine.drive)]
     return command + (["-cpu", machine.cpu] if machine.cpu else []) + list(machine.extra)
@@ -115,7 +109,7 @@ def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, machine: MachineConfi
     started = time.monotonic()
     deadline = started + timeout
     with tempfile.TemporaryDirectory(prefix="sectorllm-qemu-") as scratch:
-        monitor = Path(scratch) / "monitor.sock"
+        monitor = Path(scratch) / "qmp.sock"
         stderr_path = Path(scratch) / "stderr.txt"
         command = qemu_command(binary, image, machine, machine.memory_mib or memory_mib, monitor)
         with open(stderr_path, "wb") as stderr_file:
@@ -181,51 +175,23 @@ def stream_records(process: subprocess.Popen, decoder: SerialDecoder, deadline: 
 
 
 def take_screenshot(monitor: Path, scratch: Path, png: Path, deadline: float) -> tuple[Path, str]:
-    """Ask QEMU's monitor for a screendump of the VGA screen, saved as PNG, and for the text page's memory: the
-    screenshot's path and the screen's text."""
-    ppm, page = scratch / "screen.ppm", scratch / "text.bin"
+    """Ask QEMU, through QMP, for a PNG screendump of the VGA screen and for the text page's memory: the screenshot's
+    path and the screen's text."""
+    from qemu.qmp import QMPError  # (asyncio underneath: loaded only when a screenshot is asked for)
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    shot, page = scratch / "screen.png", scratch / "text.bin"
+    client = QEMUMonitorProtocol(str(monitor))
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-            connection.settimeout(max(deadline - time.monotonic(), 0.1))
-            connection.connect(str(monitor))
-            read_until_prompt(connection)
-            for command in (f"screendump {ppm}", f"pmemsave {TEXT_PAGE:#x} {TEXT_COLUMNS * TEXT_ROWS * 2} \"{page}\""):
-                connection.sendall(f"{command}\n".encode())
-                read_until_prompt(connection)
-    except OSError as error:
-        raise BootError(f"cannot take the screenshot through QEMU's monitor: {error}") from None
-    if not ppm.is_file() or not page.is_file():
-        raise BootError(f"QEMU's screendump or pmemsave wrote no file ({ppm}, {page})")
-    write_atomically(png, (ppm_to_png(ppm.read_bytes()),))
+        client.connect()
+        client.settimeout(max(deadline - time.monotonic(), 0.1))
+        client.cmd("screendump", filename=str(shot), format="png")
+        client.cmd("pmemsave", val=TEXT_PAGE, size=TEXT_COLUMNS * TEXT_ROWS * 2, filename=str(page))
+    except (OSError, QMPError) as error:
+        raise BootError(f"cannot take the screenshot through QEMU's QMP: {error}") from None
+    finally:
+        client.close()
+    write_atomically(png, (shot.read_bytes(),))
     characters = page.read_bytes()[::2].decode("cp437")  # (character, attribute) pairs
     lines = (characters[i:i + TEXT_COLUMNS].rstrip() for i in range(0, len(characters), TEXT_COLUMNS))
     return png, "\n".join(lines)
-
-
-def read_until_prompt(connection: socket.socket) -> bytes:
-    """Read monitor output up to and including its next prompt."""
-    received = b""
-    while not received.endswith(MONITOR_PROMPT):
-        chunk = connection.recv(4096)
-        if not chunk:
-            raise BootError("QEMU's monitor closed its connection before answering")
-        received += chunk
-    return received
-
-
-def ppm_to_png(ppm: bytes) -> bytes:
-    """Convert a binary PPM (P6, 8-bit RGB, as QEMU's screendump writes it) to PNG, with zlib only."""
-    header = PPM_HEADER.match(ppm)
-    if header is None or header.group(3) != b"255":
-        raise BootError("QEMU's screendump is not an 8-bit binary PPM")
-    width, height, pixels = int(header.group(1)), int(header.group(2)), ppm[header.end():]
-    row = width * 3
-    if len(pixels) < row * height:
-        raise BootError("QEMU's screendump is truncated")
-    raw = b"".join(b"\0" + pixels[y * row:(y + 1) * row] for y in range(height))  # filter type 0 per row
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
