@@ -70,8 +70,16 @@ def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_mul: int) 
     return out
 
 
-def forward_text(checkpoint: Checkpoint, tokens: list[int], grams: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """The float model in float64 over a whole text at once (causal attention): logits (T, vocab_size).
+def forward_text(checkpoint: Checkpoint, tokens: list[int]) -> np.ndarray:
+    """The float model in float64 over a whole text at once (causal attention): logits (T, vocab_size)."""
+    w = checkpoint.weights
+    x = rmsnorm(_residual_stream(checkpoint, tokens), np.asarray(w.rms_final_weight, dtype=np.float64))
+    return x @ np.asarray(w.wcls, dtype=np.float64).T
+
+
+def _residual_stream(checkpoint: Checkpoint, tokens: list[int],
+                     grams: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """The residual stream (T, dim) after the last layer, in float64.
 
     grams: adds, per layer, sum over positions of x x^T of the inputs of the packed matrices (GRAM_INPUTS:
     wqkv and w13 read the RMSNorm outputs, wo the attention output, w2 the SwiGLU output).
@@ -101,7 +109,7 @@ def forward_text(checkpoint: Checkpoint, tokens: list[int], grams: dict[str, np.
         hb = silu(gate) * up
         record("w2", layer, hb)
         x = x + hb @ f(w.w2[layer]).T
-    return rmsnorm(x, f(w.rms_final_weight)) @ f(w.wcls).T
+    return x
 
 
 def input_grams(checkpoint: Checkpoint, texts: list[list[int]]) -> dict[str, np.ndarray]:
@@ -110,6 +118,6 @@ def input_grams(checkpoint: Checkpoint, texts: list[list[int]]) -> dict[str, np.
     grams = {name: np.zeros((c.n_layers, n, n)) for name, n in
              zip(GRAM_INPUTS, (c.dim, c.dim, c.dim, c.hidden_dim))}
     for tokens in texts:
-        forward_text(checkpoint, tokens, grams)
+        _residual_stream(checkpoint, tokens, grams)  # the classifier reads nothing calibrated
     positions = sum(len(t) for t in texts)
     return {name: g / positions for name, g in grams.items()}

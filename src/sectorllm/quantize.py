@@ -60,6 +60,9 @@ def act_bits(n: int, other: int = Q) -> int:
     return bits
 
 
+GPTQ_BLOCK = 128  # columns rounded between two matrix-product updates of the rest
+
+
 def round_to_inputs(w: np.ndarray, step: np.ndarray, gram: np.ndarray, damp: float = 0.01) -> np.ndarray:
     """int8 values q for the rows of w (rows, n) at steps step (rows,) that keep each row's output error
     (q * step - w) . x small for inputs x of mean x x^T = gram, rather than each weight's own error.
@@ -75,10 +78,14 @@ def round_to_inputs(w: np.ndarray, step: np.ndarray, gram: np.ndarray, damp: flo
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: inv(h) = u.T @ u
     rest = w[:, order].astype(np.float64)
     q = np.zeros_like(rest)
-    for j in range(n):
-        q[:, j] = np.clip(np.round(rest[:, j] / step), -Q, Q)
-        err = (rest[:, j] - q[:, j] * step) / u[j, j]
-        rest[:, j + 1:] -= np.outer(err, u[j, j + 1:])
+    for lo in range(0, n, GPTQ_BLOCK):  # errors reach the columns past a block in one matrix product
+        hi = min(lo + GPTQ_BLOCK, n)
+        block, errors = rest[:, lo:hi].copy(), np.zeros((w.shape[0], hi - lo))
+        for j in range(hi - lo):
+            q[:, lo + j] = np.clip(np.round(block[:, j] / step), -Q, Q)
+            errors[:, j] = (block[:, j] - q[:, lo + j] * step) / u[lo + j, lo + j]
+            block[:, j + 1:] -= np.outer(errors[:, j], u[lo + j, lo + j + 1:hi])
+        rest[:, hi:] -= errors @ u[lo:hi, hi:]
     q = q[:, np.argsort(order)]
     gram_r = ((q * step[:, None] - w) @ gram)  # the gradient of each row's error / 2, kept up to date
     for _ in range(8):
@@ -87,9 +94,10 @@ def round_to_inputs(w: np.ndarray, step: np.ndarray, gram: np.ndarray, damp: flo
             for sign in (1.0, -1.0):
                 gain = step * step * gram[j, j] + 2 * sign * step * gram_r[:, j]  # the row's error change
                 better = (gain < 0) & (np.abs(q[:, j] + sign) <= Q)
-                if better.any():
-                    q[better, j] += sign
-                    gram_r += np.where(better, sign * step, 0.0)[:, None] * gram[j][None, :]
+                rows = np.flatnonzero(better)
+                if rows.size:
+                    q[rows, j] += sign
+                    gram_r[rows] += (sign * step[rows])[:, None] * gram[j][None, :]
                     changed = True
         if not changed:
             break
