@@ -205,15 +205,20 @@ def test_sampled_eos_or_bos_ends_the_run_with_no_bytes(shape_gqa, seed, stop, tm
 # ------------------------------------------------------------------------------------- image and memory layout
 
 
-def test_engine_takes_its_memory_layout_from_the_run_block(stories, tmp_path):
-    """The engine's buffers, KV cache geometry and kernels are where image.py's memory_layout put them."""
-    emulator = emulator_module()
+def stopped_at_generate(stories, tmp_path: Path, steps: int):
+    """A stories260K image greedy from BOS in a 2 MiB emulated PC, stopped where generation starts; and its info."""
     blob, packed = stories
     image = tmp_path / "boot.img"
-    info = build_image(blob, session.run_block(packed, "", 40, GREEDY), image)
-    machine = emulator.Emulator(image.read_bytes(), memory_mib=2)
-    symbols = info.engine.symbols
-    assert machine.run(until=symbols["generate"]) == "breakpoint"
+    info = build_image(blob, session.run_block(packed, "", steps, GREEDY), image)
+    machine = emulator_module().Emulator(image.read_bytes(), memory_mib=2)
+    assert machine.run(until=info.engine.symbols["generate"]) == "breakpoint"
+    return machine, info
+
+
+def test_engine_takes_its_memory_layout_from_the_run_block(stories, tmp_path):
+    """The engine's buffers, KV cache geometry and kernels are where image.py's memory_layout put them."""
+    machine, info = stopped_at_generate(stories, tmp_path, 40)
+    symbols, packed = info.engine.symbols, stories[1]
 
     def var(name: str) -> int:
         return var_at(machine, symbols[name])
@@ -246,16 +251,12 @@ def test_loader_refuses_a_machine_too_small_for_the_run(tmp_path, tok512):
 
 
 def test_breakpoint_on_code_that_already_ran(stories, tmp_path):
-    """serial_put runs in the loader's handshake before generation; a breakpoint set later must still stop there."""
-    emulator = emulator_module()
-    blob, packed = stories
-    image = tmp_path / "boot.img"
-    info = build_image(blob, session.run_block(packed, "", 20, GREEDY), image)
-    machine = emulator.Emulator(image.read_bytes(), memory_mib=2)
+    """real_call ran while the loader read the model; a breakpoint set on it afterwards must still stop there (the
+    first token's bytes go to the screen through it)."""
+    machine, info = stopped_at_generate(stories, tmp_path, 20)
     symbols = info.engine.symbols
-    assert machine.run(until=symbols["generate"]) == "breakpoint"
-    assert machine.run(until=symbols["serial_put"]) == "breakpoint"
-    assert machine.registers()["eip"] == symbols["serial_put"]
+    assert machine.run(until=symbols["real_call.pushed"]) == "breakpoint"
+    assert machine.registers()["eip"] == symbols["real_call.pushed"]
 
 
 def var_at(machine, address: int) -> int:

@@ -68,7 +68,6 @@ ADDRESSABLE_TOP = 0xC000_0000  # PC memory above 3 GiB is PCI holes and ROM on Q
 HEAP_ALIGN = 4096  # the high arena starts on a page after the model
 BUFFER_ALIGN = 16
 XB_DISTANCE = 0x10000  # layout.asm: xb = x + XB_DISTANCE, so dim <= 16384
-MAX_KERNEL_MACS = 0xFFFF
 
 RUN_MAGIC = b"SLRB"
 RUN_VERSION = 5
@@ -370,9 +369,9 @@ def build_image(model_blob: bytes, run: RunBlock, output: Path, *, floppy: bool 
         raise BootError(f"the model is {len(model_blob)} bytes: loaded at 1 MiB, with the engine's buffers and KV "
                         f"cache, it overruns the addressable memory (up to {memory_limit:#x}) by "
                         f"{memory.memory_end - memory_limit} bytes")
-    if memory.kernel_macs > MAX_KERNEL_MACS:
-        raise BootError(f"the longest dot product has {memory.kernel_macs} terms; the boot engine's kernels hold at "
-                        f"most {MAX_KERNEL_MACS}")
+    if config is not None and 4 * config.dim > XB_DISTANCE:
+        raise BootError(f"dim {config.dim} is more than the boot engine takes ({XB_DISTANCE // 4}: rmsnorm writes xb "
+                        f"{XB_DISTANCE:#x} bytes after x)")
     payload_lba = FLOPPY_PAYLOAD_LBA if floppy else DISK_PAYLOAD_LBA
     boot = assemble(BOOT_SOURCE, {"PAYLOAD_LBA": payload_lba}, listing_dir)
     calls = {name.upper(): boot.symbols[name] for name in BOOT_CALLS}
