@@ -4,18 +4,14 @@
 ;   "stub handshake=XX sum=XXXXXXXX weighted=XXXXXXXX top=XXXXXXXX" - the byte waiting in the UART at main32 (the
 ;   runner's handshake; "--" if none), the model's checksums (engine.asm selftest's, over whole sectors) and the
 ;   dword it wrote and read back just below memory_end
-; and shows "sectorllm stub on ConOut\n" through screen_hook (CR LF for the newline), then ends through port 0xF4
+; and shows "sectorllm stub on ConOut\n" through screen_hook (which shows "\n" as CR LF), then ends through port 0xF4
 ; with status 0; with -DFAULT it raises an invalid-opcode exception (6) at `fault` instead.
 
         bits 32
         cpu 386
         org 0x8000
 
-RUN_BLOCK           equ 0x7E00
-MODEL_BASE          equ 0x100000
-RB_MODEL_BYTES      equ 12
-RB_MEMORY_END       equ 16
-COM1                equ 0x3F8
+%include "../src/sectorllm/boot/layout.asm"
 
 engine_start:                           ; the BIOS entry point: unused here
         hlt
@@ -68,12 +64,7 @@ main32:
 .show:  lodsb
         test al, al
         jz .end
-        cmp al, 10
-        jne .byte
-        mov al, 13
-        call [screen_hook]
-        mov al, 10
-.byte:  mov ebx, eax                    ; the hook must keep every register
+        mov ebx, eax                    ; the hook must keep every register
         call [screen_hook]
         cmp eax, ebx
         jne .broken

@@ -42,8 +42,9 @@
 ;
 ; SERIAL AND EXIT: the loader prints "sectorllm: UEFI loader" once it has COM1, then waits up to HANDSHAKE_MS for
 ; a byte in the UART: the runner's handshake (engine.asm SERIAL PROTOCOL), which it sends on seeing that line, as it
-; cannot send it before the boot (the firmware's serial driver resets the UART). Like boot.asm, a failure prints "sectorllm: " and a reason to COM1 and ConOut and ends the run
-; through QEMU's isa-debug-exit (port 0xF4) with image.py's Status, then halts; the engine ends its runs the same way.
+; cannot send it before the boot (the firmware's serial driver resets the UART). Like boot.asm, a failure prints
+; "sectorllm: " and a reason to COM1 and ConOut and ends the run through QEMU's isa-debug-exit (port 0xF4) with
+; image.py's Status, then halts; the engine ends its runs the same way.
 
         bits 64
         default rel
@@ -54,34 +55,10 @@
 %ifndef ENGINE_SCREEN_HOOK
 %error "ENGINE_SCREEN_HOOK (the engine's screen_hook address) must be defined: uefi.py assembles this file"
 %endif
-%ifndef RUN_VERSION
-%error "RUN_VERSION (image.py RUN_VERSION) must be defined: uefi.py assembles this file"
-%endif
 
-STACK_TOP           equ 0x7C00          ; the engine's memory map (engine.asm): the same linear addresses as
-RUN_BLOCK           equ 0x7E00          ; under a BIOS
-ENGINE_BASE         equ 0x8000
-MODEL_BASE          equ 0x100000
-SECTOR              equ 512
-MAX_ENGINE_SECTORS  equ 63              ; the engine lives in 0x8000..0xFDFF
-RB_MAGIC            equ 0               ; run block field offsets (image.py RUN_BLOCK_FORMAT)
-RB_VERSION          equ 4
-RB_ENGINE_SECTORS   equ 6
-RB_MODEL_BYTES      equ 12
-RB_MEMORY_END       equ 16
-RUN_MAGIC           equ 'SLRB'
+%include "layout.asm"                   ; the engine's memory map, run block fields, statuses, COM1
 
-COM1                equ 0x3F8
-UART_LSR            equ COM1 + 5
-LSR_DATA_READY      equ 0x01
-LSR_THR_EMPTY       equ 0x20
 HANDSHAKE_MS        equ 1000            ; how long the runner has to answer msg_loader
-DEBUG_EXIT_PORT     equ 0xF4
-STATUS_DISK_ERROR       equ 0x02        ; image.py Status
-STATUS_BAD_RUN_BLOCK    equ 0x03
-STATUS_MODEL_TOO_LARGE  equ 0x05
-STATUS_CPU_EXCEPTION    equ 0x06
-
 LARGE_PAGE          equ 1 << 21
 PAGE                equ 4096
 PTE_PRESENT_WRITE   equ 0x03
@@ -480,7 +457,7 @@ out_of_memory:
         mov ecx, 10
         call say_number
         lea rsi, [msg_kib]
-        mov al, STATUS_MODEL_TOO_LARGE
+        mov al, STATUS_OUT_OF_MEMORY
         jmp fail.reason
 engine_exception:
         push rsi
@@ -613,7 +590,8 @@ to_engine:
         push rax
         o64 retf
 
-; hook32: the engine's screen_hook: show AL on ConOut. Entry: AL = byte. Clobbers: nothing (flags excepted)
+; hook32: the engine's screen_hook: show AL on ConOut ("\n" as CR LF). Entry: AL = byte. Clobbers: nothing (flags
+; excepted)
         bits 32
 hook32:
         pushad
@@ -628,7 +606,10 @@ hook64:
         mov [r_engine_esp], esp
         call to_firmware
         movzx eax, al
-        mov [r_char], eax               ; the byte as a CHAR16 and a NUL
+        cmp al, 10
+        jne .char
+        mov eax, 13 | 10 << 16          ; "\n" as CR LF, as the BIOS teletype shows it
+.char:  mov [r_char], eax               ; one or two CHAR16s; r_char + 4 stays NUL
         sub rsp, 32
         mov rcx, [r_conout]
         lea rdx, [r_char]
