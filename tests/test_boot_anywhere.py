@@ -184,7 +184,7 @@ def test_signals_end_boot_and_its_qemu(sig, code, stories, tmp_path):
     build_image(blob, session.run_block(packed, "", 0, CASES["greedy"]), image)  # the whole context: seconds
     process = subprocess.Popen([sys.executable, "-m", "sectorllm", "boot", str(image)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
-    assert process.stdout.read(20)  # the story has started: QEMU is running
+    assert process.stdout.read(20), process.communicate()[1]  # the story has started: QEMU is running
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == code and b"Traceback" not in stderr
@@ -198,3 +198,34 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""  # the process ended while we looked
+
+
+def test_one_image_file_boots_under_a_bios_and_under_uefi(stories260k, tok512, tmp_path):
+    """`sectorllm image` writes one file for both (its default): SeaBIOS and OVMF (q35, virtio and a USB stick)
+    tell the fixed engine's story from it, and `info` says what it holds."""
+    require(QEMU)
+    require("qemu-system-x86_64")
+    image = tmp_path / "both.img"
+    args = ["-z", str(tok512), "-t", "1", "-p", "0.9", "-s", "42", "-n", "65"]
+    built = run_cli("image", str(stories260k), "-o", str(image), *args)
+    assert built.returncode == 0 and b"for BIOS and UEFI" in built.stdout and b"UEFI loader" in built.stdout
+    want = run_cli("run", str(stories260k), *args, "--engine", "fixed").stdout
+    for options in ([], ["--firmware", "uefi", "--machine", "q35", "--drive", "virtio"],
+                    ["--firmware", "uefi", "--machine", "q35", "--drive", "usb"]):
+        booted = run_cli("boot", str(image), "--timeout", "300", *options)
+        assert booted.returncode == 0, booted.stderr
+        assert booted.stdout == want
+    assert "EFI System Partition" in run_cli("info", str(image)).stdout.decode()
+
+
+def test_firmware_and_image_must_match(stories, stories260k, tok512, tmp_path):
+    require("nasm")
+    blob, packed = stories
+    run = session.run_block(packed, "", 8, CASES["greedy"])
+    bios = build_image(blob, run, tmp_path / "bios.img").path
+    done = run_cli("boot", str(bios), "--firmware", "uefi")
+    assert done.returncode == 2 and b"boots under a BIOS only" in done.stderr
+    done = run_cli("image", str(stories260k), "-z", str(tok512), "-o", str(tmp_path / "f.img"), "--floppy",
+                   "--firmware", "uefi")
+    assert done.returncode == 2 and b"a floppy image boots under a BIOS only" in done.stderr
+    assert not (tmp_path / "f.img").exists()

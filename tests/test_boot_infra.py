@@ -8,6 +8,7 @@ import os
 import re
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -442,3 +443,13 @@ def test_emulator_bios_keys_and_ticks(tmp_path):
     result = machine.result()
     assert result.log == "ab."
     assert result.status == 1600000 // emulator.INSTRUCTIONS_PER_TICK
+
+
+def test_memory_layout_is_the_same_in_every_process():
+    """Buffers of equal size (stories260K's att and logits) must land in the same order whatever Python's string
+    hashing: `boot` checks an image's layout against a fresh memory_layout in another process."""
+    code = ("from sectorllm.boot.image import memory_layout; from sectorllm.config import ModelConfig; "
+            "print(memory_layout(352000, ModelConfig(64, 172, 5, 8, 4, 512, 512), 512))")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
+    assert len(outputs) == 1

@@ -210,7 +210,8 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
     else:
         print(f"{result.model:<22} boot   {result.instructions_per_token:>12,.0f} instructions/token ({result.tokens} "
               f"tokens greedy from BOS, unicorn)   code: boot sector {result.boot_code_bytes} + engine "
-              f"{result.code_bytes:,} = {result.boot_code_bytes + result.code_bytes:,} bytes")
+              f"{result.code_bytes:,} = {result.boot_code_bytes + result.code_bytes:,} bytes; UEFI loader "
+              f"{result.uefi_loader_bytes:,} bytes")
     return 0
 
 
@@ -222,10 +223,14 @@ def cmd_image(args: argparse.Namespace) -> int:
     check_output(args.output, [p for p in (args.checkpoint, args.tokenizer) if p])  # atomic.py's rules, first
     info = make_image(args.checkpoint, args.tokenizer, args.output, prompt=args.prompt or "", steps=args.steps,
                       temperature=args.temperature, topp=args.topp, topk=args.topk, minp=args.minp, seed=args.seed,
-                      scheme=args.scheme, floppy=args.floppy, listing_dir=args.listing)
-    medium = "1.44 MB floppy" if info.floppy else "disk"
-    print(f"wrote {info.path}: {medium} image, {info.image_bytes:,} bytes (boot sector {info.boot_code_bytes} bytes "
-          f"of code, engine {info.engine_bytes:,} bytes, model {info.disk.model_bytes:,} bytes); the run needs "
+                      scheme=args.scheme, floppy=args.floppy, listing_dir=args.listing,
+                      firmware=args.firmware or ("bios" if args.floppy else "both"))
+    medium = {"bios": "BIOS", "uefi": "UEFI", "both": "BIOS and UEFI"}[info.firmware]
+    loader = f", UEFI loader {info.loader_code_bytes:,} bytes" if info.loader_code_bytes else ""
+    boot = f"boot sector {info.boot_code_bytes} bytes of code, " if info.firmware != "uefi" else ""
+    print(f"wrote {info.path}: {'1.44 MB floppy' if info.floppy else 'disk'} image for {medium}, "
+          f"{info.image_bytes:,} bytes ({boot}engine {info.engine_bytes:,} bytes{loader}, model "
+          f"{info.disk.model_bytes:,} bytes); the run needs "
           f"{info.memory.memory_end // 1024:,} KiB of RAM and a 386 or later")
     if args.temperature > 0 and not args.seed:
         print(f"seed: {read_image(info.path).run.seed} (taken from the clock)")
@@ -396,6 +401,8 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
                             "stick on an xHCI, UHCI or EHCI controller (default ide)")
     group.add_argument("--accel", default="tcg", choices=ACCELS, help="tcg (default) or kvm")
     group.add_argument("--cpu", help="QEMU CPU model, e.g. 486 (default: QEMU's)")
+    group.add_argument("--firmware", default="bios", choices=["bios", "uefi"],
+                       help="SeaBIOS (default), or OVMF: UEFI in qemu-system-x86_64 (an image built for uefi or both)")
     group.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
                        help="one more argument for QEMU, as it is (repeatable)")
     group.add_argument("--timeout", type=_positive_seconds, default=120.0,
@@ -405,7 +412,8 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
 def _machine(args: argparse.Namespace):
     from .boot.qemu import MachineConfig
 
-    machine = MachineConfig(args.machine, args.memory, args.drive, args.cpu, args.accel, tuple(args.qemu_arg))
+    machine = MachineConfig(args.machine, args.memory, args.drive, args.cpu, args.accel, tuple(args.qemu_arg),
+                            args.firmware)
     machine.validate()
     return machine
 
@@ -474,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--floppy", action="store_true",
                        help="a 1.44 MB floppy image (an empty FAT12 volume around the payload), for models that fit")
     image.add_argument("--listing", metavar="DIR", help="keep nasm's listings and map files in DIR")
+    image.add_argument("--firmware", choices=["bios", "uefi", "both"],
+                       help="what the image boots under: a legacy BIOS (or a UEFI PC's CSM), UEFI (an EFI System "
+                            "Partition with the loader; needs mtools and dosfstools), or both (the default for a "
+                            "disk image; a floppy is bios)")
     _add_generation_flags(image, SCHEMES, DEFAULT_SCHEME)
     image.set_defaults(func=cmd_image)
 

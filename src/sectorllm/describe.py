@@ -20,7 +20,7 @@ _MODELS_OF_VOCAB = {512: "stories260K", 32000: "stories15M, stories42M, stories1
 def describe(path: str | os.PathLike) -> Rows:
     """(name, value) rows describing the file; SectorLLMError (one line) when it is none of the four kinds."""
     path = Path(path)
-    from .boot.image import RUN_MAGIC, payload_lba
+    from .boot.image import RUN_MAGIC, image_firmware, payload_lba
 
     try:
         with open(path, "rb") as f:
@@ -31,7 +31,7 @@ def describe(path: str | os.PathLike) -> Rows:
         raise SectorLLMError(f"cannot read {path}: {e.strerror}") from None
     if start[:len(PACKED_MAGIC)] == PACKED_MAGIC:
         return describe_packed(path)
-    if run_magic == RUN_MAGIC:
+    if run_magic == RUN_MAGIC or image_firmware(start) == "uefi":
         return describe_image(path)
     if int.from_bytes(start[:4], "little") == CHECKPOINT_MAGIC:
         return describe_checkpoint(path)
@@ -104,14 +104,13 @@ def describe_image(path: Path) -> Rows:
 
     image = read_image(path)
     run, layout = image.run, image.disk
-    with open(path, "rb") as f:
-        f.seek(layout.model_lba * _SECTOR)
-        blob = f.read(layout.model_bytes)
-        size = os.fstat(f.fileno()).st_size
+    blob, size = image.model_blob(), path.stat().st_size
     passes, _ = image.forward_passes
     temperature = "0 (greedy)" if run.inv_temperature_q16 == 0 else f"{65536 / run.inv_temperature_q16:.4g}"
     topp = "off" if run.topp_q16 >= 65536 else f"{run.topp_q16 / 65536:.4g}"
-    medium = "1.44 MB floppy image" if image.floppy else "disk image, one MBR partition over the payload"
+    medium = {"bios": "disk image, one MBR partition over the payload", "both": "disk image for a BIOS and UEFI: the "
+              "payload's MBR partition and an EFI System Partition", "uefi": "disk image for UEFI: an EFI System "
+              "Partition"}[image.firmware] if not image.floppy else "1.44 MB floppy image"
     rows: Rows = [("file", path), ("kind", f"sectorllm boot image ({medium})"),
                   ("parts", f"boot sector, run block at sector {layout.payload_lba}, engine "
                             f"{layout.engine_sectors * _SECTOR:,} bytes ({layout.engine_sectors} sectors), packed model "

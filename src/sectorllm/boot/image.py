@@ -190,7 +190,8 @@ def memory_layout(model_bytes: int, config: ModelConfig | None, passes: int) -> 
     placed = {"x": x, "xb": x + XB_DISTANCE}  # rmsnorm writes xb at x + XB_DISTANCE
     free = [[x + sizes["x"], x + XB_DISTANCE], [x + XB_DISTANCE + sizes["xb"], LOW_ARENA[1]],
             [align(model_end, HEAP_ALIGN), None]]  # [start, end) ranges; the last one is open
-    for name in sorted(sizes.keys() - placed.keys(), key=lambda n: -sizes[n]):
+    rest = [name for name in sizes if name not in placed]  # in sizes' order: equal sizes keep it (a set would not)
+    for name in sorted(rest, key=lambda n: -sizes[n]):
         size = align(sizes[name], BUFFER_ALIGN)
         space = next(r for r in free if r[1] is None or r[0] + size <= r[1])
         placed[name] = space[0]
@@ -244,6 +245,15 @@ def unpack_run_block(sector: bytes, payload_lba: int) -> tuple[RunBlock, DiskLay
     return (RunBlock(prompt, steps, inv_temperature_q16, topp_q16, topk, minp_q16, seed, passes),
             DiskLayout(payload_lba, engine_sectors, model_lba, model_bytes),
             MemoryLayout(tuple(fields[:n]), *fields[n:], -kernel_disp // 4, memory_end))
+
+
+def image_firmware(boot_sector: bytes) -> str:
+    """What a disk or floppy image boots under, from its partition table: "bios" (a payload partition, or none: a
+    floppy), "uefi" (only an EFI System Partition, type 0xEF) or "both"."""
+    kinds = {boot_sector[PARTITION_TABLE + 16 * i + 4] for i in range(4)} if len(boot_sector) == SECTOR else set()
+    if 0xEF not in kinds:
+        return "bios"
+    return "both" if PARTITION_TYPE in kinds else "uefi"
 
 
 def payload_lba(boot_sector: bytes) -> int:
@@ -324,11 +334,13 @@ class ImageInfo:
     disk: DiskLayout
     memory: MemoryLayout
     floppy: bool
+    firmware: str  # "bios", "uefi" or "both": what the image boots under
     boot_code_bytes: int  # the boot sector's code and messages, between the BPB area and the partition table
     engine_bytes: int
     image_bytes: int
     boot: AssembledCode
     engine: AssembledCode
+    loader_code_bytes: int  # the UEFI loader's code (uefi.py loader_code_bytes); 0 for an image without one
 
 
 def partition_entry(first_lba: int, n_sectors: int) -> bytes:
@@ -353,16 +365,24 @@ def floppy_parameter_block(reserved_sectors: int) -> bytes:
                        FLOPPY_SECTORS, 0xF0, 9, 18, 2, 0, 0, 0, 0, 0x29, 0x5EC7011, b"SECTORLLM  ", b"FAT12   ")
 
 
-def build_image(model_blob: bytes, run: RunBlock, output: Path, *, floppy: bool = False,
+FIRMWARES = ("bios", "uefi", "both")
+
+
+def build_image(model_blob: bytes, run: RunBlock, output: Path, *, floppy: bool = False, firmware: str = "bios",
                 engine_defines: Mapping[str, str | int | None] | None = None, listing_dir: Path | None = None,
                 memory_limit: int = ADDRESSABLE_TOP) -> ImageInfo:
     """Assemble the boot sector and the engine (their listings kept in listing_dir if given) and write the image:
-    a partitioned disk image, or with floppy a 1.44 MB floppy image (BootError if the payload does not fit).
+    a partitioned disk image, or with floppy a 1.44 MB floppy image (BootError if the payload does not fit). With
+    firmware "both" the disk also holds an EFI System Partition with the UEFI loader (uefi.py), "uefi" only that.
 
     memory_limit is the first physical address the engine may not use; a model (with, for a packed model, the
     engine's buffers and KV cache) that would run past it is refused.
     """
     output = Path(output)
+    if firmware not in FIRMWARES:
+        raise UsageError(f"firmware {firmware!r} is not one of {', '.join(FIRMWARES)}")
+    if floppy and firmware != "bios":
+        raise UsageError("a floppy image boots under a BIOS only: UEFI firmware boots from disks (no --floppy)")
     config = header_config(HEADER.unpack_from(model_blob)) if model_blob[:4] == PACKED_MAGIC else None
     memory = memory_layout(len(model_blob), config, run.passes)
     if memory.memory_end > memory_limit:
@@ -401,9 +421,16 @@ def build_image(model_blob: bytes, run: RunBlock, output: Path, *, floppy: bool 
         parts += [fat, fat]
     used = sum(map(len, parts))
     parts.append(bytes(total * SECTOR - used))
+    loader_code_bytes = 0
+    if firmware != "bios":
+        from .uefi import esp_files, loader_code_bytes as code_bytes, uefi_disk_image, add_esp
+
+        files, loader = esp_files(engine, parts[2], model_blob, listing_dir)
+        parts = [add_esp(b"".join(parts), files) if firmware == "both" else uefi_disk_image(files, listing_dir)]
+        loader_code_bytes = code_bytes(loader)
     image_bytes = write_atomically(output, parts)
-    return ImageInfo(output, disk, memory, floppy, boot.symbols["code_end"] - boot.symbols["entry"], engine.size,
-                     image_bytes, boot, engine)
+    return ImageInfo(output, disk, memory, floppy, firmware, boot.symbols["code_end"] - boot.symbols["entry"],
+                     engine.size, image_bytes, boot, engine, loader_code_bytes)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ class BootResult(EngineOutput):
 
 
 MACHINES = ("pc", "q35", "isapc")
+FIRMWARES = ("bios", "uefi")
 DRIVES = ("ide", "floppy", "virtio", "usb", "usb-uhci", "usb-ehci")
 ACCELS = ("tcg", "kvm")
 USB_CONTROLLERS = {"usb": "qemu-xhci", "usb-uhci": "piix3-usb-uhci", "usb-ehci": "usb-ehci"}
@@ -56,15 +57,18 @@ class MachineConfig:
     cpu: str | None = None  # QEMU's default CPU model for the machine
     accel: str = "tcg"
     extra: tuple[str, ...] = ()
+    firmware: str = "bios"  # SeaBIOS, or OVMF (UEFI: qemu-system-x86_64, an image with an EFI System Partition)
 
     def validate(self) -> None:
         """Refuse what QEMU's machines cannot do; raises UsageError naming the option."""
         for name, value, choices in (("machine", self.machine, MACHINES), ("drive", self.drive, DRIVES),
-                                     ("accel", self.accel, ACCELS)):
+                                     ("accel", self.accel, ACCELS), ("firmware", self.firmware, FIRMWARES)):
             if value not in choices:
                 raise UsageError(f"--{name} {value!r} is not one of {', '.join(choices)}")
         if self.machine == "isapc" and self.drive not in ("ide", "floppy"):
             raise UsageError(f"--machine isapc has no PCI bus for --drive {self.drive}: use ide or floppy")
+        if self.firmware == "uefi" and (self.machine == "isapc" or self.drive == "floppy"):
+            raise UsageError("--firmware uefi needs a PCI machine (pc or q35) and a disk: not isapc, not a floppy")
         if self.memory_mib is not None and not 1 <= self.memory_mib <= 3072:
             raise UsageError(f"--memory {self.memory_mib} MiB is outside 1..3072")
 
@@ -79,8 +83,14 @@ def drive_arguments(image: Path, drive: str) -> list[str]:
 
 
 def qemu_command(binary: str, image: Path, machine: MachineConfig, memory_mib: int, monitor: Path) -> list[str]:
-    """The QEMU command line: headless, serial on stdio, a QMP socket, isa-debug-exit, the image attached."""
-    command = [binary, "-machine", f"{machine.machine},accel={machine.accel}", "-m", str(memory_mib),
+    """The QEMU command line: headless, serial on stdio, a QMP socket, isa-debug-exit, the image attached; under
+    UEFI, OVMF as the firmware with a copy of its variable store beside the QMP socket."""
+    firmware = []
+    if machine.firmware == "uefi":
+        from .uefi import copy_ovmf_vars, ovmf_qemu_args
+
+        firmware = ovmf_qemu_args(copy_ovmf_vars(monitor.parent))
+    command = [binary, *firmware, "-machine", f"{machine.machine},accel={machine.accel}", "-m", str(memory_mib),
                "-display", "none", "-serial", "stdio", "-qmp", f"unix:{monitor},server=on,wait=off",
                "-no-reboot", "-nic", "none", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
                *drive_arguments(image, machine.drive)]
@@ -100,9 +110,13 @@ def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, machine: MachineConfi
     lets it exit (SERIAL_GO).
     """
     machine.validate()
-    binary = shutil.which(QEMU)
+    if machine.firmware == "uefi":
+        from .uefi import HANDSHAKE_CUE, QEMU64 as program
+    else:
+        program, HANDSHAKE_CUE = QEMU, None
+    binary = shutil.which(program)
     if binary is None:
-        raise BootError(f"{QEMU} is not installed, the boot image cannot be run: {QEMU_INSTALL}")
+        raise BootError(f"{program} is not installed, the boot image cannot be run: {QEMU_INSTALL}")
     image = Path(image).resolve()
     if not image.is_file():
         raise BootError(f"boot image {image} does not exist: build it first")
@@ -115,15 +129,18 @@ def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, machine: MachineConfi
         with open(stderr_path, "wb") as stderr_file:
             process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr_file)
         try:
-            send_serial(process, SERIAL_RECORDS)
+            if HANDSHAKE_CUE is None:
+                send_serial(process, SERIAL_RECORDS)  # the UART holds it until the engine looks
             decoder = SerialDecoder()
             shot = screen_text = None
-            for record in stream_records(process, decoder, deadline, timeout):
+            for record in stream_records(process, decoder, deadline, timeout, HANDSHAKE_CUE):
                 if isinstance(record, Token) and on_token is not None:
                     on_token(record)
                 elif isinstance(record, End):
                     if screenshot is not None:
                         shot, screen_text = take_screenshot(monitor, Path(scratch), Path(screenshot), deadline)
+                        if machine.firmware == "uefi":
+                            screen_text = None  # OVMF's console is graphics: no VGA text page
                     send_serial(process, SERIAL_GO)
             exit_code = process.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
@@ -156,9 +173,11 @@ def send_serial(process: subprocess.Popen, byte: int) -> None:
         pass
 
 
-def stream_records(process: subprocess.Popen, decoder: SerialDecoder, deadline: float,
-                   timeout: float) -> Iterator[Record]:
-    """Yield the records of QEMU's serial output as they complete, until QEMU closes it; BootError at deadline."""
+def stream_records(process: subprocess.Popen, decoder: SerialDecoder, deadline: float, timeout: float,
+                   cue: bytes | None = None) -> Iterator[Record]:
+    """Yield the records of QEMU's serial output as they complete, until QEMU closes it; BootError at deadline.
+    With cue (the UEFI loader's line: the firmware resets the UART, so nothing sent earlier survives), send
+    SERIAL_RECORDS once the log text holds it."""
     fd = process.stdout.fileno()
     while True:
         left = deadline - time.monotonic()
@@ -172,6 +191,9 @@ def stream_records(process: subprocess.Popen, decoder: SerialDecoder, deadline: 
         if not chunk:
             return
         yield from decoder.feed(chunk)
+        if cue is not None and cue in decoder.log:
+            send_serial(process, SERIAL_RECORDS)
+            cue = None
 
 
 def take_screenshot(monitor: Path, scratch: Path, png: Path, deadline: float) -> tuple[Path, str]:

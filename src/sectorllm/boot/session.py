@@ -23,8 +23,8 @@ from ..packed import DEFAULT_SCHEME, HEADER, MAGIC, PackedModel, header_config, 
 from ..sampling import SamplerConfig
 from ..tokenizer import BOS, EOS
 from .image import (ADDRESSABLE_TOP, FLOPPY_PAYLOAD_LBA, MAX_ENGINE_BYTES, MAX_PROMPT_TOKENS, SECTOR, DiskLayout,
-                    ImageInfo, MemoryLayout, RunBlock, Status, Token, build_image, memory_layout, payload_lba,
-                    unpack_run_block)
+                    ImageInfo, MemoryLayout, RunBlock, Status, Token, build_image, image_firmware, memory_layout,
+                    payload_lba, unpack_run_block)
 from .qemu import DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT, MachineConfig, boot
 
 MEBIBYTE = 1 << 20
@@ -69,7 +69,7 @@ def run_block(packed: PackedModel, prompt: str, steps: int, sampler: SamplerConf
 def make_image(model: str | os.PathLike, tokenizer: str | os.PathLike | None, output: str | os.PathLike, *,
                prompt: str = "", steps: int = 256, temperature: float = 1.0, topp: float = 0.9, topk: int = 0,
                minp: float = 0.0, seed: int = 0, scheme: str = DEFAULT_SCHEME, floppy: bool = False,
-               listing_dir: str | os.PathLike | None = None) -> ImageInfo:
+               firmware: str = "bios", listing_dir: str | os.PathLike | None = None) -> ImageInfo:
     """Write a boot image that generates from `prompt` with these settings (run.c's meaning, seed 0 = the clock now):
     a partitioned disk image, or a 1.44 MB floppy image. The sizes are in the returned ImageInfo; nasm's listings
     and map files go to listing_dir if given.
@@ -78,7 +78,7 @@ def make_image(model: str | os.PathLike, tokenizer: str | os.PathLike | None, ou
     sampler.validate()
     blob, packed = packed_model(model, tokenizer, scheme)
     return build_image(blob, run_block(packed, prompt, steps, sampler), Path(output), floppy=floppy,
-                       listing_dir=None if listing_dir is None else Path(listing_dir))
+                       firmware=firmware, listing_dir=None if listing_dir is None else Path(listing_dir))
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class BootImage:
     memory: MemoryLayout
     config: ModelConfig
     floppy: bool
+    firmware: str  # image.image_firmware: "bios", "uefi" or "both"
 
     @property
     def model_bytes(self) -> int:
@@ -99,6 +100,16 @@ class BootImage:
     @property
     def memory_mib(self) -> int:
         return memory_mib(self.memory.memory_end)
+
+    def model_blob(self) -> bytes:
+        """The packed model's bytes, from the payload partition or (a UEFI-only image) the ESP's payload file."""
+        if self.firmware == "uefi":
+            from .uefi import read_esp_file
+
+            return read_esp_file(self.path)[SECTOR * (1 + self.disk.engine_sectors):][:self.disk.model_bytes]
+        with open(self.path, "rb") as f:
+            f.seek(self.disk.model_lba * SECTOR)
+            return f.read(self.disk.model_bytes)
 
     @property
     def forward_passes(self) -> tuple[int, str]:
@@ -116,11 +127,20 @@ def read_image(path: str | os.PathLike) -> BootImage:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            payload = payload_lba(f.read(SECTOR))
-            f.seek(payload * SECTOR)
-            run, disk, memory = unpack_run_block(f.read(SECTOR), payload)
-            f.seek(disk.model_lba * SECTOR)
-            header = f.read(HEADER.size)
+            boot_sector = f.read(SECTOR)
+            firmware = image_firmware(boot_sector)
+            if firmware == "uefi":  # the payload is a file on the EFI System Partition
+                from .uefi import read_esp_file
+
+                payload = read_esp_file(path)
+                run, disk, memory = unpack_run_block(payload[:SECTOR], 0)
+                header = payload[SECTOR * (1 + disk.engine_sectors):][:HEADER.size]
+            else:
+                lba = payload_lba(boot_sector)
+                f.seek(lba * SECTOR)
+                run, disk, memory = unpack_run_block(f.read(SECTOR), lba)
+                f.seek(disk.model_lba * SECTOR)
+                header = f.read(HEADER.size)
     except OSError as e:
         raise BootError(f"cannot read boot image {path}: {e.strerror}") from None
     except struct.error:
@@ -128,7 +148,7 @@ def read_image(path: str | os.PathLike) -> BootImage:
     if len(header) < HEADER.size or header[:len(MAGIC)] != MAGIC:
         raise BootError(f"{path} holds no packed model where its run block says: not a sectorllm boot image")
     return BootImage(path, run, disk, memory, header_config(HEADER.unpack_from(header)),
-                     payload == FLOPPY_PAYLOAD_LBA)
+                     firmware == "bios" and disk.payload_lba == FLOPPY_PAYLOAD_LBA, firmware)
 
 
 def verify_image(path: str | os.PathLike) -> BootImage:
@@ -138,13 +158,12 @@ def verify_image(path: str | os.PathLike) -> BootImage:
     image = read_image(path)
     disk, run, config = image.disk, image.run, image.config
     size = image.path.stat().st_size
-    if not 1 <= disk.engine_sectors <= MAX_ENGINE_SECTORS or disk.model_lba < disk.payload_lba + 1 + \
-            disk.engine_sectors or (disk.model_lba + -(-disk.model_bytes // SECTOR)) * SECTOR > size:
+    if not 1 <= disk.engine_sectors <= MAX_ENGINE_SECTORS or image.firmware != "uefi" and (
+            disk.model_lba < disk.payload_lba + 1 + disk.engine_sectors
+            or (disk.model_lba + -(-disk.model_bytes // SECTOR)) * SECTOR > size):
         raise BootError(f"{image.path}: its run block places the engine or the model outside the image: the image "
                         "is damaged, build it again")
-    with open(image.path, "rb") as f:
-        f.seek(disk.model_lba * SECTOR)
-        blob = f.read(disk.model_bytes)
+    blob = image.model_blob()
     try:
         read_sections(blob, "its packed model")
     except PackedFormatError as e:
@@ -193,6 +212,10 @@ def run_image(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, mach
     if machine.drive == "floppy" and not image.floppy:
         raise UsageError(f"{image.path} is a disk image; --drive floppy takes a floppy image (sectorllm image "
                          "--floppy)")
+    if image.firmware != "both" and image.firmware != machine.firmware:
+        raise UsageError(f"{image.path} boots under {'UEFI' if image.firmware == 'uefi' else 'a BIOS'} only: "
+                         f"use --firmware {'uefi' if image.firmware == 'uefi' else 'bios'}, or build it with "
+                         "sectorllm image --firmware both")
     tokens: list[Token] = []
     seconds: list[float] = []
 
@@ -202,7 +225,13 @@ def run_image(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, mach
         if on_token is not None:
             on_token(token)
 
-    booted = boot(image.path, timeout=timeout, machine=machine, memory_mib=image.memory_mib, screenshot=screenshot,
+    if machine.firmware == "uefi":
+        from .uefi import ovmf_memory_mib
+
+        memory = ovmf_memory_mib(image.memory.memory_end)
+    else:
+        memory = image.memory_mib
+    booted = boot(image.path, timeout=timeout, machine=machine, memory_mib=memory, screenshot=screenshot,
                   on_token=arrived)
     if booted.status != Status.OK:
         name = Status(booted.status).name if booted.status in Status.__members__.values() else booted.status
@@ -223,7 +252,8 @@ class BootGeneration(StreamedGeneration):
         arrivals: queue.Queue[Token | BootRun | BaseException] = queue.Queue()
         with tempfile.TemporaryDirectory(prefix="sectorllm-boot-") as scratch:
             path = Path(scratch) / "boot.img"
-            build_image(self.blob, self.run, path, floppy=self.machine.drive == "floppy")
+            build_image(self.blob, self.run, path, floppy=self.machine.drive == "floppy",
+                        firmware="uefi" if self.machine.firmware == "uefi" else "bios")
             echoed = read_image(path).echoed
 
             def run() -> None:
@@ -284,6 +314,7 @@ class BootBench:
     instructions_per_token: float  # from the start of the first forward pass to the last token's record
     code_bytes: int  # the engine binary, from nasm's map file
     boot_code_bytes: int  # the boot sector's code and messages (between its BPB area and its partition table)
+    uefi_loader_bytes: int  # the UEFI loader's code (uefi.asm, for this engine)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -305,5 +336,7 @@ def bench_boot(model: str = BENCH_MODEL, tokens: int = BENCH_TOKENS) -> BootBenc
     if result.status != Status.OK or not result.token_instructions:
         raise BootError(f"the emulated engine failed (status {result.status}): {result.log.strip()[-300:]}")
     done = result.token_instructions[-1]
+    from .uefi import assemble_loader, loader_code_bytes
+
     return BootBench(str(model), len(result.tokens), (done - start) / len(result.tokens), info.engine_bytes,
-                     info.boot_code_bytes)
+                     info.boot_code_bytes, loader_code_bytes(assemble_loader(info.engine)))
