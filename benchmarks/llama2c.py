@@ -109,7 +109,7 @@ def prompt_of(tokenizer_path: Path, vocab_size: int, n_tokens: int) -> tuple[str
 def our_engines(float_path: Path, threads: int) -> dict[tuple[str, int], tuple]:
     """(engine, threads) -> (engine, greedy sampler): float and fixed, on one thread and on `threads`."""
     checkpoint = load_checkpoint(float_path)
-    packed = quantize_model(checkpoint, checkpoint_tokenizer(checkpoint, float_path))
+    packed = quantize_model(checkpoint, checkpoint_tokenizer(checkpoint, float_path), "row")  # as sectorllm bench
     engines = {}
     for n in sorted({1, threads}):
         engines["float", n] = FloatEngine(checkpoint, n), Sampler(SamplerConfig(temperature=0))
