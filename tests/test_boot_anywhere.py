@@ -43,11 +43,13 @@ def stories(stories260k, tok512) -> tuple[bytes, PackedModel]:
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, stories, tmp_path_factory) -> tuple[dict[bool, Path], GenerationResult]:
-    """A disk image and a floppy image of one run, and what the fixed-point engine generates for it."""
+    """A disk image (for a BIOS and UEFI: the file `sectorllm image` writes) and a floppy image of one run, and what
+    the fixed-point engine generates for it."""
     blob, packed = stories
     run = session.run_block(packed, "", TOKENS + 1, CASES[request.param])
     folder = tmp_path_factory.mktemp(request.param)
-    images = {floppy: build_image(blob, run, folder / f"{floppy}.img", floppy=floppy).path for floppy in (False, True)}
+    images = {floppy: build_image(blob, run, folder / f"{floppy}.img", floppy=floppy,
+                                  firmware="bios" if floppy else "both").path for floppy in (False, True)}
     return images, golden(packed, TOKENS + 1, CASES[request.param])
 
 

@@ -61,7 +61,8 @@ def test_boot_image(tmp_path, stories260k, tok512, reference):
     assert proc.returncode == 0, proc.stderr.decode()
     rows = _rows(str(image))
     (case,) = [c for c in reference["generate_cases"] if c["prompt"] == "Once upon a time" and c["temperature"] == 0]
-    assert rows["kind"] == "sectorllm boot image (disk image, one MBR partition over the payload)"
+    assert rows["kind"] == ("sectorllm boot image (disk image for a BIOS and UEFI: the payload's MBR partition and "
+                            "an EFI System Partition)")
     assert rows["prompt"].endswith(str(case["prompt_tokens"]))  # run.c's encoding of the same prompt
     assert (rows["temperature"], rows["seed"], rows["steps"]) == ("0.8", "5", "100 (100 forward passes)")
     assert rows["RAM needed"].endswith("KiB (a 386 or later)") and rows["dim"] == "64"
