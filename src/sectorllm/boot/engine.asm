@@ -56,7 +56,6 @@ H_N_LAYERS          equ 24
 H_N_HEADS           equ 28
 H_N_KV_HEADS        equ 32
 H_VOCAB             equ 36
-H_SEQ_LEN           equ 40
 H_ACT_BITS_DIM      equ 52
 H_ACT_BITS_HIDDEN   equ 56
 H_ACT_BITS_HEAD     equ 60
@@ -103,7 +102,6 @@ HEAP_ALIGN          equ 4096            ; where the self-test copies its tokens:
 N_VECTORS           equ 14              ; the IDT's gates: the exceptions this code can raise (0..13); a higher
                                         ; vector is past the IDT's limit and raises #GP (13) instead
 SYSTEM_CONTROL_A    equ 0x92            ; "fast A20" port
-MOVE_GDT            equ 0x0600          ; INT 15h AH=87h's six descriptors; the BIOS fills in four
 LOAD_CHUNK_SECTORS  equ 64              ; 32 KiB: fits DISK_BUFFER, under the 127-sector limit of some BIOSes
 STX                 equ 0x02
 ETX                 equ 0x03

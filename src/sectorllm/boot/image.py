@@ -61,7 +61,8 @@ FLOPPY_SECTORS = 2880  # 1.44 MB: 80 cylinders, 2 heads, 18 sectors per track
 PARTITION_TABLE = 446
 PARTITION_TYPE = 0xDA  # non-filesystem data
 ENGINE_BASE = 0x8000
-MAX_ENGINE_BYTES = 63 * SECTOR  # layout.asm MAX_ENGINE_SECTORS: the boot sector reads them all, below 64 KiB
+MAX_ENGINE_SECTORS = 63  # layout.asm: the boot sector reads them all, below 64 KiB
+MAX_ENGINE_BYTES = MAX_ENGINE_SECTORS * SECTOR
 MODEL_BASE = 0x100000
 LOW_ARENA = (0x10000, 0x80000)  # conventional memory free after loading: below any EBDA (at most 128 KiB)
 ADDRESSABLE_TOP = 0xC000_0000  # PC memory above 3 GiB is PCI holes and ROM on QEMU's machines
@@ -269,6 +270,11 @@ def sectors(n_bytes: int) -> int:
     return -(-n_bytes // SECTOR)
 
 
+def whole_sectors(data: bytes) -> bytes:
+    """data zero-padded to whole sectors."""
+    return data.ljust(sectors(len(data)) * SECTOR, b"\0")
+
+
 @dataclass(frozen=True)
 class AssembledCode:
     """One nasm output and the assembler's own report of it (map file), and where its listing went if kept."""
@@ -412,10 +418,9 @@ def build_image(model_blob: bytes, run: RunBlock, output: Path, *, floppy: bool 
     else:
         total = align(payload_end, DISK_HEADS * DISK_SECTORS_PER_TRACK)
         boot_sector[PARTITION_TABLE:PARTITION_TABLE + 16] = partition_entry(payload_lba, total - payload_lba)
-    parts = [bytes(boot_sector), bytes((payload_lba - 1) * SECTOR),
-             pack_run_block(run, disk, memory, interrupt_table(engine.symbols)),
-             engine.code.ljust(engine_sectors * SECTOR, b"\0"), model_blob.ljust(sectors(len(model_blob)) * SECTOR,
-                                                                           b"\0")]
+    run_block = pack_run_block(run, disk, memory, interrupt_table(engine.symbols))
+    parts = [bytes(boot_sector), bytes((payload_lba - 1) * SECTOR), run_block, whole_sectors(engine.code),
+             whole_sectors(model_blob)]
     if floppy:
         fat = b"\xf0\xff\xff".ljust(9 * SECTOR, b"\0")
         parts += [fat, fat]
@@ -425,7 +430,7 @@ def build_image(model_blob: bytes, run: RunBlock, output: Path, *, floppy: bool 
     if firmware != "bios":
         from .uefi import esp_files, loader_code_bytes as code_bytes, uefi_disk_image, add_esp
 
-        files, loader = esp_files(engine, parts[2], model_blob, listing_dir)
+        files, loader = esp_files(engine, run_block, model_blob, listing_dir)
         parts = [add_esp(b"".join(parts), files) if firmware == "both" else uefi_disk_image(files, listing_dir)]
         loader_code_bytes = code_bytes(loader)
     image_bytes = write_atomically(output, parts)

@@ -3,7 +3,7 @@
 ;
 ; MEMORY MAP (physical addresses, while the engine runs under a BIOS)
 ;   0x00000 - 0x004FF   interrupt vectors, BIOS data area                                      BIOS
-;   0x00500 - 0x00503   MEM_TOP: the end of the RAM that starts at 1 MiB (memory.asm)
+;   0x00500 - 0x00503   MEM_TOP: the A20 probe's byte; with -DSELFTEST, the end of the RAM from 1 MiB
 ;   0x00504 - 0x0051B   E820_ENTRY: one INT 15h E820h answer
 ;   0x00600 - 0x07BFF   stack: ESP from STACK_TOP down (below 64 KiB, so real mode shares it)
 ;   0x07C00 - 0x07DFF   the boot sector: its read_sectors, print, fail and stop serve the engine's loader

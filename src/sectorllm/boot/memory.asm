@@ -4,7 +4,7 @@
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; engine_start: entered from the boot sector: DS = SS = 0, ES = 0, SP = STACK_TOP, the run block at RUN_BLOCK.
-; Output:   protected mode at load_model, [MEM_TOP] = the end of the RAM from 1 MiB
+; Output:   protected mode at load_model, EAX = the end of the RAM from 1 MiB
 ; ---------------------------------------------------------------------------------------------------------------
 engine_start:
         mov ax, 0x2401                  ; A20 on: the BIOS knows its machine's way; port 0x92 for BIOSes that

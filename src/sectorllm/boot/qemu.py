@@ -137,10 +137,9 @@ def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, machine: MachineConfi
                 if isinstance(record, Token) and on_token is not None:
                     on_token(record)
                 elif isinstance(record, End):
-                    if screenshot is not None:
-                        shot, screen_text = take_screenshot(monitor, Path(scratch), Path(screenshot), deadline)
-                        if machine.firmware == "uefi":
-                            screen_text = None  # OVMF's console is graphics: no VGA text page
+                    if screenshot is not None:  # (OVMF's console is graphics: no VGA text page to read)
+                        shot, screen_text = take_screenshot(monitor, Path(scratch), Path(screenshot), deadline,
+                                                            text_page=machine.firmware == "bios")
                     send_serial(process, SERIAL_GO)
             exit_code = process.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
@@ -156,7 +155,7 @@ def boot(image: Path, *, timeout: float = DEFAULT_TIMEOUT, machine: MachineConfi
     output = decoder.output()
     # Without an end record only isa-debug-exit (an odd exit code) says the guest ended the run; QEMU's own
     # errors also exit with 1, but say so on stderr.
-    if output.end_status is None and (exit_code & 1 == 0 or QEMU in stderr):
+    if output.end_status is None and (exit_code & 1 == 0 or program in stderr):
         raise BootError(f"QEMU ended (exit code {exit_code}) without the engine ending the run: "
                         f"{stderr.strip() or output.log.strip() or 'no output'}")
     status = output.end_status if output.end_status is not None else exit_code >> 1
@@ -196,9 +195,10 @@ def stream_records(process: subprocess.Popen, decoder: SerialDecoder, deadline: 
             cue = None
 
 
-def take_screenshot(monitor: Path, scratch: Path, png: Path, deadline: float) -> tuple[Path, str]:
-    """Ask QEMU, through QMP, for a PNG screendump of the VGA screen and for the text page's memory: the screenshot's
-    path and the screen's text."""
+def take_screenshot(monitor: Path, scratch: Path, png: Path, deadline: float,
+                    text_page: bool = True) -> tuple[Path, str | None]:
+    """Ask QEMU, through QMP, for a PNG screendump of the screen and (text_page) for the VGA text page's memory: the
+    screenshot's path and the screen's text (None without text_page)."""
     from qemu.qmp import QMPError  # (asyncio underneath: loaded only when a screenshot is asked for)
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -208,12 +208,15 @@ def take_screenshot(monitor: Path, scratch: Path, png: Path, deadline: float) ->
         client.connect()
         client.settimeout(max(deadline - time.monotonic(), 0.1))
         client.cmd("screendump", filename=str(shot), format="png")
-        client.cmd("pmemsave", val=TEXT_PAGE, size=TEXT_COLUMNS * TEXT_ROWS * 2, filename=str(page))
+        if text_page:
+            client.cmd("pmemsave", val=TEXT_PAGE, size=TEXT_COLUMNS * TEXT_ROWS * 2, filename=str(page))
     except (OSError, QMPError) as error:
         raise BootError(f"cannot take the screenshot through QEMU's QMP: {error}") from None
     finally:
         client.close()
     write_atomically(png, (shot.read_bytes(),))
+    if not text_page:
+        return png, None
     characters = page.read_bytes()[::2].decode("cp437")  # (character, attribute) pairs
     lines = (characters[i:i + TEXT_COLUMNS].rstrip() for i in range(0, len(characters), TEXT_COLUMNS))
     return png, "\n".join(lines)

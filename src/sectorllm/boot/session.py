@@ -22,13 +22,12 @@ from ..generate import (GenerationResult, StreamedGeneration, Token as TextToken
 from ..packed import DEFAULT_SCHEME, HEADER, MAGIC, PackedModel, header_config, pack, read_sections
 from ..sampling import SamplerConfig
 from ..tokenizer import BOS, EOS
-from .image import (ADDRESSABLE_TOP, FLOPPY_PAYLOAD_LBA, MAX_ENGINE_BYTES, MAX_PROMPT_TOKENS, SECTOR, DiskLayout,
-                    ImageInfo, MemoryLayout, RunBlock, Status, Token, build_image, image_firmware, memory_layout,
-                    payload_lba, unpack_run_block)
+from .image import (ADDRESSABLE_TOP, FLOPPY_PAYLOAD_LBA, MAX_ENGINE_SECTORS, MAX_PROMPT_TOKENS, SECTOR,
+                    DiskLayout, ImageInfo, MemoryLayout, RunBlock, Status, Token, build_image, image_firmware,
+                    memory_layout, payload_lba, unpack_run_block)
 from .qemu import DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT, MachineConfig, boot
 
 MEBIBYTE = 1 << 20
-MAX_ENGINE_SECTORS = MAX_ENGINE_BYTES // SECTOR
 BIOS_HEADROOM_MIB = 4  # SeaBIOS keeps the top of RAM for its tables
 BENCH_MODEL = "stories260K"
 BENCH_TOKENS = 256

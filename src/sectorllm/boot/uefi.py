@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import BootError
 from .image import (SECTOR, SERIAL_GO, SERIAL_RECORDS, SOURCE_DIR, AssembledCode, DiskLayout, End, EngineOutput,
-                    SerialDecoder, Token, assemble)
+                    SerialDecoder, Token, assemble, whole_sectors)
 from .qemu import QEMU_INSTALL, drive_arguments, send_serial
 
 LOADER_SOURCE = SOURCE_DIR / "uefi.asm"
@@ -77,7 +77,7 @@ def payload(run_block: bytes, engine: bytes, model: bytes) -> bytes:
     """\\SECTORLLM.BIN: the run block sector, the engine padded to whole sectors, then the model."""
     if len(run_block) != SECTOR:
         raise BootError(f"a run block is one {SECTOR}-byte sector, not {len(run_block)} bytes")
-    return run_block + engine + bytes(-len(engine) % SECTOR) + model
+    return run_block + whole_sectors(engine) + model
 
 
 def esp_files(engine: AssembledCode, run_block: bytes, model: bytes,
