@@ -26,7 +26,8 @@ from sectorllm.sampling import SamplerConfig
 from .conftest import emulator_module, require
 SELFTEST = {"SELFTEST": None}
 SELFTEST_TOKENS = [Token(1, b"Once"), Token(9038, b" upon\n"), Token(13, b"\n"), Token(0, b""),
-                   Token(400, bytes([0x00, 0xFF, 0x02, 0x03, img.SERIAL_RECORDS, 0x80, 0x0D])), Token(65535, b" time.\r\n\x7f")]
+                   Token(400, bytes([0x00, 0xFF, 0x02, 0x03, img.SERIAL_RECORDS, 0x80, 0x0D])),
+                   Token(65535, b" time.\r\n\x7f")]
 RUN = RunBlock(prompt_tokens=(1, 403, 65535, 0), steps=77, inv_temperature_q16=81920, topp_q16=58982, topk=40,
                seed=0x1234_5678_9ABC_DEF1)
 

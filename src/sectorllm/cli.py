@@ -69,9 +69,10 @@ def _run_c_seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
-def _number(convert: type, low: int | None = None) -> Callable[[str], float]:
-    """An argparse type: a finite `convert` of the text, at least `low`; argparse turns the ArgumentTypeError into one
-    usage line naming the flag. Sampling settings get their ranges from SamplerConfig.validate, before any work."""
+def _number(convert: type, low: float | None = None, high: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite `convert` of the text, at least `low` and at most `high`; argparse turns the
+    ArgumentTypeError into one usage line naming the flag. Sampling settings get their ranges from
+    SamplerConfig.validate, before any work."""
 
     def parse(text: str) -> float:
         try:
@@ -82,6 +83,8 @@ def _number(convert: type, low: int | None = None) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         if low is not None and value < low:
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {low} or more")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {high} or less")
         return value
 
     return parse
@@ -381,13 +384,6 @@ def _add_generation_flags(parser: argparse.ArgumentParser, schemes: tuple[str, .
                         help="quantization scheme when a checkpoint is quantized (fixed and boot engines)")
 
 
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 86400:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds in (0, 86400]")
-    return value
-
-
 def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
     """The QEMU machine a boot image runs on: `boot` and `run --engine boot` share these."""
     from .boot.qemu import ACCELS, DRIVES, MACHINES
@@ -405,8 +401,8 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
                        help="SeaBIOS (default), or OVMF: UEFI in qemu-system-x86_64 (an image built for uefi or both)")
     group.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
                        help="one more argument for QEMU, as it is (repeatable)")
-    group.add_argument("--timeout", type=_positive_seconds, default=120.0,
-                       help="seconds before QEMU is killed (default 120)")
+    group.add_argument("--timeout", type=_number(float, 0.1, 86400), default=120.0,
+                       help="seconds before QEMU is killed, 0.1..86400 (default 120)")
 
 
 def _machine(args: argparse.Namespace):

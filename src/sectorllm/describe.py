@@ -108,9 +108,10 @@ def describe_image(path: Path) -> Rows:
     passes, _ = image.forward_passes
     temperature = "0 (greedy)" if run.inv_temperature_q16 == 0 else f"{65536 / run.inv_temperature_q16:.4g}"
     topp = "off" if run.topp_q16 >= 65536 else f"{run.topp_q16 / 65536:.4g}"
-    medium = {"bios": "disk image, one MBR partition over the payload", "both": "disk image for a BIOS and UEFI: the "
-              "payload's MBR partition and an EFI System Partition", "uefi": "disk image for UEFI: an EFI System "
-              "Partition"}[image.firmware] if not image.floppy else "1.44 MB floppy image"
+    media = {"bios": "disk image, one MBR partition over the payload",
+             "both": "disk image for a BIOS and UEFI: the payload's MBR partition and an EFI System Partition",
+             "uefi": "disk image for UEFI: an EFI System Partition"}
+    medium = "1.44 MB floppy image" if image.floppy else media[image.firmware]
     rows: Rows = [("file", path), ("kind", f"sectorllm boot image ({medium})"),
                   ("parts", f"boot sector, run block at sector {layout.payload_lba}, engine "
                             f"{layout.engine_sectors * _SECTOR:,} bytes ({layout.engine_sectors} sectors), packed model "
