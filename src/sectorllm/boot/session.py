@@ -212,9 +212,9 @@ def run_image(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, mach
         raise UsageError(f"{image.path} is a disk image; --drive floppy takes a floppy image (sectorllm image "
                          "--floppy)")
     if image.firmware != "both" and image.firmware != machine.firmware:
+        rebuild = "" if image.floppy else ", or build it with sectorllm image --firmware both"
         raise UsageError(f"{image.path} boots under {'UEFI' if image.firmware == 'uefi' else 'a BIOS'} only: "
-                         f"use --firmware {'uefi' if image.firmware == 'uefi' else 'bios'}, or build it with "
-                         "sectorllm image --firmware both")
+                         f"use --firmware {'uefi' if image.firmware == 'uefi' else 'bios'}{rebuild}")
     tokens: list[Token] = []
     seconds: list[float] = []
 
