@@ -179,7 +179,7 @@ qkv_buf:            resd 1              ; q, k, v (dim + 2 kv_dim)
 hb_buf:             resd 1              ; gate, then up (2 hidden_dim)
 att_buf:            resd 1              ; scores, then e, then weights (pos + 1)
 logits_buf:         resd 1              ; (vocab_size)
-sample_buf:         resd 1              ; the sampler's e (vocab_size), then its picks
+sample_buf:         resd 1              ; the sampler's keys (vocab_size)
 kernel_buf:         resd 1              ; the two dot-product kernels, written by setup_model
 N_BUFFERS           equ ($ - buffers) / 4
 kv_base:            resd 1              ; the first cache block: n_layers * n_kv_heads blocks (store_kv)
@@ -218,9 +218,7 @@ att_block:          resd 1
 sample_room:        resd 1              ; sample
 sample_total:       resd 1
 sample_top:         resd 1
-sample_keep_end:    resd 1
 sample_threshold:   resd 1
-sample_sorted:      resd 1
-sample_picks:       resd 1
+sample_stop:        resd 1
 VARS_END:
 SEC:                resb 16 * N_KINDS   ; per section kind: SEC_ADDR, SEC_LEN, SEC_PARAM

@@ -185,7 +185,7 @@ def memory_layout(model_bytes: int, config: ModelConfig | None, passes: int) -> 
     layer_bytes = kv_block * c.n_kv_heads
     sizes = {"x": 4 * c.dim, "xb": 4 * c.dim, "act": 4 * max(c.dim, c.hidden_dim), "qkv": 4 * (c.dim + 2 * c.kv_dim),
              "hb": 8 * c.hidden_dim, "att": 4 * cache_len, "logits": 4 * c.vocab_size,
-             "sample": 12 * c.vocab_size,  # the sampler's weights, then up to vocab_size (index, weight) picks
+             "sample": 4 * c.vocab_size,  # the sampler's keys
              "kernel": 2 * (16 * macs + 1), "kv": layer_bytes * c.n_layers}
     x = LOW_ARENA[0]
     placed = {"x": x, "xb": x + XB_DISTANCE}  # rmsnorm writes xb at x + XB_DISTANCE

@@ -26,6 +26,9 @@ argmax:
 ; sample (fixed.py FixedSampler.sample, sample_fixed): greedy when inv_temperature is 0; otherwise weights
 ; e[i] = exp_lookup((top - logit[i]) * inv_temperature >> 16), 0 below min-p, the top-k / top-p cut over the order
 ; (e descending, index ascending; index order when both are off) and one 24-bit coin from xorshift64*.
+; A token is kept as the key (65536 - e) << 16 | index, so the order is the keys' ascending order (e <= 65536,
+; vocab_size <= 65536); weightless tokens are left out, as they can never be drawn. The cut takes keys from a
+; heap until it passes the threshold, so its cost grows with log(vocab) per kept token, not with the vocabulary.
 ; Output:   EAX = token id
 ; Clobbers: everything but EBP
 ; ---------------------------------------------------------------------------------------------------------------
@@ -38,36 +41,33 @@ sample:
         mov [var(sample_top)], ebx
         mov ebx, [SECTION(K_EXP_TABLE) + SEC_ADDR]
         mov edi, [var(sample_buf)]
-        xor eax, eax
-        mov [var(sample_total)], eax
-        mov ecx, [hdr(H_VOCAB)]
+        mov [var(sample_total)], ecx    ; ECX = 0: the index
 .weight:
-        push ecx
         lodsd
         neg eax
         add eax, [var(sample_top)]
         mul dword [var(run_inv_temperature)]
         shrd eax, edx, 16
         shr edx, 16
-        jnz .far
+        jnz .next                       ; past the table: the scaled distance is 2^32 or more
+        push ecx
         call lookup
-        cmp eax, [var(run_minp)]
-        jae .store
-.far:   xor eax, eax                    ; past the table (the scaled distance is 2^32 or more), or below min-p
-.store: stosd
-        add [var(sample_total)], eax
         pop ecx
-        loop .weight                    ; EDI = the picks: (index, e) pairs in the order
-        mov edx, [hdr(H_VOCAB)]
-        mov eax, [var(run_topk)]
-        dec eax
-        dec edx
-        cmp eax, edx
-        jb .keep
-        xchg eax, edx
-.keep:  inc eax                         ; top-k if 0 < topk < vocab_size, else vocab_size
-        lea eax, [edi + eax*8]
-        mov [var(sample_keep_end)], eax
+        cmp eax, [var(run_minp)]
+        jb .next
+        add [var(sample_total)], eax
+        neg eax
+        jz .next
+        shl eax, 16
+        mov ax, cx
+        stosd
+.next:  inc ecx
+        cmp ecx, [hdr(H_VOCAB)]
+        jb .weight
+        mov esi, [var(sample_buf)]
+        mov ecx, edi
+        sub ecx, esi
+        shr ecx, 2                      ; the keys
         mov eax, [var(run_topp)]
         or edx, -1                      ; top-p off: no running sum is above this
         cmp eax, 1 << 16
@@ -80,43 +80,81 @@ sample:
         mov [var(sample_room)], edx     ; the threshold less the weight kept so far
         inc edx
         or edx, [var(run_topk)]
-        mov [var(sample_sorted)], edx   ; 0 when both are off: index order
-        mov [var(sample_picks)], edi
-.pick:  mov eax, edi
-        sub eax, [var(sample_picks)]
-        shr eax, 3
-        mov esi, [var(sample_buf)]
-        cmp dword [var(sample_sorted)], 0
-        je .picked
-        mov ecx, [hdr(H_VOCAB)]
-        call argmax                     ; the largest weight not picked yet
-.picked:
-        stosd
-        or ebx, -1
-        xchg ebx, [esi + eax*4]
+        jz .coin                        ; both off: the keys in index order, all kept
+        mov eax, [var(run_topk)]
+        dec eax
+        lea edx, [ecx - 1]
+        sub edx, eax                    ; the heap's size when top-k is reached: keys - topk if 0 < topk < keys
+        jnc .stop
+        xor edx, edx
+.stop:  mov [var(sample_stop)], edx
+        sub edi, 4
+        push edi                        ; the last key: taken keys gather from here down, in the order
+        mov eax, ecx
+        shr eax, 1
+.heap:  dec eax                         ; heapify, from the last parent up
+        js .take
+        push eax
         xchg eax, ebx
-        stosd
-        sub [var(sample_room)], eax
-        jb .cut                         ; the running sum passed the threshold
-        cmp edi, [var(sample_keep_end)]
-        jb .pick
-.cut:   call random_u32
+        mov eax, [esi + ebx*4]
+        call sift_down
+        pop eax
+        jmp .heap
+.take:  dec ecx
+        push dword [esi]                ; the smallest key
+        mov eax, [esi + ecx*4]
+        xor ebx, ebx
+        call sift_down                  ; the last key sinks from the root
+        pop eax
+        mov [esi + ecx*4], eax
+        shr eax, 16
+        sub eax, 1 << 16                ; -e
+        add [var(sample_room)], eax
+        jnc .cut                        ; the running sum passed the threshold
+        cmp ecx, [var(sample_stop)]
+        ja .take
+.cut:   mov eax, [var(sample_threshold)]
+        sub eax, [var(sample_room)]
+        mov [var(sample_total)], eax    ; the kept weight
+        pop esi
+        std                             ; the walk goes down through the taken keys (random_u32 moves no strings)
+.coin:  call random_u32
         shr eax, 8                      ; the coin
-        mov ecx, [var(sample_threshold)]
-        sub ecx, [var(sample_room)]     ; the kept weight
-        mul ecx
+        mul dword [var(sample_total)]
         shrd eax, edx, 24
         xchg eax, edx                   ; target < the kept weight
-        mov esi, [var(sample_picks)]
 .walk:  lodsd
-        xchg eax, ebx
-        lodsd
-        cmp edx, eax
-        jb .found
-        sub edx, eax
-        jmp .walk
-.found: xchg eax, ebx
+        mov ebx, eax
+        shr eax, 16
+        sub eax, 1 << 16                ; -e
+        add edx, eax                    ; carries while target >= e
+        jc .walk
+        movzx eax, bx
+        cld
 .done:  ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; sift_down: place a key in a min-heap of keys, starting at a hole and moving smaller children up.
+; Entry:    ESI = the heap, ECX = its size, EBX = the hole's index, EAX = the key
+; Clobbers: EBX, EDX, EDI
+; ---------------------------------------------------------------------------------------------------------------
+sift_down:
+.level: lea edx, [ebx*2 + 2]            ; the right child
+        cmp edx, ecx
+        ja .place                       ; no child
+        je .left                        ; the left child only
+        mov edi, [esi + edx*4]
+        cmp edi, [esi + edx*4 - 4]
+        jb .child
+.left:  dec edx
+        mov edi, [esi + edx*4]
+.child: cmp eax, edi
+        jb .place
+        mov [esi + ebx*4], edi
+        mov ebx, edx
+        jmp .level
+.place: mov [esi + ebx*4], eax
+        ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; random_u32 (sampling.py XorShiftRng.next_u32, run.c's xorshift64*): s ^= s >> 12; s ^= s << 25; s ^= s >> 27
