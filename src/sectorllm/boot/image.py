@@ -66,7 +66,8 @@ MAX_ENGINE_BYTES = MAX_ENGINE_SECTORS * SECTOR
 MODEL_BASE = 0x100000
 LOW_ARENA = (0x10000, 0x80000)  # conventional memory free after loading: below any EBDA (at most 128 KiB)
 ADDRESSABLE_TOP = 0xC000_0000  # PC memory above 3 GiB is PCI holes and ROM on QEMU's machines
-HEAP_ALIGN = 4096  # the high arena starts on a page after the model
+PAGE = 4096
+HEAP_ALIGN = PAGE  # the high arena starts on a page after the model
 BUFFER_ALIGN = 16
 XB_DISTANCE = 0x10000  # layout.asm: xb = x + XB_DISTANCE, so dim <= 16384
 
@@ -193,10 +194,11 @@ def memory_layout(model_bytes: int, config: ModelConfig | None, passes: int) -> 
             [align(model_end, HEAP_ALIGN), None]]  # [start, end) ranges; the last one is open
     rest = [name for name in sizes if name not in placed]  # in sizes' order: equal sizes keep it (a set would not)
     for name in sorted(rest, key=lambda n: -sizes[n]):
-        size = align(sizes[name], BUFFER_ALIGN)
-        space = next(r for r in free if r[1] is None or r[0] + size <= r[1])
-        placed[name] = space[0]
-        space[0] += size
+        granule = PAGE if name == "kernel" else BUFFER_ALIGN  # QEMU takes a slow path on every write to a code page
+        size = align(sizes[name], granule)
+        space = next(r for r in free if r[1] is None or align(r[0], granule) + size <= r[1])
+        placed[name] = align(space[0], granule)
+        space[0] = placed[name] + size
     high = free[-1][0]
     return MemoryLayout(tuple(placed[name] for name in BUFFER_NAMES), placed["kv"], kv_block, off_vt, kv_stride,
                         value_row, layer_bytes, macs, align(max(model_end, high), 1024))  # whole KiB, as reported

@@ -5,7 +5,8 @@
 ;   0x00000 - 0x004FF   interrupt vectors, BIOS data area                                      BIOS
 ;   0x00500 - 0x00503   MEM_TOP: the A20 probe's byte; with -DSELFTEST, the end of the RAM from 1 MiB
 ;   0x00504 - 0x0051B   E820_ENTRY: one INT 15h E820h answer
-;   0x00600 - 0x07BFF   stack: ESP from STACK_TOP down (below 64 KiB, so real mode shares it)
+;   0x00600 - 0x06FFF   stack: ESP from STACK_TOP down (below 64 KiB, so real mode shares it; not on the boot
+;                       sector's page: QEMU takes a slow path on every write to a page that holds code it ran)
 ;   0x07C00 - 0x07DFF   the boot sector: its read_sectors, print, fail and stop serve the engine's loader
 ;   0x07E00 - 0x07FFF   RUN_BLOCK: the run block sector, fields at RB_* (image.py RunBlock), with the IDT
 ;   0x08000 - 0x0FFFF   ENGINE_BASE: engine.asm, then its variables, IDT and section entries (engine.asm)
@@ -19,7 +20,7 @@
 ; engine's VARS: the sampler's integers and the memory layout image.py resolved from the model's header. The IDT
 ; and its descriptor are resolved there too, from the engine's map.
 
-STACK_TOP           equ 0x7C00
+STACK_TOP           equ 0x7000
 MEM_TOP             equ 0x0500
 E820_ENTRY          equ 0x0504
 BOOT_SECTOR         equ 0x7C00

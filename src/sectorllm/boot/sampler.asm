@@ -20,15 +20,17 @@ argmax:
         loop .next
         sub eax, esi
         shr eax, 2
-        ret
+.done:  ret
+
+FIRST_GAP           equ 65537 * 9 / 4   ; shell-sort gaps from here down, each 4/9 of the last: one past 65536 keys
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; sample (fixed.py FixedSampler.sample, sample_fixed): greedy when inv_temperature is 0; otherwise weights
 ; e[i] = exp_lookup((top - logit[i]) * inv_temperature >> 16), 0 below min-p, the top-k / top-p cut over the order
 ; (e descending, index ascending; index order when both are off) and one 24-bit coin from xorshift64*.
-; A token is kept as the key (65536 - e) << 16 | index, so the order is the keys' ascending order (e <= 65536,
-; vocab_size <= 65536); weightless tokens are left out, as they can never be drawn. The cut takes keys from a
-; heap until it passes the threshold, so its cost grows with log(vocab) per kept token, not with the vocabulary.
+; Each token that weighs something is one key, (65536 - e) << 16 | index (e <= 65536, vocab_size <= 65536), so
+; the order is the keys' ascending order; a token that weighs nothing is never drawn and is left out. The keys
+; are shell-sorted, which costs the same whatever the cut keeps, rather than picked one vocabulary scan at a time.
 ; Output:   EAX = token id
 ; Clobbers: everything but EBP
 ; ---------------------------------------------------------------------------------------------------------------
@@ -37,7 +39,7 @@ sample:
         mov ecx, [hdr(H_VOCAB)]
         call argmax                     ; EAX = the greedy choice, EBX = the top logit
         cmp [var(run_inv_temperature)], ecx
-        je .done
+        je argmax.done
         mov [var(sample_top)], ebx
         mov ebx, [SECTION(K_EXP_TABLE) + SEC_ADDR]
         mov edi, [var(sample_buf)]
@@ -59,101 +61,91 @@ sample:
         neg eax
         jz .next
         shl eax, 16
-        mov ax, cx
+        or eax, ecx
         stosd
 .next:  inc ecx
         cmp ecx, [hdr(H_VOCAB)]
         jb .weight
         mov esi, [var(sample_buf)]
-        mov ecx, edi
-        sub ecx, esi
-        shr ecx, 2                      ; the keys
+        mov ecx, edi                    ; the keys' end
+        mov edx, [var(sample_total)]
         mov eax, [var(run_topp)]
-        or edx, -1                      ; top-p off: no running sum is above this
-        cmp eax, 1 << 16
-        jae .threshold
-        mul dword [var(sample_total)]
+        mul edx
         shrd eax, edx, 16
-        xchg eax, edx
-.threshold:
-        mov [var(sample_threshold)], edx
-        mov [var(sample_room)], edx     ; the threshold less the weight kept so far
-        inc edx
-        or edx, [var(run_topk)]
-        jz .coin                        ; both off: the keys in index order, all kept
-        mov eax, [var(run_topk)]
-        dec eax
-        lea edx, [ecx - 1]
-        sub edx, eax                    ; the heap's size when top-k is reached: keys - topk if 0 < topk < keys
-        jnc .stop
+        xchg eax, edx                   ; the threshold: total * top-p >> 16, below total when top-p is on
+        bt dword [var(run_topp)], 16
+        jnc .sort
+        dec edx                         ; top-p off: total - 1, which the running sum passes at the last key
+        cmp dword [var(run_topk)], byte 0
+        je .cut                         ; both off: the keys in index order
+.sort:  push edx
+        push ebp
+        mov eax, -4 * FIRST_GAP         ; EAX = -4h
+.gap:   mov ebp, esi
+        sub ebp, eax                    ; key h: the first one with a key h before it
+        mov ebx, ebp
+.insert:
+        cmp ebx, ecx
+        jae .narrow
+        mov edx, [ebx]
+        mov edi, ebx
+.shift: cmp [edi + eax], edx
+        jbe .place
+        push dword [edi + eax]
+        pop dword [edi]
+        add edi, eax
+        cmp edi, ebp
+        jae .shift
+.place: mov [edi], edx
+        add ebx, 4
+        jmp .insert
+.narrow:
+        neg eax
+        shl eax, 2
+        push byte 9
+        pop ebx
         xor edx, edx
-.stop:  mov [var(sample_stop)], edx
-        sub edi, 4
-        push edi                        ; the last key: taken keys gather from here down, in the order
-        mov eax, ecx
-        shr eax, 1
-.heap:  dec eax                         ; heapify, from the last parent up
-        js .take
-        push eax
-        xchg eax, ebx
-        mov eax, [esi + ebx*4]
-        call sift_down
-        pop eax
-        jmp .heap
-.take:  dec ecx
-        push dword [esi]                ; the smallest key
-        mov eax, [esi + ecx*4]
-        xor ebx, ebx
-        call sift_down                  ; the last key sinks from the root
-        pop eax
-        mov [esi + ecx*4], eax
-        shr eax, 16
-        sub eax, 1 << 16                ; -e
-        add [var(sample_room)], eax
-        jnc .cut                        ; the running sum passed the threshold
-        cmp ecx, [var(sample_stop)]
-        ja .take
-.cut:   mov eax, [var(sample_threshold)]
-        sub eax, [var(sample_room)]
-        mov [var(sample_total)], eax    ; the kept weight
+        div ebx                         ; the next gap: 4/9 of this one
+        and al, -4
+        neg eax
+        jnz .gap
+        pop ebp
+        pop edx
+.cut:   push edx
+        push esi
+        mov ecx, [var(run_topk)]        ; 0: no top-k
+        call take_keys
         pop esi
-        std                             ; the walk goes down through the taken keys (random_u32 moves no strings)
-.coin:  call random_u32
+        pop eax
+        sub eax, edx                    ; the kept weight
+        push eax
+        call random_u32
         shr eax, 8                      ; the coin
-        mul dword [var(sample_total)]
+        pop edx
+        mul edx
         shrd eax, edx, 24
         xchg eax, edx                   ; target < the kept weight
-.walk:  lodsd
+        xor ecx, ecx
+        call take_keys
+        movzx eax, bx
+        ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; take_keys: take the sampler's keys in their order until their weights' running sum passes a limit (or ECX are
+; taken; ECX = 0 for no count).
+; Entry:    ESI = keys, EDX = the limit, ECX
+; Output:   EBX = the last key taken, EDX = limit - running sum (mod 2^32), ESI past it
+; Clobbers: EAX, ECX
+; ---------------------------------------------------------------------------------------------------------------
+take_keys:
+        lodsd
         mov ebx, eax
         shr eax, 16
         sub eax, 1 << 16                ; -e
-        add edx, eax                    ; carries while target >= e
-        jc .walk
-        movzx eax, bx
-        cld
-.done:  ret
-
-; ---------------------------------------------------------------------------------------------------------------
-; sift_down: place a key in a min-heap of keys, starting at a hole and moving smaller children up.
-; Entry:    ESI = the heap, ECX = its size, EBX = the hole's index, EAX = the key
-; Clobbers: EBX, EDX, EDI
-; ---------------------------------------------------------------------------------------------------------------
-sift_down:
-.level: lea edx, [ebx*2 + 2]            ; the right child
-        cmp edx, ecx
-        ja .place                       ; no child
-        je .left                        ; the left child only
-        mov edi, [esi + edx*4]
-        cmp edi, [esi + edx*4 - 4]
-        jb .child
-.left:  dec edx
-        mov edi, [esi + edx*4]
-.child: cmp eax, edi
-        jb .place
-        mov [esi + ebx*4], edi
-        mov ebx, edx
-        jmp .level
-.place: mov [esi + ebx*4], eax
+        add edx, eax                    ; carries while the limit left is at least e
+        jnc .passed
+        loop take_keys
+.passed:
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
