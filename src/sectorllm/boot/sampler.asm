@@ -1,33 +1,13 @@
 ; sampler.asm - the next token from the logits: greedy, or the fixed-point sampler (engines/fixed.py
 ; FixedSampler: temperature, min-p, top-k, top-p) with run.c's xorshift64* generator.
 
-; ---------------------------------------------------------------------------------------------------------------
-; argmax: the first index of the largest value (signed), as np.argmax.
-; Entry:    ESI = i32 values, ECX = n >= 1
-; Output:   EAX = index, EBX = value, ECX = 0
-; Clobbers: EDX
-; ---------------------------------------------------------------------------------------------------------------
-argmax:
-        mov edx, esi
-        mov eax, esi
-        mov ebx, [esi]
-.next:  cmp [edx], ebx
-        jle .not_larger
-        mov eax, edx
-        mov ebx, [edx]
-.not_larger:
-        add edx, 4
-        loop .next
-        sub eax, esi
-        shr eax, 2
-.done:  ret
-
-FIRST_GAP           equ 65537 * 9 / 4   ; shell-sort gaps from here down, each 4/9 of the last: one past 65536 keys
+FOUR_NINTHS         equ 0x71C71C72      ; 4/9 in 0.32 fixed point, rounded up
 
 ; ---------------------------------------------------------------------------------------------------------------
-; sample (fixed.py FixedSampler.sample, sample_fixed): greedy when inv_temperature is 0; otherwise weights
-; e[i] = exp_lookup((top - logit[i]) * inv_temperature >> 16), 0 below min-p, the top-k / top-p cut over the order
-; (e descending, index ascending; index order when both are off) and one 24-bit coin from xorshift64*.
+; sample (fixed.py FixedSampler.sample, sample_fixed): greedy (the first index of the largest logit, as
+; np.argmax) when inv_temperature is 0; otherwise weights e[i] = exp_lookup((top - logit[i]) * inv_temperature
+; >> 16), 0 below min-p, the top-k / top-p cut over the order (e descending, index ascending; index order when
+; both are off) and one 24-bit coin from xorshift64*; then falls through into take_keys, which draws the token.
 ; Each token that weighs something is one key, (65536 - e) << 16 | index (e <= 65536, vocab_size <= 65536), so
 ; the order is the keys' ascending order; a token that weighs nothing is never drawn and is left out. The keys
 ; are shell-sorted, which costs the same whatever the cut keeps, rather than picked one vocabulary scan at a time.
@@ -37,9 +17,23 @@ FIRST_GAP           equ 65537 * 9 / 4   ; shell-sort gaps from here down, each 4
 sample:
         mov esi, [var(logits_buf)]
         mov ecx, [hdr(H_VOCAB)]
-        call argmax                     ; EAX = the greedy choice, EBX = the top logit
+        mov edx, esi
+        mov eax, esi
+        mov ebx, [esi]
+.argmax:
+        cmp [edx], ebx
+        jle .not_larger
+        mov eax, edx
+        mov ebx, [edx]
+.not_larger:
+        add edx, 4
+        loop .argmax
+        sub eax, esi
+        shr eax, 2                      ; the greedy choice; EBX = the top logit
         cmp [var(run_inv_temperature)], ecx
-        je argmax.done
+        jne .weights
+        ret
+.weights:
         mov [var(sample_top)], ebx
         mov ebx, [SECTION(K_EXP_TABLE) + SEC_ADDR]
         mov edi, [var(sample_buf)]
@@ -68,9 +62,8 @@ sample:
         jb .weight
         mov esi, [var(sample_buf)]
         mov ecx, edi                    ; the keys' end
-        mov edx, [var(sample_total)]
         mov eax, [var(run_topp)]
-        mul edx
+        mul dword [var(sample_total)]
         shrd eax, edx, 16
         xchg eax, edx                   ; the threshold: total * top-p >> 16, below total when top-p is on
         bt dword [var(run_topp)], 16
@@ -79,37 +72,36 @@ sample:
         cmp dword [var(run_topk)], byte 0
         je .cut                         ; both off: the keys in index order
 .sort:  push edx
-        push ebp
-        mov eax, -4 * FIRST_GAP         ; EAX = -4h
-.gap:   mov ebp, esi
-        sub ebp, eax                    ; key h: the first one with a key h before it
-        mov ebx, ebp
+        mov eax, ecx
+        sub eax, esi                    ; 4h, h from the keys' count down
+.gap:   inc eax
+        mov edx, FOUR_NINTHS
+        mul edx
+        xchg eax, edx
+        and eax, byte -4                ; the next gap: about (4h + 1) / 9, so 2 and 3 go on to 1, and 1 to 0
+        jz .sorted
+        mov ebx, ecx
+        sub ebx, eax
+        push ebx                        ; the end of the keys with a key h after them
 .insert:
-        cmp ebx, ecx
-        jae .narrow
+        sub ebx, 4                      ; from the last of those down: each key into the sorted run after it
+        cmp ebx, esi
+        jb .narrow
         mov edx, [ebx]
         mov edi, ebx
 .shift: cmp [edi + eax], edx
-        jbe .place
+        jae .place
         push dword [edi + eax]
         pop dword [edi]
         add edi, eax
-        cmp edi, ebp
-        jae .shift
+        cmp edi, [esp]
+        jb .shift
 .place: mov [edi], edx
-        add ebx, 4
         jmp .insert
 .narrow:
-        neg eax
-        shl eax, 2
-        push byte 9
         pop ebx
-        xor edx, edx
-        div ebx                         ; the next gap: 4/9 of this one
-        and al, -4
-        neg eax
-        jnz .gap
-        pop ebp
+        jmp .gap
+.sorted:
         pop edx
 .cut:   push edx
         push esi
@@ -120,22 +112,20 @@ sample:
         sub eax, edx                    ; the kept weight
         push eax
         call random_u32
-        shr eax, 8                      ; the coin
-        pop edx
+        shr edx, 8                      ; the coin
+        pop eax
         mul edx
         shrd eax, edx, 24
         xchg eax, edx                   ; target < the kept weight
         xor ecx, ecx
-        call take_keys
-        movzx eax, bx
-        ret
+        ; fall through into take_keys: the key where the running sum passes the target is the token
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; take_keys: take the sampler's keys in their order until their weights' running sum passes a limit (or ECX are
 ; taken; ECX = 0 for no count).
 ; Entry:    ESI = keys, EDX = the limit, ECX
-; Output:   EBX = the last key taken, EDX = limit - running sum (mod 2^32), ESI past it
-; Clobbers: EAX, ECX
+; Output:   EAX = the index in the last key taken, EBX = that key, EDX = limit - running sum (mod 2^32), ESI past it
+; Clobbers: ECX
 ; ---------------------------------------------------------------------------------------------------------------
 take_keys:
         lodsd
@@ -146,13 +136,14 @@ take_keys:
         jnc .passed
         loop take_keys
 .passed:
+        movzx eax, bx
         ret
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; random_u32 (sampling.py XorShiftRng.next_u32, run.c's xorshift64*): s ^= s >> 12; s ^= s << 25; s ^= s >> 27
 ; in 64 bits; then the high dword of the low 64 bits of s * 0x2545F4914F6CDD1D from three 32 x 32 multiplies.
-; Output:   EAX = u32; the state [var(run_seed)] advanced
-; Clobbers: EBX, ECX, EDX, EDI
+; Output:   EDX = u32; the state [var(run_seed)] advanced
+; Clobbers: EAX, EBX, ECX, EDI
 ; ---------------------------------------------------------------------------------------------------------------
 random_u32:
         mov ebx, [var(run_seed)]        ; s = EDX:EBX
@@ -175,7 +166,6 @@ random_u32:
         add edx, ecx
         imul ecx, ebx, 0x2545F491       ; lo * its high half
         add edx, ecx
-        xchg eax, edx
         ret
 .right: mov eax, ebx                    ; s ^= s >> CL, s = EDX:EBX
         mov edi, edx
