@@ -127,6 +127,18 @@ def test_stories260k_under_qemu(story_case):
     assert_same(session.run_image(story_case.image, timeout=120).result, story_case.want)
 
 
+@pytest.mark.parametrize("sampler", [
+    SamplerConfig(temperature=1.0, topp=1.0, minp=0.5, seed=21),  # a key or two, in index order
+    SamplerConfig(temperature=1.0, topp=1.0, minp=0.3, topk=2, seed=22),  # sorting two or three keys
+    SamplerConfig(temperature=3.0, topp=0.999, topk=1, seed=23),  # top-k cuts at the first key
+    SamplerConfig(temperature=5.0, topp=0.999, seed=24),  # nearly every key kept: the walk goes deep
+], ids=["minp_only", "topk2_minp", "topk1", "flat_topp"])
+def test_sampler_edges_under_unicorn(stories, sampler, tmp_path):
+    """The sampler's keys, sort and cut at their extremes draw the fixed engine's tokens."""
+    case = make_case(tmp_path, stories, "Tom", sampler)
+    assert_same(emulate(case.image), case.want)
+
+
 @pytest.mark.parametrize("sampler", [GREEDY, SamplerConfig(temperature=0.8, topp=0.95, topk=20, minp=0.01, seed=7)],
                          ids=["greedy", "sampled"])
 def test_random_shapes_under_unicorn(shape, sampler, tmp_path):
