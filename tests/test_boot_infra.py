@@ -98,8 +98,9 @@ def assert_selftest(result, blob: bytes) -> None:
 
 
 DISK = img.DiskLayout(payload_lba=63, engine_sectors=5, model_lba=69, model_bytes=123456)
-MEMORY = img.MemoryLayout(buffers=tuple(range(0x10000, 0x10009)), kv_base=0x200000, kv_block=1000, off_vt=600,
-                          kv_stride=24, value_row=50, layer_bytes=4000, kernel_macs=512, memory_end=0x1234567)
+MEMORY = img.MemoryLayout(buffers=tuple(range(0x10000, 0x10008)), exp_table=0x101000, kv_base=0x200000,
+                          kv_block=1000, off_vt=600, kv_stride=24, value_row=50, layer_bytes=4000, kernel_macs=512,
+                          memory_end=0x1234567)
 
 
 def test_run_block_round_trips():
@@ -221,7 +222,7 @@ def test_memory_layout_places_every_buffer_apart_and_in_ram():
                          seq_len=256)
     layout = img.memory_layout(15_000_000, config, passes=256)
     sizes = {"x": 4 * 288, "xb": 4 * 288, "act": 4 * 768, "qkv": 4 * 3 * 288, "hb": 8 * 768, "att": 4 * 256,
-             "logits": 4 * 32000, "sample": 12 * 32000, "kernel": 2 * (16 * 768 + 1)}
+             "logits": 4 * 32000, "kernel": 2 * (16 * 768 + 1)}
     spans = [(a, a + sizes[n]) for a, n in zip(layout.buffers, img.BUFFER_NAMES)]
     spans.append((layout.kv_base, layout.kv_base + 6 * 6 * 256 * (4 * 48 + 8)))
     model_end = MODEL_BASE + img.sectors(15_000_000) * img.SECTOR
@@ -231,6 +232,10 @@ def test_memory_layout_places_every_buffer_apart_and_in_ram():
     spans.sort()
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two overlap
     assert layout.buffers[1] == layout.buffers[0] + img.XB_DISTANCE
+    kernel = layout.buffers[img.BUFFER_NAMES.index("kernel")]  # pages of its own: QEMU slows writes near code
+    kernel_pages_end = kernel + img.align(sizes["kernel"], 4096)
+    assert kernel % 4096 == 0 and not any(start < kernel_pages_end and kernel < end for start, end in spans
+                                          if start != kernel)
     assert layout.kernel_macs == 768 and layout.layer_bytes == 6 * layout.kv_block
     assert layout.kv_block == 256 * (4 * 48 + 8)
 
@@ -261,7 +266,8 @@ def test_assembly_constants_match_python(selftest_image):
         if name is not None:
             assert engine[f"RB_{name}"] == struct.calcsize("<" + "".join(codes[:i])), name
     assert engine["RB_SETTINGS"] == engine["RB_INV_TEMPERATURE"]
-    assert engine["RB_KV_BASE"] == engine["RB_BUFFERS"] + 4 * len(img.BUFFER_NAMES)
+    assert engine["RB_EXP_TABLE"] == engine["RB_BUFFERS"] + 4 * len(img.BUFFER_NAMES)
+    assert engine["RB_KV_BASE"] == engine["RB_EXP_TABLE"] + 4
     assert engine["RB_POS"] == engine["RB_KV_BASE"] + 24
     assert engine["RB_SETTINGS_END"] == struct.calcsize(img.RUN_BLOCK_FORMAT)
     assert engine["RB_IDT"] == img.RUN_BLOCK_IDT and engine["RUN_BLOCK"] == img.RUN_BLOCK

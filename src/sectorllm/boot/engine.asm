@@ -80,7 +80,6 @@ K_RMS_FINAL_WEIGHT  equ 13
 K_WCLS_Q            equ 14
 K_WCLS_RESIDUAL_Q   equ 16
 K_ROPE              equ 18
-K_EXP_TABLE         equ 19
 K_SILU_TABLE        equ 20
 K_PRINTED           equ 22
 K_BOS_SKIP          equ 24
@@ -178,10 +177,10 @@ act_buf:            resd 1              ; matmul input (dim, hidden_dim or head_
 qkv_buf:            resd 1              ; q, k, v (dim + 2 kv_dim)
 hb_buf:             resd 1              ; gate, then up (2 hidden_dim)
 att_buf:            resd 1              ; scores, then e, then weights (pos + 1)
-logits_buf:         resd 1              ; (vocab_size)
-sample_buf:         resd 1              ; the sampler's keys (vocab_size)
+logits_buf:         resd 1              ; (vocab_size), then the sampler's keys
 kernel_buf:         resd 1              ; the two dot-product kernels, written by setup_model
 N_BUFFERS           equ ($ - buffers) / 4
+exp_table:          resd 1              ; the packed exp table (lookup's form)
 kv_base:            resd 1              ; the first cache block: n_layers * n_kv_heads blocks (store_kv)
 kv_block:           resd 1              ; bytes of a cache block: cache_len key rows, then the values transposed
 off_vt:             resd 1              ; the values in a block

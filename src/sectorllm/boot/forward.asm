@@ -601,7 +601,7 @@ attention:
         jb .score
 
         mov esi, [var(att_buf)]         ; e[t] = exp_lookup(top - score[t])
-        mov ebx, [SECTION(K_EXP_TABLE) + SEC_ADDR]
+        mov ebx, [var(exp_table)]
         xor edi, edi                    ; total
 .exp:   lodsd
         neg eax

@@ -13,8 +13,9 @@ Disk image (512-byte sectors, LBA), as a hard disk (USB stick, any controller) o
 
 Run block (layout.asm RB_*), little-endian:
 
-     0  4s   magic "SLRB"            32  u32  inv_temperature_q16 (0 = greedy)    60  u32 x 9  buffer addresses
-     4  u16  version (5)             36  u32  topp_q16 (65536 = off)              96  u32  kv_base
+     0  4s   magic "SLRB"            32  u32  inv_temperature_q16 (0 = greedy)    60  u32 x 8  buffer addresses
+     4  u16  version (6)             36  u32  topp_q16 (65536 = off)              92  u32  exp table address
+                                                                                 96  u32  kv_base
      6  u16  engine_sectors          40  u32  topk (0 = off)                     100  u32  kv_block
      8  u32  model_lba               44  u32  minp_q16 (0 = off)                 104  u32  off_vt
     12  u32  model_bytes             48  u64  seed (xorshift64* state)           108  u32  kv_stride
@@ -48,7 +49,7 @@ from ..config import ModelConfig
 from ..engines.fixed import ONE_Q16, FixedSamplerConfig
 from ..errors import BootError, UsageError
 from ..generate import step_budget
-from ..packed import HEADER, MAGIC as PACKED_MAGIC, header_config
+from ..packed import HEADER, MAGIC as PACKED_MAGIC, Section, header_config, read_sections
 from ..sampling import clock_seed
 from ..tokenizer import BOS
 
@@ -72,8 +73,8 @@ BUFFER_ALIGN = 16
 XB_DISTANCE = 0x10000  # layout.asm: xb = x + XB_DISTANCE, so dim <= 16384
 
 RUN_MAGIC = b"SLRB"
-RUN_VERSION = 5
-RUN_BLOCK_FORMAT = "<4sHHIIIHHIiIIIIQHH9I6II"
+RUN_VERSION = 6
+RUN_BLOCK_FORMAT = "<4sHHIIIHHIiIIIIQHH8II6II"
 RUN_BLOCK = 0x7E00  # where the boot sector loads it
 RUN_BLOCK_IDT = 128  # layout.asm RB_IDT
 RUN_BLOCK_HEADER = 240  # layout.asm RB_PROMPT_IDS: the prompt ids follow the IDT
@@ -142,7 +143,7 @@ class RunBlock:
                 raise UsageError(f"{name} {value} does not fit the run block's unsigned {bits}-bit field")
 
 
-BUFFER_NAMES = ("x", "xb", "act", "qkv", "hb", "att", "logits", "sample", "kernel")  # engine.asm's order
+BUFFER_NAMES = ("x", "xb", "act", "qkv", "hb", "att", "logits", "kernel")  # engine.asm's order
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class MemoryLayout:
     """Where the engine's buffers and KV cache go (addresses), the cache's geometry, and the end of it all."""
 
     buffers: tuple[int, ...]  # BUFFER_NAMES' addresses
+    exp_table: int  # the packed model's exp table in memory: MODEL_BASE + its section's offset
     kv_base: int
     kv_block: int  # bytes of one (layer, kv head) block: cache_len key rows, then the values transposed
     off_vt: int  # the values' offset in a block
@@ -161,22 +163,30 @@ class MemoryLayout:
 
     @property
     def fields(self) -> tuple[int, ...]:
-        return (*self.buffers, self.kv_base, self.kv_block, self.off_vt, self.kv_stride, self.value_row,
+        return (*self.buffers, self.exp_table, self.kv_base, self.kv_block, self.off_vt, self.kv_stride, self.value_row,
                 self.layer_bytes)
+
+
+def exp_table_offset(model_blob: bytes, name: str = "the packed model") -> int:
+    """Where a packed model's exp table section starts in the file (the engine's sampler and attention read it);
+    PackedFormatError, naming the blob, if it is not a sound packed model."""
+    return read_sections(model_blob, name)[1][Section.EXP_TABLE].offset
 
 
 def align(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
-def memory_layout(model_bytes: int, config: ModelConfig | None, passes: int) -> MemoryLayout:
+def memory_layout(model_bytes: int, config: ModelConfig | None, passes: int,
+                  exp_table_offset: int = 0) -> MemoryLayout:
     """Place the buffers and the KV cache for a model and a number of forward passes (the cache holds that many
     positions): x at the start of the low arena and xb XB_DISTANCE after it; the others, largest first, each in the
-    first free range of the low arena it fits, else after the model. Without a config (a blob that is not a packed
-    model: the self-test's) nothing is placed."""
+    first free range of the low arena it fits (the kernels on whole pages), else after the model; and say where the
+    model's exp table (its section at exp_table_offset) lies. Without a config (a blob that is not a packed model:
+    the self-test's) nothing is placed."""
     model_end = MODEL_BASE + sectors(model_bytes) * SECTOR
     if config is None:
-        return MemoryLayout((0,) * len(BUFFER_NAMES), 0, 0, 0, 0, 0, 0, 1, model_end)
+        return MemoryLayout((0,) * len(BUFFER_NAMES), 0, 0, 0, 0, 0, 0, 0, 1, model_end)
     c, cache_len = config, max(passes, 1)
     macs = max(c.dim, c.hidden_dim, cache_len)
     kv_stride = 2 * c.head_size + 8
@@ -185,8 +195,7 @@ def memory_layout(model_bytes: int, config: ModelConfig | None, passes: int) -> 
     kv_block = off_vt + c.head_size * value_row
     layer_bytes = kv_block * c.n_kv_heads
     sizes = {"x": 4 * c.dim, "xb": 4 * c.dim, "act": 4 * max(c.dim, c.hidden_dim), "qkv": 4 * (c.dim + 2 * c.kv_dim),
-             "hb": 8 * c.hidden_dim, "att": 4 * cache_len, "logits": 4 * c.vocab_size,
-             "sample": 4 * c.vocab_size,  # the sampler's keys
+             "hb": 8 * c.hidden_dim, "att": 4 * cache_len, "logits": 4 * c.vocab_size,  # then the sampler's keys
              "kernel": 2 * (16 * macs + 1), "kv": layer_bytes * c.n_layers}
     x = LOW_ARENA[0]
     placed = {"x": x, "xb": x + XB_DISTANCE}  # rmsnorm writes xb at x + XB_DISTANCE
@@ -200,8 +209,9 @@ def memory_layout(model_bytes: int, config: ModelConfig | None, passes: int) -> 
         placed[name] = align(space[0], granule)
         space[0] = placed[name] + size
     high = free[-1][0]
-    return MemoryLayout(tuple(placed[name] for name in BUFFER_NAMES), placed["kv"], kv_block, off_vt, kv_stride,
-                        value_row, layer_bytes, macs, align(max(model_end, high), 1024))  # whole KiB, as reported
+    return MemoryLayout(tuple(placed[name] for name in BUFFER_NAMES), MODEL_BASE + exp_table_offset, placed["kv"],
+                        kv_block, off_vt, kv_stride, value_row, layer_bytes, macs,
+                        align(max(model_end, high), 1024))  # whole KiB, as reported
 
 
 @dataclass(frozen=True)
@@ -392,7 +402,7 @@ def build_image(model_blob: bytes, run: RunBlock, output: Path, *, floppy: bool 
     if floppy and firmware != "bios":
         raise UsageError("a floppy image boots under a BIOS only: UEFI firmware boots from disks (no --floppy)")
     config = header_config(HEADER.unpack_from(model_blob)) if model_blob[:4] == PACKED_MAGIC else None
-    memory = memory_layout(len(model_blob), config, run.passes)
+    memory = memory_layout(len(model_blob), config, run.passes, exp_table_offset(model_blob) if config else 0)
     if memory.memory_end > memory_limit:
         raise BootError(f"the model is {len(model_blob)} bytes: loaded at 1 MiB, with the engine's buffers and KV "
                         f"cache, it overruns the addressable memory (up to {memory_limit:#x}) by "

@@ -33,7 +33,7 @@ SECTOR_SHIFT        equ 9
 MAX_ENGINE_SECTORS  equ 63              ; the engine lives in 0x8000..0xFDFF: the boot sector reads it whole
 
 RUN_MAGIC           equ 'SLRB'
-RUN_VERSION         equ 5
+RUN_VERSION         equ 6
 RB_MAGIC            equ 0               ; 4s
 RB_VERSION          equ 4               ; u16
 RB_ENGINE_SECTORS   equ 6               ; u16
@@ -52,8 +52,9 @@ RB_MINP             equ 44              ; u32, round(65536 * min-p); 0 = off
 RB_SEED             equ 48              ; u64, the xorshift64* state
 RB_PASSES           equ 56              ; u16, forward passes to run, prompt included (image.py: run.c's rule)
 RB_PROMPT_COUNT     equ 58              ; u16
-RB_BUFFERS          equ 60              ; u32 x 9: x, xb, act, qkv, hb, att, logits, sample, kernel (engine.asm)
+RB_BUFFERS          equ 60              ; u32 x 8: x, xb, act, qkv, hb, att, logits, kernel (engine.asm)
 XB_DISTANCE         equ 0x10000         ; xb is always x + XB_DISTANCE: rmsnorm writes it with no register to spare
+RB_EXP_TABLE        equ 92              ; u32, the packed model's exp table in memory (sampler, attention)
 RB_KV_BASE          equ 96              ; u32 x 6: the KV cache and its geometry (engine.asm store_kv)
 RB_POS              equ 120             ; u32, 0: the first position
 RB_SETTINGS_END     equ 124

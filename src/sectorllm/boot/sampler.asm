@@ -35,8 +35,8 @@ sample:
         ret
 .weights:
         mov [var(sample_top)], ebx
-        mov ebx, [SECTION(K_EXP_TABLE) + SEC_ADDR]
-        mov edi, [var(sample_buf)]
+        mov ebx, [var(exp_table)]
+        mov edi, esi                    ; the keys go over the logits already read
         mov [var(sample_total)], ecx    ; ECX = 0: the index
 .weight:
         lodsd
@@ -60,7 +60,7 @@ sample:
 .next:  inc ecx
         cmp ecx, [hdr(H_VOCAB)]
         jb .weight
-        mov esi, [var(sample_buf)]
+        mov esi, [var(logits_buf)]
         mov ecx, edi                    ; the keys' end
         mov eax, [var(run_topp)]
         mul dword [var(sample_total)]
@@ -72,6 +72,7 @@ sample:
         cmp dword [var(run_topk)], byte 0
         je .cut                         ; both off: the keys in index order
 .sort:  push edx
+        push ebp
         mov eax, ecx
         sub eax, esi                    ; 4h, h from the keys' count down
 .gap:   inc eax
@@ -83,25 +84,29 @@ sample:
         mov ebx, ecx
         sub ebx, eax
         push ebx                        ; the end of the keys with a key h after them
+        jmp .down
 .insert:
-        sub ebx, 4                      ; from the last of those down: each key into the sorted run after it
-        cmp ebx, esi
-        jb .narrow
         mov edx, [ebx]
+        mov ebp, [ebx + eax]
+        cmp ebp, edx
+        jae .down
         mov edi, ebx
-.shift: cmp [edi + eax], edx
-        jae .place
-        push dword [edi + eax]
-        pop dword [edi]
+.shift: mov [edi], ebp
         add edi, eax
         cmp edi, [esp]
+        jae .place
+        mov ebp, [edi + eax]
+        cmp ebp, edx
         jb .shift
 .place: mov [edi], edx
-        jmp .insert
+.down:  sub ebx, 4
+        cmp ebx, esi
+        jae .insert
 .narrow:
         pop ebx
         jmp .gap
 .sorted:
+        pop ebp
         pop edx
 .cut:   push edx
         push esi

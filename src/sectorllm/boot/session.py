@@ -19,12 +19,12 @@ from ..engines.fixed import FixedSamplerConfig
 from ..errors import BootError, PackedFormatError, UsageError
 from ..generate import (GenerationResult, StreamedGeneration, Token as TextToken, check_steps, encode_prompt,
                         step_budget)
-from ..packed import DEFAULT_SCHEME, HEADER, MAGIC, PackedModel, header_config, pack, read_sections
+from ..packed import DEFAULT_SCHEME, HEADER, MAGIC, PackedModel, header_config, pack
 from ..sampling import SamplerConfig
 from ..tokenizer import BOS, EOS
 from .image import (ADDRESSABLE_TOP, FLOPPY_PAYLOAD_LBA, MAX_ENGINE_SECTORS, MAX_PROMPT_TOKENS, SECTOR,
-                    DiskLayout, ImageInfo, MemoryLayout, RunBlock, Status, Token, build_image, image_firmware,
-                    memory_layout, payload_lba, unpack_run_block)
+                    DiskLayout, ImageInfo, MemoryLayout, RunBlock, Status, Token, build_image, exp_table_offset,
+                    image_firmware, memory_layout, payload_lba, unpack_run_block)
 from .qemu import DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT, MachineConfig, boot
 
 MEBIBYTE = 1 << 20
@@ -164,7 +164,7 @@ def verify_image(path: str | os.PathLike) -> BootImage:
                         "is damaged, build it again")
     blob = image.model_blob()
     try:
-        read_sections(blob, "its packed model")
+        exp_table = exp_table_offset(blob, "its packed model")
     except PackedFormatError as e:
         raise BootError(f"{image.path}: {e}; build the image again") from None
     bad = [t for t in run.prompt_tokens if t >= config.vocab_size]
@@ -172,7 +172,7 @@ def verify_image(path: str | os.PathLike) -> BootImage:
         raise BootError(f"{image.path}: its prompt is not BOS and token ids below {config.vocab_size}: the image is "
                         "damaged, build it again")
     if run.passes != step_budget(run.steps, config.seq_len)[0] or \
-            image.memory != memory_layout(disk.model_bytes, config, run.passes):
+            image.memory != memory_layout(disk.model_bytes, config, run.passes, exp_table):
         raise BootError(f"{image.path}: its run block's step budget or memory layout is not this model's: the image "
                         "is damaged, build it again")
     return image
