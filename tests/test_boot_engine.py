@@ -19,7 +19,7 @@ from sectorllm.config import ModelConfig
 from sectorllm.engines.fixed import FixedEngine, FixedSampler, FixedSamplerConfig
 from sectorllm.errors import BootError
 from sectorllm.generate import Generation, GenerationResult
-from sectorllm.packed import PackedModel
+from sectorllm.packed import PackedModel, Section, read_sections
 from sectorllm.sampling import SamplerConfig
 
 from .conftest import emulator_module, make_checkpoint, require, run_cli
@@ -237,8 +237,9 @@ def test_engine_takes_its_memory_layout_from_the_run_block(stories, tmp_path):
 
     layout = info.memory
     assert [var(f"{name}_buf") for name in img.BUFFER_NAMES] == list(layout.buffers)
-    assert [var(name) for name in ("kv_base", "kv_block", "off_vt", "kv_stride", "value_row", "layer_bytes")] == \
-           list(layout.fields[len(img.BUFFER_NAMES):])
+    assert [var(name) for name in ("exp_table", "kv_base", "kv_block", "off_vt", "kv_stride", "value_row",
+                                   "layer_bytes")] == list(layout.fields[len(img.BUFFER_NAMES):])
+    assert layout.exp_table == img.MODEL_BASE + read_sections(stories[0])[1][Section.EXP_TABLE].offset
     kernel_bytes = 16 * layout.kernel_macs + 1
     assert var("kernel8_end") == layout.buffers[-1] + kernel_bytes - 1
     assert var("kernel16_end") == layout.buffers[-1] + 2 * kernel_bytes - 1
