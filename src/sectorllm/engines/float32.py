@@ -25,7 +25,10 @@ BLOCK = 64
 TILE = 4
 # How far ahead of its loads a product asks for weights (float32 elements): 8 KB, measured best for matrices that
 # stream from memory (the 15M and 110M shapes' decoding), where it gives about 1.6x over the hardware prefetcher alone.
+# Matrices under PREFETCH_FROM elements (256 KB) are left to the hardware: stories260K's whole model stays in cache,
+# where the hints only cost instructions.
 PREFETCH = 2048
+PREFETCH_FROM = 1 << 16
 
 
 def block_rows(w: np.ndarray) -> np.ndarray:
@@ -47,39 +50,38 @@ def padded(n: int) -> int:
 def _tile(out: np.ndarray, wb: np.ndarray, x: np.ndarray, b: int, t0: int, t1: int) -> None:
     """out[t, rows of block b] = x[t] @ those rows, for t0 <= t < t1: every row's sum in order over j.
 
-    Eight steps of j per pass load and store each partial sum once; the BLOCK rows run as vectors. The first tile
-    asks for the weights PREFETCH elements ahead of each pass (the matrix is one contiguous stream).
+    Eight steps of j per pass load and store each partial sum once; the BLOCK rows run as vectors. The weights
+    are read as one flat stream at constant offsets (no per-row strides to recompute). On a large matrix the first
+    tile asks for the weights PREFETCH elements ahead of each pass.
     """
-    blk = wb[b]
-    n = blk.shape[0]
-    lo = b * BLOCK
+    n = wb.shape[1]
     stream = wb.reshape(-1)
-    ahead = b * n * BLOCK + PREFETCH
+    lo, base = b * BLOCK, b * n * BLOCK
+    ahead = base + PREFETCH if t0 == 0 and stream.shape[0] >= PREFETCH_FROM else stream.shape[0]
     for t in range(t0, t1):
         out[t, lo:lo + BLOCK] = 0
     j = 0
     while j + 8 <= n:
-        if t0 == 0 and ahead + (j + 16) * BLOCK <= stream.shape[0]:
+        if ahead + (j + 16) * BLOCK <= stream.shape[0]:
             for k in range((j + 8) * BLOCK, (j + 16) * BLOCK, LINE // 4):
                 prefetch(stream, ahead + k)
-        w0, w1, w2, w3, w4, w5, w6, w7 = blk[j], blk[j + 1], blk[j + 2], blk[j + 3], blk[j + 4], blk[j + 5], \
-            blk[j + 6], blk[j + 7]
+        w = stream[base + j * BLOCK:base + (j + 8) * BLOCK]
         for t in range(t0, t1):
-            xt = x[t]
-            x0, x1, x2, x3, x4, x5, x6, x7 = xt[j], xt[j + 1], xt[j + 2], xt[j + 3], xt[j + 4], xt[j + 5], \
-                xt[j + 6], xt[j + 7]
+            xt = x[t, j:j + 8]
+            x0, x1, x2, x3, x4, x5, x6, x7 = xt[0], xt[1], xt[2], xt[3], xt[4], xt[5], xt[6], xt[7]
             a = out[t, lo:lo + BLOCK]
             for r in range(BLOCK):
-                a[r] = (((((((a[r] + w0[r] * x0) + w1[r] * x1) + w2[r] * x2) + w3[r] * x3) + w4[r] * x4)
-                         + w5[r] * x5) + w6[r] * x6) + w7[r] * x7
+                a[r] = (((((((a[r] + w[r] * x0) + w[BLOCK + r] * x1) + w[2 * BLOCK + r] * x2) + w[3 * BLOCK + r] * x3)
+                          + w[4 * BLOCK + r] * x4) + w[5 * BLOCK + r] * x5) + w[6 * BLOCK + r] * x6) \
+                    + w[7 * BLOCK + r] * x7
         j += 8
     while j < n:
-        w0 = blk[j]
+        w = stream[base + j * BLOCK:base + (j + 1) * BLOCK]
         for t in range(t0, t1):
             x0 = x[t, j]
             a = out[t, lo:lo + BLOCK]
             for r in range(BLOCK):
-                a[r] += w0[r] * x0
+                a[r] += w[r] * x0
         j += 1
 
 
@@ -143,11 +145,12 @@ def rope(vec: np.ndarray, cos: np.ndarray, sin: np.ndarray, head_size: int) -> N
 @numba.njit(cache=True, fastmath=False)
 def attend(out: np.ndarray, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int,
            att: np.ndarray) -> None:
-    """Every query head of one position q (dim,) over cache positions 0..pos: run.c's head loop, heads side by side.
+    """Every query head of one position q (dim,) over cache positions 0..pos: run.c's head loop.
 
     Keys are cached (kv head, i, t) and values (t, kv head, i). run.c sums each score over i, each softmax total
-    over t and each output over t; the loops keep those orders, run the vectors over t or over (head, i), and
-    interleave the heads so that their sums, each one a chain of dependent additions, overlap.
+    over t and each output over t; the loops keep those orders and run the vectors across the independent sums
+    (scores over t, outputs over i), eight terms of a sum per pass so that a partial sum is loaded and stored once
+    per eight additions; the softmax totals of all heads advance together, their chains overlapping.
     att (n_heads, seq_len) is scratch.
     """
     n_kv_heads, head_size = keys.shape[0], keys.shape[1]
@@ -156,12 +159,23 @@ def attend(out: np.ndarray, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     scale = np.sqrt(np.float32(head_size))
     n = pos + 1
     for h in range(n_heads):
-        scores, k = att[h, :n], keys[h // kv_mul]
+        scores, k, qh = att[h, :n], keys[h // kv_mul], q[h * head_size:(h + 1) * head_size]
         scores[:] = 0
-        for i in range(head_size):
-            qi = q[h * head_size + i]
+        i = 0
+        while i + 8 <= head_size:
+            q0, q1, q2, q3, q4, q5, q6, q7 = qh[i], qh[i + 1], qh[i + 2], qh[i + 3], qh[i + 4], qh[i + 5], \
+                qh[i + 6], qh[i + 7]
+            k0, k1, k2, k3, k4, k5, k6, k7 = k[i], k[i + 1], k[i + 2], k[i + 3], k[i + 4], k[i + 5], k[i + 6], \
+                k[i + 7]
             for t in range(n):
-                scores[t] += qi * k[i, t]
+                scores[t] = (((((((scores[t] + q0 * k0[t]) + q1 * k1[t]) + q2 * k2[t]) + q3 * k3[t]) + q4 * k4[t])
+                              + q5 * k5[t]) + q6 * k6[t]) + q7 * k7[t]
+            i += 8
+        while i < head_size:
+            qi, ki = qh[i], k[i]
+            for t in range(n):
+                scores[t] += qi * ki[t]
+            i += 1
         top = scores[0] / scale
         for t in range(n):
             scores[t] /= scale
@@ -176,12 +190,23 @@ def attend(out: np.ndarray, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
         for t in range(n):
             att[h, t] /= total[h]
     out[:] = 0
-    for t in range(n):
-        v = values[t]
-        for h in range(n_heads):
-            a, lo, kv_lo = att[h, t], h * head_size, (h // kv_mul) * head_size
+    for h in range(n_heads):
+        o, a, lo = out[h * head_size:(h + 1) * head_size], att[h], (h // kv_mul) * head_size
+        hi = lo + head_size
+        t = 0
+        while t + 8 <= n:
+            a0, a1, a2, a3, a4, a5, a6, a7 = a[t], a[t + 1], a[t + 2], a[t + 3], a[t + 4], a[t + 5], a[t + 6], a[t + 7]
+            v0, v1, v2, v3 = values[t, lo:hi], values[t + 1, lo:hi], values[t + 2, lo:hi], values[t + 3, lo:hi]
+            v4, v5, v6, v7 = values[t + 4, lo:hi], values[t + 5, lo:hi], values[t + 6, lo:hi], values[t + 7, lo:hi]
             for i in range(head_size):
-                out[lo + i] += a * v[kv_lo + i]
+                o[i] = (((((((o[i] + a0 * v0[i]) + a1 * v1[i]) + a2 * v2[i]) + a3 * v3[i]) + a4 * v4[i])
+                         + a5 * v5[i]) + a6 * v6[i]) + a7 * v7[i]
+            t += 8
+        while t < n:
+            at, vt = a[t], values[t, lo:hi]
+            for i in range(head_size):
+                o[i] += at * vt[i]
+            t += 1
 
 
 @numba.njit(cache=True, fastmath=False, parallel=True)
