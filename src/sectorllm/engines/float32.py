@@ -150,7 +150,7 @@ def attend(out: np.ndarray, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     Keys are cached (kv head, i, t) and values (t, kv head, i). run.c sums each score over i, each softmax total
     over t and each output over t; the loops keep those orders and run the vectors across the independent sums
     (scores over t, outputs over i), eight terms of a sum per pass so that a partial sum is loaded and stored once
-    per eight additions; the softmax totals of all heads advance together, their chains overlapping.
+    per eight additions; the output passes take the heads in turn, so that their sums' chains overlap.
     att (n_heads, seq_len) is scratch.
     """
     n_kv_heads, head_size = keys.shape[0], keys.shape[1]
@@ -182,31 +182,32 @@ def attend(out: np.ndarray, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
             top = max(top, scores[t])
         for t in range(n):
             scores[t] = expf(scores[t] - top)
-    total = np.zeros(n_heads, dtype=np.float32)
-    for t in range(n):
-        for h in range(n_heads):
-            total[h] += att[h, t]
-    for h in range(n_heads):
+        total = np.float32(0.0)
         for t in range(n):
-            att[h, t] /= total[h]
+            total += scores[t]
+        for t in range(n):
+            scores[t] /= total
     out[:] = 0
-    for h in range(n_heads):
-        o, a, lo = out[h * head_size:(h + 1) * head_size], att[h], (h // kv_mul) * head_size
-        hi = lo + head_size
-        t = 0
-        while t + 8 <= n:
-            a0, a1, a2, a3, a4, a5, a6, a7 = a[t], a[t + 1], a[t + 2], a[t + 3], a[t + 4], a[t + 5], a[t + 6], a[t + 7]
-            v0, v1, v2, v3 = values[t, lo:hi], values[t + 1, lo:hi], values[t + 2, lo:hi], values[t + 3, lo:hi]
-            v4, v5, v6, v7 = values[t + 4, lo:hi], values[t + 5, lo:hi], values[t + 6, lo:hi], values[t + 7, lo:hi]
-            for i in range(head_size):
-                o[i] = (((((((o[i] + a0 * v0[i]) + a1 * v1[i]) + a2 * v2[i]) + a3 * v3[i]) + a4 * v4[i])
-                         + a5 * v5[i]) + a6 * v6[i]) + a7 * v7[i]
-            t += 8
-        while t < n:
-            at, vt = a[t], values[t, lo:hi]
-            for i in range(head_size):
-                o[i] += at * vt[i]
-            t += 1
+    t = 0
+    while t < n:
+        step = min(8, n - t)
+        for h in range(n_heads):
+            o, a, lo = out[h * head_size:(h + 1) * head_size], att[h, t:t + step], (h // kv_mul) * head_size
+            hi = lo + head_size
+            if step == 8:
+                a0, a1, a2, a3, a4, a5, a6, a7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+                v0, v1, v2, v3 = values[t, lo:hi], values[t + 1, lo:hi], values[t + 2, lo:hi], values[t + 3, lo:hi]
+                v4, v5, v6, v7 = values[t + 4, lo:hi], values[t + 5, lo:hi], values[t + 6, lo:hi], \
+                    values[t + 7, lo:hi]
+                for i in range(head_size):
+                    o[i] = (((((((o[i] + a0 * v0[i]) + a1 * v1[i]) + a2 * v2[i]) + a3 * v3[i]) + a4 * v4[i])
+                             + a5 * v5[i]) + a6 * v6[i]) + a7 * v7[i]
+            else:
+                for u in range(step):
+                    au, vu = a[u], values[t + u, lo:hi]
+                    for i in range(head_size):
+                        o[i] += au * vu[i]
+        t += step
 
 
 @numba.njit(cache=True, fastmath=False, parallel=True)
@@ -279,8 +280,10 @@ def forward_tokens(tokens: np.ndarray, pos: int, w: tuple, rope_cos: np.ndarray,
 @numba.njit(cache=True, fastmath=False)
 def decode_step(token: int, pos: int, w: tuple, rope_cos: np.ndarray, rope_sin: np.ndarray,
                 key_cache: np.ndarray, value_cache: np.ndarray, buf: tuple, logits: np.ndarray, scratch: np.ndarray,
-                temperature: np.float32, topp: np.float32, topk: int, minp: float, rng_state: np.ndarray) -> int:
-    """One decoding step in compiled code: the forward pass at pos, then the sampler's pick of the next token."""
+                temperature: np.float32, topp: np.float32, topk: int, minp: float, rng_state: np.ndarray,
+                threads: int) -> int:
+    """One decoding step in compiled code, on threads threads: the forward pass at pos, then the sampler's pick."""
+    numba.set_num_threads(threads)  # here, not in Python, where it costs more than a stories260K layer
     tokens = np.empty(1, dtype=np.int64)
     tokens[0] = token
     forward_tokens(tokens, pos, w, rope_cos, rope_sin, key_cache, value_cache, buf, logits)
@@ -311,7 +314,8 @@ class FloatEngine:
         # decoding step with a throwaway generator (its types are every sampler's; the values do not matter).
         self.forward(0, 0)
         decode_step(0, 0, self._w, self.rope_cos, self.rope_sin, self.key_cache, self.value_cache, self._buf,
-                    self._logits, self._scratch, np.float32(0), np.float32(1), 0, 0.0, np.ones(1, np.uint64))
+                    self._logits, self._scratch, np.float32(0), np.float32(1), 0, 0.0, np.ones(1, np.uint64),
+                    self.threads)
 
     def _buffers(self, positions: int) -> tuple:
         """x, xb, xb2, hb, qkv, att, out (the classifier's): a row per position, products' outputs whole blocks."""
@@ -329,9 +333,8 @@ class FloatEngine:
 
     def step(self, token: int, pos: int, sampler: Sampler) -> int:
         """forward(token, pos), then sampler's choice of the next token, in one compiled call."""
-        numba.set_num_threads(self.threads)
         return decode_step(token, pos, self._w, self.rope_cos, self.rope_sin, self.key_cache, self.value_cache,
-                           self._buf, self._logits, self._scratch, *sampler.settings, sampler.rng.state)
+                           self._buf, self._logits, self._scratch, *sampler.settings, sampler.rng.state, self.threads)
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """All prompt positions in one pass, with batched matrix products: the logits of forward() one by one."""
