@@ -86,22 +86,25 @@ def _tile(out: np.ndarray, wb: np.ndarray, x: np.ndarray, b: int, t0: int, t1: i
 
 
 @numba.njit(cache=True, fastmath=False, parallel=True)
-def matmul(out: np.ndarray, wb: np.ndarray, x: np.ndarray) -> None:
+def matmul(out: np.ndarray, wb: np.ndarray, x: np.ndarray, threads: int) -> None:
     """out (T, padded(d)) = x (T, n) @ w.T for w blocked by block_rows: run.c's matmul for each of the T rows.
 
-    The (row block, position tile) pieces are independent: large products spread them over the threads.
+    The (row block, position tile) pieces are independent: large products split them into threads runs of
+    consecutive pieces, one per thread.
     """
     T, n = x.shape
     nb = wb.shape[0]
     tiles = -(-T // TILE)
-    if nb * BLOCK * n * T < PARALLEL_WORK:
-        for p in range(nb * tiles):
+    pieces = nb * tiles
+    if threads == 1 or nb * BLOCK * n * T < PARALLEL_WORK:
+        for p in range(pieces):
             b, t0 = p // tiles, p % tiles * TILE
             _tile(out, wb, x, b, t0, min(t0 + TILE, T))
     else:
-        for p in prange(nb * tiles):
-            b, t0 = p // tiles, p % tiles * TILE
-            _tile(out, wb, x, b, t0, min(t0 + TILE, T))
+        for c in prange(threads):
+            for p in range(c * pieces // threads, (c + 1) * pieces // threads):
+                b, t0 = p // tiles, p % tiles * TILE
+                _tile(out, wb, x, b, t0, min(t0 + TILE, T))
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -212,23 +215,26 @@ def attend(out: np.ndarray, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
 
 @numba.njit(cache=True, fastmath=False, parallel=True)
 def attention(out: np.ndarray, q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, pos: int,
-              att: np.ndarray) -> None:
+              att: np.ndarray, threads: int) -> None:
     """Rows t of q (T, dim) at positions pos + t attend over one layer's cache, each as attend().
 
-    att (T, n_heads, seq_len) is scratch. Many rows (a prompt) spread over the threads; one row (decoding) stays
-    on this one.
+    att (T, n_heads, seq_len) is scratch. Many rows (a prompt) spread over threads threads; one row (decoding)
+    stays on this one.
     """
     T = q.shape[0]
-    if T == 1:
-        attend(out[0], q[0], key_cache, value_cache, pos, att[0])
-    else:
-        for t in prange(T):
+    if T == 1 or threads == 1:
+        for t in range(T):
             attend(out[t], q[t], key_cache, value_cache, pos + t, att[t])
+    else:
+        for c in prange(threads):
+            for t in range(c, T, threads):  # interleaved: later rows attend over more positions
+                attend(out[t], q[t], key_cache, value_cache, pos + t, att[t])
 
 
 @numba.njit(cache=True, fastmath=False)
 def forward_tokens(tokens: np.ndarray, pos: int, w: tuple, rope_cos: np.ndarray, rope_sin: np.ndarray,
-                   key_cache: np.ndarray, value_cache: np.ndarray, buf: tuple, logits: np.ndarray) -> np.ndarray:
+                   key_cache: np.ndarray, value_cache: np.ndarray, buf: tuple, logits: np.ndarray,
+                   threads: int) -> np.ndarray:
     """run.c's forward() for tokens at positions pos, pos+1, ...: fills the cache, returns the last logits.
 
     Row t of each activation buffer is position pos + t: the steps of one position run row by row, the matrix
@@ -246,33 +252,33 @@ def forward_tokens(tokens: np.ndarray, pos: int, w: tuple, rope_cos: np.ndarray,
         # attention: q, k, v of each position (one product, three row ranges); k and v go into the cache
         for t in range(T):
             rmsnorm(xb[t, :dim], x[t], rms_att[l])
-        matmul(qkv, wqkv[l], xb[:, :dim])
+        matmul(qkv, wqkv[l], xb[:, :dim], threads)
         for t in range(T):
             q, k, v = qkv[t, :dim], qkv[t, dim:dim + kv_dim], qkv[t, dim + kv_dim:dim + 2 * kv_dim]
             rope(q, rope_cos[pos + t], rope_sin[pos + t], head_size)
             rope(k, rope_cos[pos + t], rope_sin[pos + t], head_size)
             key_cache[l, :, :, pos + t] = k.reshape(n_kv_heads, head_size)
             value_cache[l, pos + t] = v
-        attention(xb, qkv[:, :dim], key_cache[l], value_cache[l], pos, att)
-        matmul(xb2, wo[l], xb[:, :dim])
+        attention(xb, qkv[:, :dim], key_cache[l], value_cache[l], pos, att, threads)
+        matmul(xb2, wo[l], xb[:, :dim], threads)
         for t in range(T):
             for i in range(dim):
                 x[t, i] += xb2[t, i]
         # feed-forward: w2(silu(w1 x) * w3 x), w1 and w3 as one product (gate rows, then up rows)
         for t in range(T):
             rmsnorm(xb[t, :dim], x[t], rms_ffn[l])
-        matmul(hb, w13[l], xb[:, :dim])
+        matmul(hb, w13[l], xb[:, :dim], threads)
         for t in range(T):
             for i in range(hidden_dim):
                 val = hb[t, i]
                 val *= np.float32(1.0) / (np.float32(1.0) + expf(-val))
                 hb[t, i] = val * hb[t, hidden_dim + i]
-        matmul(xb2, w2[l], hb[:, :hidden_dim])
+        matmul(xb2, w2[l], hb[:, :hidden_dim], threads)
         for t in range(T):
             for i in range(dim):
                 x[t, i] += xb2[t, i]
     rmsnorm(x[T - 1], x[T - 1], rms_final)
-    matmul(out, wcls, x[T - 1:])
+    matmul(out, wcls, x[T - 1:], threads)
     logits[:] = out[0, :logits.shape[0]]
     return logits
 
@@ -282,11 +288,10 @@ def decode_step(token: int, pos: int, w: tuple, rope_cos: np.ndarray, rope_sin: 
                 key_cache: np.ndarray, value_cache: np.ndarray, buf: tuple, logits: np.ndarray, scratch: np.ndarray,
                 temperature: np.float32, topp: np.float32, topk: int, minp: float, rng_state: np.ndarray,
                 threads: int) -> int:
-    """One decoding step in compiled code, on threads threads: the forward pass at pos, then the sampler's pick."""
-    numba.set_num_threads(threads)  # here, not in Python, where it costs more than a stories260K layer
+    """One decoding step in compiled code: the forward pass at pos, then the sampler's pick of the next token."""
     tokens = np.empty(1, dtype=np.int64)
     tokens[0] = token
-    forward_tokens(tokens, pos, w, rope_cos, rope_sin, key_cache, value_cache, buf, logits)
+    forward_tokens(tokens, pos, w, rope_cos, rope_sin, key_cache, value_cache, buf, logits, threads)
     return sample_logits(logits, scratch, temperature, topp, topk, minp, rng_state)
 
 
@@ -294,7 +299,11 @@ class FloatEngine:
     """run.c's Transformer: weights in the blocked layout, RoPE tables, a KV cache and activation buffers."""
 
     def __init__(self, checkpoint: Checkpoint, threads: int = 0) -> None:
-        """threads: how many threads the matrix products and a prompt's attention use (0: all of numba's)."""
+        """threads: how many threads the matrix products and a prompt's attention use (0: all of numba's).
+
+        The count goes to the compiled code with every call (no numba.set_num_threads, which costs more Python
+        time per call than a stories260K layer): large loops split their work into that many runs.
+        """
         c: ModelConfig = checkpoint.config
         self.config = c
         self.threads = thread_count(threads)
@@ -327,9 +336,8 @@ class FloatEngine:
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         self._token[0] = token
-        numba.set_num_threads(self.threads)  # for this thread's calls: engines with other counts may share it
         return forward_tokens(self._token, pos, self._w, self.rope_cos, self.rope_sin,
-                              self.key_cache, self.value_cache, self._buf, self._logits)
+                              self.key_cache, self.value_cache, self._buf, self._logits, self.threads)
 
     def step(self, token: int, pos: int, sampler: Sampler) -> int:
         """forward(token, pos), then sampler's choice of the next token, in one compiled call."""
@@ -340,6 +348,6 @@ class FloatEngine:
         """All prompt positions in one pass, with batched matrix products: the logits of forward() one by one."""
         if not 0 < len(tokens) <= self.config.seq_len:
             raise ValueError(f"prefill takes 1 to {self.config.seq_len} tokens, not {len(tokens)}")
-        numba.set_num_threads(self.threads)
         return forward_tokens(np.asarray(tokens, dtype=np.int64), 0, self._w, self.rope_cos, self.rope_sin,
-                              self.key_cache, self.value_cache, self._buffers(len(tokens)), self._logits)
+                              self.key_cache, self.value_cache, self._buffers(len(tokens)), self._logits,
+                              self.threads)
