@@ -122,7 +122,7 @@ def test_matmul_is_run_c_to_the_bit(rows, width):
     expected = np.array([_run_c_matmul(w, row) for row in x])
     for positions in (1, 7):
         out = np.full((positions, padded(rows)), np.nan, np.float32)
-        matmul(out, block_rows(w), x[:positions])
+        matmul(out, block_rows(w), x[:positions], 1)
         assert np.array_equal(out[:, :rows], expected[:positions])
 
 
@@ -160,7 +160,7 @@ def test_attention_is_run_c_to_the_bit(n_kv_heads, pos):
     v_rows = rng.standard_normal((seq_len, n_kv_heads * head_size)).astype(np.float32)
     key_cache = np.ascontiguousarray(k_rows.reshape(seq_len, n_kv_heads, head_size).transpose(1, 2, 0))
     out = np.empty((1, q.shape[0]), np.float32)
-    attention(out, q[None], key_cache, v_rows, pos, np.empty((1, n_heads, seq_len), np.float32))
+    attention(out, q[None], key_cache, v_rows, pos, np.empty((1, n_heads, seq_len), np.float32), 1)
     assert np.array_equal(out[0], _run_c_attention(q, k_rows, v_rows, pos, n_heads, n_kv_heads))
 
 

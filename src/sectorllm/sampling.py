@@ -172,14 +172,12 @@ class Sampler:
         self.config = config
         self.seed = config.seed or clock_seed()
         self.rng = XorShiftRng(self.seed)
+        # temperature (0 when greedy), top-p, top-k and min-p as the compiled sampler takes them: made once, since
+        # a decoding step passes them every token
+        self.settings = (np.float32(0 if config.greedy else config.temperature), np.float32(config.topp), config.topk,
+                         config.minp)
         # load (or compile) the jitted sampler now, with a throwaway generator, so it is not timed as decoding
         sample_logits(np.zeros(2, np.float32), np.zeros(2, np.float32), *self.settings, np.ones(1, np.uint64))
-
-    @property
-    def settings(self) -> tuple:
-        """temperature (0 when greedy), top-p, top-k and min-p as the compiled sampler takes them."""
-        c = self.config
-        return np.float32(0 if c.greedy else c.temperature), np.float32(c.topp), c.topk, c.minp
 
     def sample(self, logits: np.ndarray) -> int:
         return int(sample_logits(logits, np.empty_like(logits, dtype=np.float32), *self.settings, self.rng.state))

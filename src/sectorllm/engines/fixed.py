@@ -76,27 +76,29 @@ def _rows(out: np.ndarray, w_q: np.ndarray, w_s: np.ndarray, shift: int, act: np
 
 @numba.njit(cache=True, parallel=True)
 def matmul(out: np.ndarray, w_q: np.ndarray, w_s: np.ndarray, shift: int, act: np.ndarray, ks: np.ndarray,
-           add: bool) -> None:
+           add: bool, threads: int) -> None:
     """matvec of each position: out[t] (+)= W act[t, :n] with act[t]'s own k = ks[t]; out (T, d), W (d, n).
 
     Rows outer, positions inner: each int8 row is read from memory once for all T positions. act is int16
     (|act| <= 2**15 - 1, see quantize_act): int8 x int16 products summed in 32-bit lanes, many at a time, which
     needs act's rows contiguous: it is the whole buffer, of which the first n columns are read. Rows are
-    independent: large products spread them over the threads.
+    independent: large products split them into threads runs of consecutive tasks, one per thread.
     """
     d = w_q.shape[0]
-    if d * w_q.shape[1] * act.shape[0] < PARALLEL_WORK:
+    if threads == 1 or d * w_q.shape[1] * act.shape[0] < PARALLEL_WORK:
         _rows(out, w_q, w_s, shift, act, ks, add, 0, d)
     else:
-        for task in prange(-(-d // ROWS_PER_TASK)):
-            first = task * ROWS_PER_TASK
-            _rows(out, w_q, w_s, shift, act, ks, add, first, min(first + ROWS_PER_TASK, d))
+        tasks = -(-d // ROWS_PER_TASK)
+        for c in prange(threads):
+            for task in range(c * tasks // threads, (c + 1) * tasks // threads):
+                first = task * ROWS_PER_TASK
+                _rows(out, w_q, w_s, shift, act, ks, add, first, min(first + ROWS_PER_TASK, d))
 
 
 @numba.njit(cache=True)
 def matvec(out: np.ndarray, w_q: np.ndarray, w_s: np.ndarray, shift: int, a: np.ndarray, k: int, add: bool) -> None:
     """out[i] (+)= (sum_j w_q[i, j] * a[j]) * w_s[i] >> (shift - k): int8 x int16-range, 32-bit sum, Q16.16 out."""
-    matmul(out.reshape(1, -1), w_q, w_s, shift, a.reshape(1, -1), np.full(1, k), add)
+    matmul(out.reshape(1, -1), w_q, w_s, shift, a.reshape(1, -1), np.full(1, k), add, 1)
 
 
 @numba.njit(cache=True)
@@ -220,7 +222,7 @@ def attention(out: np.ndarray, q: np.ndarray, key_q: np.ndarray, key_d: np.ndarr
 
 @numba.njit(cache=True)
 def forward_tokens(tokens: np.ndarray, pos: int, w: tuple, params: tuple, key_q: np.ndarray, key_d: np.ndarray,
-                   value_q: np.ndarray, value_d: np.ndarray, buf: tuple) -> np.ndarray:
+                   value_q: np.ndarray, value_d: np.ndarray, buf: tuple, threads: int) -> np.ndarray:
     """docs/arithmetic.md's forward for tokens at positions pos, pos+1, ...: returns the last one's Q16.16 logits.
 
     Row t of each buffer is position pos + t. Every step runs for each position as the spec says; the matrix
@@ -243,7 +245,7 @@ def forward_tokens(tokens: np.ndarray, pos: int, w: tuple, params: tuple, key_q:
         for t in range(T):
             rmsnorm(xb[t], x[t], rms_att[l], eps, norm_shift)
             ks[t] = quantize_act(act[t, :dim], xb[t], bits_dim)
-        matmul(qkv, wqkv_q[l], wqkv_s[l], wqkv_shift, act, ks, False)
+        matmul(qkv, wqkv_q[l], wqkv_s[l], wqkv_shift, act, ks, False, threads)
         for t in range(T):
             rope(qkv[t, :dim + kv_dim], rope_table[pos + t], head_size, rope_shift)  # q and k, never v
             for h in range(n_kv_heads):
@@ -257,23 +259,23 @@ def forward_tokens(tokens: np.ndarray, pos: int, w: tuple, params: tuple, key_q:
                 attention(xb[t, lo:lo + head_size], qkv[t, lo:lo + head_size], key_q[l, kvh], key_d[l, kvh],
                           value_q[l, kvh], value_d[l, kvh], pos + t, bits_head, exp_table, exp_shift, qa, att)
             ks[t] = quantize_act(act[t, :dim], xb[t], bits_dim)
-        matmul(x, wo_q[l], wo_s[l], wo_shift, act, ks, True)  # the residual connection
+        matmul(x, wo_q[l], wo_s[l], wo_shift, act, ks, True, threads)  # the residual connection
         for t in range(T):
             rmsnorm(xb[t], x[t], rms_ffn[l], eps, norm_shift)
             ks[t] = quantize_act(act[t, :dim], xb[t], bits_dim)
-        matmul(hb, w13_q[l], w13_s[l], w13_shift, act, ks, False)
+        matmul(hb, w13_q[l], w13_s[l], w13_shift, act, ks, False, threads)
         for t in range(T):
             for i in range(hidden_dim):
                 gate = silu_lookup(np.int64(hb[t, i]), silu_table, silu_shift, silu_lo)
                 hb[t, i] = wrap32((gate * np.int64(hb[t, hidden_dim + i])) >> 16)
             ks[t] = quantize_act(act[t, :hidden_dim], hb[t, :hidden_dim], bits_hidden)
-        matmul(x, w2_q[l], w2_s[l], w2_shift, act, ks, True)
+        matmul(x, w2_q[l], w2_s[l], w2_shift, act, ks, True, threads)
     last = T - 1
     rmsnorm(xb[last], x[last], rms_final, eps, norm_shift)
     ks[last] = quantize_act(act[last, :dim], xb[last], bits_dim)
     out, act_last = logits.reshape(1, -1), np.ascontiguousarray(act[last:])
-    matmul(out, wcls_q, wcls_s, wcls_shift, act_last, ks[last:], False)
-    matmul(out, wres_q, wres_s, wres_shift, act_last, ks[last:], True)
+    matmul(out, wcls_q, wcls_s, wcls_shift, act_last, ks[last:], False, threads)
+    matmul(out, wres_q, wres_s, wres_shift, act_last, ks[last:], True, threads)
     return logits
 
 
@@ -313,9 +315,8 @@ class FixedEngine:
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Logits (vocab_size,) int32 in Q16.16: compare or argmax them, never treat them as floats."""
         self._token[0] = token
-        numba.set_num_threads(self.threads)  # for this thread's calls: engines with other counts may share it
         return forward_tokens(self._token, pos, self._w, self._params, self.key_q, self.key_d,
-                              self.value_q, self.value_d, self._buf)
+                              self.value_q, self.value_d, self._buf, self.threads)
 
     def step(self, token: int, pos: int, sampler: FixedSampler) -> int:
         return sampler.sample(self.forward(token, pos))
@@ -324,9 +325,8 @@ class FixedEngine:
         """All prompt positions in one pass, with batched matrix products: the logits of forward() one by one."""
         if not 0 < len(tokens) <= self.config.seq_len:
             raise ValueError(f"prefill takes 1 to {self.config.seq_len} tokens, not {len(tokens)}")
-        numba.set_num_threads(self.threads)
         return forward_tokens(np.asarray(tokens, dtype=np.int64), 0, self._w, self._params, self.key_q, self.key_d,
-                              self.value_q, self.value_d, self._buffers(len(tokens)))
+                              self.value_q, self.value_d, self._buffers(len(tokens)), self.threads)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from ..checkpoint import Checkpoint, Weights
 from ..config import ModelConfig
 from ..sampling import Sampler, sample_logits
 from . import PARALLEL_WORK, thread_count
+from .prefetch import LINE, prefetch
 from .softmax import expf, softmax
 
 # Every function pins fastmath=False (numba would otherwise compile it with its first caller's flags): run.c's -O3
@@ -22,6 +23,12 @@ from .softmax import expf, softmax
 BLOCK = 64
 # Positions per tile of a batched matrix product: one tile reads each weight vector once from memory for all of them.
 TILE = 4
+# How far ahead of its loads a product asks for weights (float32 elements): 8 KB, measured best for matrices that
+# stream from memory (the 15M and 110M shapes' decoding), where it gives about 1.6x over the hardware prefetcher alone.
+# Matrices under PREFETCH_FROM elements (256 KB) are left to the hardware: stories260K's whole model stays in cache,
+# where the hints only cost instructions.
+PREFETCH = 2048
+PREFETCH_FROM = 1 << 16
 
 
 def block_rows(w: np.ndarray) -> np.ndarray:
@@ -43,53 +50,61 @@ def padded(n: int) -> int:
 def _tile(out: np.ndarray, wb: np.ndarray, x: np.ndarray, b: int, t0: int, t1: int) -> None:
     """out[t, rows of block b] = x[t] @ those rows, for t0 <= t < t1: every row's sum in order over j.
 
-    Eight steps of j per pass load and store each partial sum once; the BLOCK rows run as vectors.
+    Eight steps of j per pass load and store each partial sum once; the BLOCK rows run as vectors. The weights
+    are read as one flat stream at constant offsets (no per-row strides to recompute). On a large matrix the first
+    tile asks for the weights PREFETCH elements ahead of each pass.
     """
-    blk = wb[b]
-    n = blk.shape[0]
-    lo = b * BLOCK
+    n = wb.shape[1]
+    stream = wb.reshape(-1)
+    lo, base = b * BLOCK, b * n * BLOCK
+    ahead = base + PREFETCH if t0 == 0 and stream.shape[0] >= PREFETCH_FROM else stream.shape[0]
     for t in range(t0, t1):
         out[t, lo:lo + BLOCK] = 0
     j = 0
     while j + 8 <= n:
-        w0, w1, w2, w3, w4, w5, w6, w7 = blk[j], blk[j + 1], blk[j + 2], blk[j + 3], blk[j + 4], blk[j + 5], \
-            blk[j + 6], blk[j + 7]
+        if ahead + (j + 16) * BLOCK <= stream.shape[0]:
+            for k in range((j + 8) * BLOCK, (j + 16) * BLOCK, LINE // 4):
+                prefetch(stream, ahead + k)
+        w = stream[base + j * BLOCK:base + (j + 8) * BLOCK]
         for t in range(t0, t1):
-            xt = x[t]
-            x0, x1, x2, x3, x4, x5, x6, x7 = xt[j], xt[j + 1], xt[j + 2], xt[j + 3], xt[j + 4], xt[j + 5], \
-                xt[j + 6], xt[j + 7]
+            xt = x[t, j:j + 8]
+            x0, x1, x2, x3, x4, x5, x6, x7 = xt[0], xt[1], xt[2], xt[3], xt[4], xt[5], xt[6], xt[7]
             a = out[t, lo:lo + BLOCK]
             for r in range(BLOCK):
-                a[r] = (((((((a[r] + w0[r] * x0) + w1[r] * x1) + w2[r] * x2) + w3[r] * x3) + w4[r] * x4)
-                         + w5[r] * x5) + w6[r] * x6) + w7[r] * x7
+                a[r] = (((((((a[r] + w[r] * x0) + w[BLOCK + r] * x1) + w[2 * BLOCK + r] * x2) + w[3 * BLOCK + r] * x3)
+                          + w[4 * BLOCK + r] * x4) + w[5 * BLOCK + r] * x5) + w[6 * BLOCK + r] * x6) \
+                    + w[7 * BLOCK + r] * x7
         j += 8
     while j < n:
-        w0 = blk[j]
+        w = stream[base + j * BLOCK:base + (j + 1) * BLOCK]
         for t in range(t0, t1):
             x0 = x[t, j]
             a = out[t, lo:lo + BLOCK]
             for r in range(BLOCK):
-                a[r] += w0[r] * x0
+                a[r] += w[r] * x0
         j += 1
 
 
 @numba.njit(cache=True, fastmath=False, parallel=True)
-def matmul(out: np.ndarray, wb: np.ndarray, x: np.ndarray) -> None:
+def matmul(out: np.ndarray, wb: np.ndarray, x: np.ndarray, threads: int) -> None:
     """out (T, padded(d)) = x (T, n) @ w.T for w blocked by block_rows: run.c's matmul for each of the T rows.
 
-    The (row block, position tile) pieces are independent: large products spread them over the threads.
+    The (row block, position tile) pieces are independent: large products split them into threads runs of
+    consecutive pieces, one per thread.
     """
     T, n = x.shape
     nb = wb.shape[0]
     tiles = -(-T // TILE)
-    if nb * BLOCK * n * T < PARALLEL_WORK:
-        for p in range(nb * tiles):
+    pieces = nb * tiles
+    if threads == 1 or nb * BLOCK * n * T < PARALLEL_WORK:
+        for p in range(pieces):
             b, t0 = p // tiles, p % tiles * TILE
             _tile(out, wb, x, b, t0, min(t0 + TILE, T))
     else:
-        for p in prange(nb * tiles):
-            b, t0 = p // tiles, p % tiles * TILE
-            _tile(out, wb, x, b, t0, min(t0 + TILE, T))
+        for c in prange(threads):
+            for p in range(c * pieces // threads, (c + 1) * pieces // threads):
+                b, t0 = p // tiles, p % tiles * TILE
+                _tile(out, wb, x, b, t0, min(t0 + TILE, T))
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -133,11 +148,12 @@ def rope(vec: np.ndarray, cos: np.ndarray, sin: np.ndarray, head_size: int) -> N
 @numba.njit(cache=True, fastmath=False)
 def attend(out: np.ndarray, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int,
            att: np.ndarray) -> None:
-    """Every query head of one position q (dim,) over cache positions 0..pos: run.c's head loop, heads side by side.
+    """Every query head of one position q (dim,) over cache positions 0..pos: run.c's head loop.
 
     Keys are cached (kv head, i, t) and values (t, kv head, i). run.c sums each score over i, each softmax total
-    over t and each output over t; the loops keep those orders, run the vectors over t or over (head, i), and
-    interleave the heads so that their sums, each one a chain of dependent additions, overlap.
+    over t and each output over t; the loops keep those orders and run the vectors across the independent sums
+    (scores over t, outputs over i), eight terms of a sum per pass so that a partial sum is loaded and stored once
+    per eight additions; the output passes take the heads in turn, so that their sums' chains overlap.
     att (n_heads, seq_len) is scratch.
     """
     n_kv_heads, head_size = keys.shape[0], keys.shape[1]
@@ -146,53 +162,79 @@ def attend(out: np.ndarray, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     scale = np.sqrt(np.float32(head_size))
     n = pos + 1
     for h in range(n_heads):
-        scores, k = att[h, :n], keys[h // kv_mul]
+        scores, k, qh = att[h, :n], keys[h // kv_mul], q[h * head_size:(h + 1) * head_size]
         scores[:] = 0
-        for i in range(head_size):
-            qi = q[h * head_size + i]
+        i = 0
+        while i + 8 <= head_size:
+            q0, q1, q2, q3, q4, q5, q6, q7 = qh[i], qh[i + 1], qh[i + 2], qh[i + 3], qh[i + 4], qh[i + 5], \
+                qh[i + 6], qh[i + 7]
+            k0, k1, k2, k3, k4, k5, k6, k7 = k[i], k[i + 1], k[i + 2], k[i + 3], k[i + 4], k[i + 5], k[i + 6], \
+                k[i + 7]
             for t in range(n):
-                scores[t] += qi * k[i, t]
+                scores[t] = (((((((scores[t] + q0 * k0[t]) + q1 * k1[t]) + q2 * k2[t]) + q3 * k3[t]) + q4 * k4[t])
+                              + q5 * k5[t]) + q6 * k6[t]) + q7 * k7[t]
+            i += 8
+        while i < head_size:
+            qi, ki = qh[i], k[i]
+            for t in range(n):
+                scores[t] += qi * ki[t]
+            i += 1
         top = scores[0] / scale
         for t in range(n):
             scores[t] /= scale
             top = max(top, scores[t])
         for t in range(n):
             scores[t] = expf(scores[t] - top)
-    total = np.zeros(n_heads, dtype=np.float32)
-    for t in range(n):
-        for h in range(n_heads):
-            total[h] += att[h, t]
-    for h in range(n_heads):
+        total = np.float32(0.0)
         for t in range(n):
-            att[h, t] /= total[h]
+            total += scores[t]
+        for t in range(n):
+            scores[t] /= total
     out[:] = 0
-    for t in range(n):
-        v = values[t]
+    t = 0
+    while t < n:
+        step = min(8, n - t)
         for h in range(n_heads):
-            a, lo, kv_lo = att[h, t], h * head_size, (h // kv_mul) * head_size
-            for i in range(head_size):
-                out[lo + i] += a * v[kv_lo + i]
+            o, a, lo = out[h * head_size:(h + 1) * head_size], att[h, t:t + step], (h // kv_mul) * head_size
+            hi = lo + head_size
+            if step == 8:
+                a0, a1, a2, a3, a4, a5, a6, a7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+                v0, v1, v2, v3 = values[t, lo:hi], values[t + 1, lo:hi], values[t + 2, lo:hi], values[t + 3, lo:hi]
+                v4, v5, v6, v7 = values[t + 4, lo:hi], values[t + 5, lo:hi], values[t + 6, lo:hi], \
+                    values[t + 7, lo:hi]
+                for i in range(head_size):
+                    o[i] = (((((((o[i] + a0 * v0[i]) + a1 * v1[i]) + a2 * v2[i]) + a3 * v3[i]) + a4 * v4[i])
+                             + a5 * v5[i]) + a6 * v6[i]) + a7 * v7[i]
+            else:
+                for u in range(step):
+                    au, vu = a[u], values[t + u, lo:hi]
+                    for i in range(head_size):
+                        o[i] += au * vu[i]
+        t += step
 
 
 @numba.njit(cache=True, fastmath=False, parallel=True)
 def attention(out: np.ndarray, q: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, pos: int,
-              att: np.ndarray) -> None:
+              att: np.ndarray, threads: int) -> None:
     """Rows t of q (T, dim) at positions pos + t attend over one layer's cache, each as attend().
 
-    att (T, n_heads, seq_len) is scratch. Many rows (a prompt) spread over the threads; one row (decoding) stays
-    on this one.
+    att (T, n_heads, seq_len) is scratch. Many rows (a prompt) spread over threads threads; one row (decoding)
+    stays on this one.
     """
     T = q.shape[0]
-    if T == 1:
-        attend(out[0], q[0], key_cache, value_cache, pos, att[0])
-    else:
-        for t in prange(T):
+    if T == 1 or threads == 1:
+        for t in range(T):
             attend(out[t], q[t], key_cache, value_cache, pos + t, att[t])
+    else:
+        for c in prange(threads):
+            for t in range(c, T, threads):  # interleaved: later rows attend over more positions
+                attend(out[t], q[t], key_cache, value_cache, pos + t, att[t])
 
 
 @numba.njit(cache=True, fastmath=False)
 def forward_tokens(tokens: np.ndarray, pos: int, w: tuple, rope_cos: np.ndarray, rope_sin: np.ndarray,
-                   key_cache: np.ndarray, value_cache: np.ndarray, buf: tuple, logits: np.ndarray) -> np.ndarray:
+                   key_cache: np.ndarray, value_cache: np.ndarray, buf: tuple, logits: np.ndarray,
+                   threads: int) -> np.ndarray:
     """run.c's forward() for tokens at positions pos, pos+1, ...: fills the cache, returns the last logits.
 
     Row t of each activation buffer is position pos + t: the steps of one position run row by row, the matrix
@@ -210,33 +252,33 @@ def forward_tokens(tokens: np.ndarray, pos: int, w: tuple, rope_cos: np.ndarray,
         # attention: q, k, v of each position (one product, three row ranges); k and v go into the cache
         for t in range(T):
             rmsnorm(xb[t, :dim], x[t], rms_att[l])
-        matmul(qkv, wqkv[l], xb[:, :dim])
+        matmul(qkv, wqkv[l], xb[:, :dim], threads)
         for t in range(T):
             q, k, v = qkv[t, :dim], qkv[t, dim:dim + kv_dim], qkv[t, dim + kv_dim:dim + 2 * kv_dim]
             rope(q, rope_cos[pos + t], rope_sin[pos + t], head_size)
             rope(k, rope_cos[pos + t], rope_sin[pos + t], head_size)
             key_cache[l, :, :, pos + t] = k.reshape(n_kv_heads, head_size)
             value_cache[l, pos + t] = v
-        attention(xb, qkv[:, :dim], key_cache[l], value_cache[l], pos, att)
-        matmul(xb2, wo[l], xb[:, :dim])
+        attention(xb, qkv[:, :dim], key_cache[l], value_cache[l], pos, att, threads)
+        matmul(xb2, wo[l], xb[:, :dim], threads)
         for t in range(T):
             for i in range(dim):
                 x[t, i] += xb2[t, i]
         # feed-forward: w2(silu(w1 x) * w3 x), w1 and w3 as one product (gate rows, then up rows)
         for t in range(T):
             rmsnorm(xb[t, :dim], x[t], rms_ffn[l])
-        matmul(hb, w13[l], xb[:, :dim])
+        matmul(hb, w13[l], xb[:, :dim], threads)
         for t in range(T):
             for i in range(hidden_dim):
                 val = hb[t, i]
                 val *= np.float32(1.0) / (np.float32(1.0) + expf(-val))
                 hb[t, i] = val * hb[t, hidden_dim + i]
-        matmul(xb2, w2[l], hb[:, :hidden_dim])
+        matmul(xb2, w2[l], hb[:, :hidden_dim], threads)
         for t in range(T):
             for i in range(dim):
                 x[t, i] += xb2[t, i]
     rmsnorm(x[T - 1], x[T - 1], rms_final)
-    matmul(out, wcls, x[T - 1:])
+    matmul(out, wcls, x[T - 1:], threads)
     logits[:] = out[0, :logits.shape[0]]
     return logits
 
@@ -244,11 +286,12 @@ def forward_tokens(tokens: np.ndarray, pos: int, w: tuple, rope_cos: np.ndarray,
 @numba.njit(cache=True, fastmath=False)
 def decode_step(token: int, pos: int, w: tuple, rope_cos: np.ndarray, rope_sin: np.ndarray,
                 key_cache: np.ndarray, value_cache: np.ndarray, buf: tuple, logits: np.ndarray, scratch: np.ndarray,
-                temperature: np.float32, topp: np.float32, topk: int, minp: float, rng_state: np.ndarray) -> int:
+                temperature: np.float32, topp: np.float32, topk: int, minp: float, rng_state: np.ndarray,
+                threads: int) -> int:
     """One decoding step in compiled code: the forward pass at pos, then the sampler's pick of the next token."""
     tokens = np.empty(1, dtype=np.int64)
     tokens[0] = token
-    forward_tokens(tokens, pos, w, rope_cos, rope_sin, key_cache, value_cache, buf, logits)
+    forward_tokens(tokens, pos, w, rope_cos, rope_sin, key_cache, value_cache, buf, logits, threads)
     return sample_logits(logits, scratch, temperature, topp, topk, minp, rng_state)
 
 
@@ -256,7 +299,11 @@ class FloatEngine:
     """run.c's Transformer: weights in the blocked layout, RoPE tables, a KV cache and activation buffers."""
 
     def __init__(self, checkpoint: Checkpoint, threads: int = 0) -> None:
-        """threads: how many threads the matrix products and a prompt's attention use (0: all of numba's)."""
+        """threads: how many threads the matrix products and a prompt's attention use (0: all of numba's).
+
+        The count goes to the compiled code with every call (no numba.set_num_threads, which costs more Python
+        time per call than a stories260K layer): large loops split their work into that many runs.
+        """
         c: ModelConfig = checkpoint.config
         self.config = c
         self.threads = thread_count(threads)
@@ -276,7 +323,8 @@ class FloatEngine:
         # decoding step with a throwaway generator (its types are every sampler's; the values do not matter).
         self.forward(0, 0)
         decode_step(0, 0, self._w, self.rope_cos, self.rope_sin, self.key_cache, self.value_cache, self._buf,
-                    self._logits, self._scratch, np.float32(0), np.float32(1), 0, 0.0, np.ones(1, np.uint64))
+                    self._logits, self._scratch, np.float32(0), np.float32(1), 0, 0.0, np.ones(1, np.uint64),
+                    self.threads)
 
     def _buffers(self, positions: int) -> tuple:
         """x, xb, xb2, hb, qkv, att, out (the classifier's): a row per position, products' outputs whole blocks."""
@@ -288,20 +336,18 @@ class FloatEngine:
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         self._token[0] = token
-        numba.set_num_threads(self.threads)  # for this thread's calls: engines with other counts may share it
         return forward_tokens(self._token, pos, self._w, self.rope_cos, self.rope_sin,
-                              self.key_cache, self.value_cache, self._buf, self._logits)
+                              self.key_cache, self.value_cache, self._buf, self._logits, self.threads)
 
     def step(self, token: int, pos: int, sampler: Sampler) -> int:
         """forward(token, pos), then sampler's choice of the next token, in one compiled call."""
-        numba.set_num_threads(self.threads)
         return decode_step(token, pos, self._w, self.rope_cos, self.rope_sin, self.key_cache, self.value_cache,
-                           self._buf, self._logits, self._scratch, *sampler.settings, sampler.rng.state)
+                           self._buf, self._logits, self._scratch, *sampler.settings, sampler.rng.state, self.threads)
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """All prompt positions in one pass, with batched matrix products: the logits of forward() one by one."""
         if not 0 < len(tokens) <= self.config.seq_len:
             raise ValueError(f"prefill takes 1 to {self.config.seq_len} tokens, not {len(tokens)}")
-        numba.set_num_threads(self.threads)
         return forward_tokens(np.asarray(tokens, dtype=np.int64), 0, self._w, self.rope_cos, self.rope_sin,
-                              self.key_cache, self.value_cache, self._buffers(len(tokens)), self._logits)
+                              self.key_cache, self.value_cache, self._buffers(len(tokens)), self._logits,
+                              self.threads)
