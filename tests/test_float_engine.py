@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import numba
@@ -61,6 +63,31 @@ def test_threads_change_nothing(stories260k):
     assert np.array_equal(one.prefill(tokens), two.prefill(tokens))
     assert np.array_equal(one.value_cache, two.value_cache)
     assert np.array_equal(_sequential_logits(FloatEngine(checkpoint, threads=2), tokens), one.prefill(tokens))
+
+
+# A classifier of 2**20 multiply-adds: past PARALLEL_WORK, so one decoding step runs a threaded product.
+WIDE = ModelConfig(dim=64, hidden_dim=128, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=16384, seq_len=32)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs two cores")
+def test_two_threads_decode_in_a_fresh_process():
+    """The threaded products run inside compiled calls: in a process where nothing else started numba's threads,
+    the engine starts them, and two threads step to the same logits and token as one. Twice: the second process
+    loads the compiled code from numba's cache, where no compilation starts the threads on the way."""
+    code = ("import numpy as np\n"
+            "from sectorllm.checkpoint import Checkpoint, random_weights\n"
+            "from sectorllm.config import ModelConfig\n"
+            "from sectorllm.engines.float32 import FloatEngine\n"
+            "from sectorllm.sampling import Sampler, SamplerConfig\n"
+            f"config = {WIDE!r}\n"
+            "ck = Checkpoint(config, random_weights(config, 3), version=1)\n"
+            "two, one = FloatEngine(ck, 2), FloatEngine(ck, 1)\n"
+            "steps = [(e.step(5, 0, Sampler(SamplerConfig(temperature=0))), e._logits.copy()) for e in (two, one)]\n"
+            "print(steps[0][0] == steps[1][0] and np.array_equal(steps[0][1], steps[1][1]))\n")
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        assert proc.stdout.strip() == b"True"
 
 
 def test_threads_beyond_the_cores_are_refused(stories260k, tok512):

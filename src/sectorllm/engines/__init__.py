@@ -19,10 +19,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def thread_count(threads: int) -> int:
-    """The threads an engine's parallel loops use: threads, or every one numba has for 0."""
+    """The threads an engine's parallel loops use: threads, or every one numba has for 0.
+
+    Also starts numba's thread pool (get_num_threads does): the engines' parallel loops run inside compiled calls
+    from compiled code, which expects the pool and does not start it.
+    """
     if not 0 <= threads <= numba.config.NUMBA_NUM_THREADS:
         raise UsageError(f"threads {threads} is outside 0..{numba.config.NUMBA_NUM_THREADS}: use 0 for all cores, "
                          "or fewer")
+    numba.get_num_threads()
     return threads or numba.config.NUMBA_NUM_THREADS
 
 
