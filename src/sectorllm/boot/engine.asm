@@ -200,24 +200,30 @@ kernel8_end:        resd 1              ; the dot-product kernels' rets: int8 q 
 kernel16_end:       resd 1
 dot8_entry:         resd 1              ; their entries for the current length (set_dot_length)
 dot16_entry:        resd 1
-SCRATCH:                                ; each routine's own variables, overlaid
+SCRATCH_BYTES       equ 20              ; each routine's own variables, overlaid at SCRATCH in this much room
+%macro scratch 0                        ; starts an overlay, or ends the last one, checking it fits
+%if $ - SCRATCH > SCRATCH_BYTES
+%error "a routine's variables outgrow SCRATCH_BYTES"
+%endif
         absolute SCRATCH
+%endmacro
+SCRATCH:
+        scratch
 rows_left:          resd 1              ; matvec
-        absolute SCRATCH
+        scratch
 kv_top:             resd 1              ; store_kv
 kv_half:            resd 1
 kv_count:           resd 1
-        absolute SCRATCH
+        scratch
 head:               resd 1              ; attention
 head_off:           resd 1              ; 4 * head * head_size
 att_top:            resd 1              ; the largest score
 att_end:            resd 1
 att_block:          resd 1
-        absolute SCRATCH
-sample_room:        resd 1              ; sample
-sample_total:       resd 1
+        scratch
+sample_total:       resd 1              ; sample
 sample_top:         resd 1
-sample_threshold:   resd 1
-sample_stop:        resd 1
+        scratch
+                    resb SCRATCH_BYTES
 VARS_END:
 SEC:                resb 16 * N_KINDS   ; per section kind: SEC_ADDR, SEC_LEN, SEC_PARAM

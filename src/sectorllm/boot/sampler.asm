@@ -72,10 +72,10 @@ sample:
         cmp dword [var(run_topk)], byte 0
         je .cut                         ; both off: the keys in index order
 .sort:  push edx
-        push ebp
+        push ebp                        ; EBP holds keys in the sort: no variable is read until the cut
         mov eax, ecx
-        sub eax, esi                    ; 4h, h from the keys' count down
-.gap:   inc eax
+        sub eax, esi                    ; 4 x the key count, where the gaps start from
+.gap:   inc eax                         ; EAX = 4h, h the last gap
         mov edx, FOUR_NINTHS
         mul edx
         xchg eax, edx
@@ -85,11 +85,11 @@ sample:
         sub ebx, eax
         push ebx                        ; the end of the keys with a key h after them
         jmp .down
-.insert:
+.insert:                                ; from the last of those down, each key into the run h apart after it
         mov edx, [ebx]
         mov ebp, [ebx + eax]
         cmp ebp, edx
-        jae .down
+        jae .down                       ; in place already
         mov edi, ebx
 .shift: mov [edi], ebp
         add edi, eax
