@@ -178,9 +178,10 @@ def _expf_all(xs: np.ndarray) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("n_kv_heads, pos", [(4, 0), (4, 30), (2, 17)])
-def test_attention_is_run_c_to_the_bit(n_kv_heads, pos):
-    n_heads, head_size, seq_len = 4, 14, 40
+@pytest.mark.parametrize("n_heads, n_kv_heads, pos", [(4, 4, 0), (4, 4, 30), (4, 2, 17), (6, 3, 21), (3, 1, 9)])
+def test_attention_is_run_c_to_the_bit(n_heads, n_kv_heads, pos):
+    """Heads in fours and the rest (softmax totals four at a time), positions in eights and the rest."""
+    head_size, seq_len = 14, 40
     rng = np.random.default_rng(pos)
     q = rng.standard_normal(n_heads * head_size).astype(np.float32)
     k_rows = rng.standard_normal((seq_len, n_kv_heads * head_size)).astype(np.float32)

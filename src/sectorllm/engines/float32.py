@@ -146,6 +146,22 @@ def rope(vec: np.ndarray, cos: np.ndarray, sin: np.ndarray, head_size: int) -> N
 
 
 @numba.njit(cache=True, fastmath=False)
+def largest(x: np.ndarray) -> np.float32:
+    """The largest element, as eight interleaved running maxima (a maximum is the same in any order; where a NaN
+    would make the order matter, softmax's total is NaN whatever the maximum is)."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = x[0]
+    t = 0
+    while t + 8 <= x.shape[0]:
+        m0, m1, m2, m3 = max(m0, x[t]), max(m1, x[t + 1]), max(m2, x[t + 2]), max(m3, x[t + 3])
+        m4, m5, m6, m7 = max(m4, x[t + 4]), max(m5, x[t + 5]), max(m6, x[t + 6]), max(m7, x[t + 7])
+        t += 8
+    while t < x.shape[0]:
+        m0 = max(m0, x[t])
+        t += 1
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
+@numba.njit(cache=True, fastmath=False)
 def attend(out: np.ndarray, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: int,
            att: np.ndarray) -> None:
     """Every query head of one position q (dim,) over cache positions 0..pos: run.c's head loop.
@@ -179,17 +195,28 @@ def attend(out: np.ndarray, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
             for t in range(n):
                 scores[t] += qi * ki[t]
             i += 1
-        top = scores[0] / scale
         for t in range(n):
             scores[t] /= scale
-            top = max(top, scores[t])
+        top = largest(scores)
         for t in range(n):
             scores[t] = expf(scores[t] - top)
-        total = np.float32(0.0)
+    totals = np.empty(4, dtype=np.float32)
+    h = 0
+    while h < n_heads:  # each softmax total in order over t, four heads' chains side by side
+        a0, a1, a2, a3 = att[h, :n], att[min(h + 1, n_heads - 1), :n], att[min(h + 2, n_heads - 1), :n], \
+            att[min(h + 3, n_heads - 1), :n]
+        s0, s1, s2, s3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
         for t in range(n):
-            total += scores[t]
-        for t in range(n):
-            scores[t] /= total
+            s0 += a0[t]
+            s1 += a1[t]
+            s2 += a2[t]
+            s3 += a3[t]
+        totals[0], totals[1], totals[2], totals[3] = s0, s1, s2, s3
+        for r in range(min(4, n_heads - h)):
+            a, total = att[h + r, :n], totals[r]
+            for t in range(n):
+                a[t] /= total
+        h += 4
     out[:] = 0
     t = 0
     while t < n:
