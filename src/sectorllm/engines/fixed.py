@@ -67,10 +67,10 @@ def _rows(out: np.ndarray, w_q: np.ndarray, w_s: np.ndarray, shift: int, act: np
         row, s = w_q[i], np.int64(w_s[i])
         for t in range(act.shape[0]):
             a = act[t]
-            acc = 0
-            for j in range(n):
-                acc += row[j] * a[j]
-            r = wrap32((wrap32(acc) * s) >> (shift - ks[t]))
+            acc = np.int32(0)
+            for j in range(n):  # int32 arithmetic (the cast wraps), so that the compiler sums in 32-bit lanes
+                acc = np.int32(acc + np.int32(row[j]) * np.int32(a[j]))
+            r = wrap32((np.int64(acc) * s) >> (shift - ks[t]))
             out[t, i] = wrap32(np.int64(out[t, i]) + r) if add else r
 
 
@@ -196,10 +196,10 @@ def attention(out: np.ndarray, q: np.ndarray, key_q: np.ndarray, key_d: np.ndarr
     sh = 16 + KEY_SHIFT - k
     top = np.int64(-(1 << 31))
     for t in range(pos + 1):
-        dot = 0
-        for i in range(head_size):
-            dot += qa[i] * key_q[t, i]
-        score = wrap32((wrap32(dot) * np.int64(key_d[t])) >> sh)
+        dot = np.int32(0)
+        for i in range(head_size):  # the spec's 32-bit sum in int32 arithmetic, as in _rows
+            dot = np.int32(dot + np.int32(qa[i]) * np.int32(key_q[t, i]))
+        score = wrap32((np.int64(dot) * np.int64(key_d[t])) >> sh)
         att[t] = score
         top = max(top, score)
     total = 0
@@ -215,7 +215,7 @@ def attention(out: np.ndarray, q: np.ndarray, key_q: np.ndarray, key_d: np.ndarr
     for t in range(pos + 1):  # positions outer, the head's values as a vector: the 32-bit sums allow any order
         a = att[t]
         for i in range(head_size):
-            out[i] = wrap32(out[i] + a * value_q[t, i])
+            out[i] = np.int32(out[i] + a * np.int32(value_q[t, i]))
     for i in range(head_size):
         out[i] >>= VALUE_SHIFT
 
