@@ -22,7 +22,7 @@ from .softmax import expf, softmax
 # BLOCK rows advance together, one vector operation per step of j, each row still summed over j in order.
 BLOCK = 64
 # Positions per tile of a batched matrix product: one tile reads each weight vector once from memory for all of them.
-TILE = 4
+TILE = 8
 # How far ahead of its loads a product asks for weights (float32 elements): 8 KB, measured best for matrices that
 # stream from memory (the 15M and 110M shapes' decoding), where it gives about 1.6x over the hardware prefetcher alone.
 # Matrices under PREFETCH_FROM elements (256 KB) are left to the hardware: stories260K's whole model stays in cache,
@@ -50,7 +50,7 @@ def padded(n: int) -> int:
 def _tile(out: np.ndarray, wb: np.ndarray, x: np.ndarray, b: int, t0: int, t1: int) -> None:
     """out[t, rows of block b] = x[t] @ those rows, for t0 <= t < t1: every row's sum in order over j.
 
-    Eight steps of j per pass load and store each partial sum once; the BLOCK rows run as vectors. The weights
+    Sixteen steps of j per pass load and store each partial sum once; the BLOCK rows run as vectors. The weights
     are read as one flat stream at constant offsets (no per-row strides to recompute). On a large matrix the first
     tile asks for the weights PREFETCH elements ahead of each pass.
     """
@@ -61,20 +61,24 @@ def _tile(out: np.ndarray, wb: np.ndarray, x: np.ndarray, b: int, t0: int, t1: i
     for t in range(t0, t1):
         out[t, lo:lo + BLOCK] = 0
     j = 0
-    while j + 8 <= n:
-        if ahead + (j + 16) * BLOCK <= stream.shape[0]:
-            for k in range((j + 8) * BLOCK, (j + 16) * BLOCK, LINE // 4):
+    while j + 16 <= n:
+        if ahead + (j + 32) * BLOCK <= stream.shape[0]:
+            for k in range((j + 16) * BLOCK, (j + 32) * BLOCK, LINE // 4):
                 prefetch(stream, ahead + k)
-        w = stream[base + j * BLOCK:base + (j + 8) * BLOCK]
+        w = stream[base + j * BLOCK:base + (j + 16) * BLOCK]
         for t in range(t0, t1):
-            xt = x[t, j:j + 8]
+            xt = x[t, j:j + 16]
             x0, x1, x2, x3, x4, x5, x6, x7 = xt[0], xt[1], xt[2], xt[3], xt[4], xt[5], xt[6], xt[7]
+            x8, x9, x10, x11, x12, x13, x14, x15 = xt[8], xt[9], xt[10], xt[11], xt[12], xt[13], xt[14], xt[15]
             a = out[t, lo:lo + BLOCK]
             for r in range(BLOCK):
-                a[r] = (((((((a[r] + w[r] * x0) + w[BLOCK + r] * x1) + w[2 * BLOCK + r] * x2) + w[3 * BLOCK + r] * x3)
-                          + w[4 * BLOCK + r] * x4) + w[5 * BLOCK + r] * x5) + w[6 * BLOCK + r] * x6) \
-                    + w[7 * BLOCK + r] * x7
-        j += 8
+                half = (((((((a[r] + w[r] * x0) + w[BLOCK + r] * x1) + w[2 * BLOCK + r] * x2)
+                          + w[3 * BLOCK + r] * x3) + w[4 * BLOCK + r] * x4) + w[5 * BLOCK + r] * x5)
+                       + w[6 * BLOCK + r] * x6) + w[7 * BLOCK + r] * x7
+                a[r] = (((((((half + w[8 * BLOCK + r] * x8) + w[9 * BLOCK + r] * x9) + w[10 * BLOCK + r] * x10)
+                           + w[11 * BLOCK + r] * x11) + w[12 * BLOCK + r] * x12) + w[13 * BLOCK + r] * x13)
+                        + w[14 * BLOCK + r] * x14) + w[15 * BLOCK + r] * x15
+        j += 16
     while j < n:
         w = stream[base + j * BLOCK:base + (j + 1) * BLOCK]
         for t in range(t0, t1):
